@@ -1,0 +1,1 @@
+"""The trainctl supervisor: keeps a training run alive. Never imports torch."""

@@ -1,0 +1,133 @@
+"""What a worker exit means: a pure function from observations to exactly one failure kind."""
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from enum import Enum
+
+from trainctl.worker.protocol import (EXIT_CONFIG, EXIT_DISK_FULL, EXIT_DONE, EXIT_LOCKED, EXIT_OOM,
+                                      EXIT_STOPPED)
+
+NATIVE_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE}
+NEAR_LIMIT_SHARE = 0.90        # worker memory at 90% of the soft limit counts as "near the limit"
+LOW_AVAILABLE_SHARE = 0.05     # or the system down to its last 5% of memory
+MEMORY_LOOKBACK_SECONDS = 10.0
+
+
+class Kind(str, Enum):
+    DONE = "done"
+    STOPPED = "stopped"
+    CONFIG_ERROR = "config_error"
+    DISK_FULL = "disk_full"
+    OOM = "oom"
+    MEMORY_LIMIT = "memory_limit"
+    NATIVE_CRASH = "native_crash"
+    KILLED = "killed"
+    HANG = "hang"
+    EXCEPTION = "exception"
+    BOOT_FAILURE = "boot_failure"
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    """One look at memory (bytes); `at` is the supervisor's monotonic clock."""
+    at: float
+    worker: int              # RSS of the whole worker tree + MPS driver memory it reports
+    available: int           # system memory available
+    total: int
+    swap_used: int = 0
+
+
+@dataclass(frozen=True)
+class Exit:
+    """What the supervisor saw of one finished attempt."""
+    returncode: int
+    heartbeat_seen: bool = True          # the attempt wrote at least one heartbeat
+    we_killed: str | None = None         # "hang", "memory_soft", "memory_hard", "stop" or None
+    error: dict | None = None            # the worker's error JSON, if it wrote one
+    fault_log: str = ""                  # faulthandler output (native crash / hang stacks)
+    output_tail: str = ""                # the last lines of the worker's console
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: Kind
+    detail: str                          # one line for people
+    signal: str | None = None
+    exit_code: int | None = None
+    evidence: str = ""                   # traceback or faulthandler text
+    memory: dict = field(default_factory=dict)
+
+
+def classify(ended: Exit, memory_history: list[MemorySample], soft_limit: int | None) -> Failure:
+    """Map one worker exit to one Failure; `memory_history` is the recent past, oldest first."""
+    rc = ended.returncode
+    sig = signal.Signals(-rc).name if rc < 0 and -rc in signal.valid_signals() else None
+    code = rc if rc >= 0 else None
+    memory = _memory_at_end(memory_history)
+    base = {"signal": sig, "exit_code": code, "memory": memory}
+    message = (ended.error or {}).get("message", "")
+    if ended.we_killed == "hang":
+        return Failure(Kind.HANG, "no progress within the hang timeout: stacks dumped (SIGABRT), then killed",
+                       evidence=ended.fault_log, **base)
+    if ended.we_killed in ("memory_soft", "memory_hard"):
+        how = ("checkpointed and stopped at the soft memory limit" if ended.we_killed == "memory_soft"
+               else "killed at the hard memory limit")
+        return Failure(Kind.MEMORY_LIMIT, f"{how} (worker used {_gib(memory.get('worker'))})", **base)
+    if rc == EXIT_DONE:
+        return Failure(Kind.DONE, "training finished", **base)
+    if rc == EXIT_STOPPED:
+        return Failure(Kind.STOPPED, "stopped after a checkpoint", **base)
+    if rc == EXIT_CONFIG:
+        return Failure(Kind.CONFIG_ERROR, message or "configuration or data error", **base)
+    if rc == EXIT_DISK_FULL:
+        return Failure(Kind.DISK_FULL, message or "no space left for a checkpoint", **base)
+    if rc == EXIT_OOM:
+        return Failure(Kind.OOM, f"out of memory: {message}" if message else "out of memory",
+                       evidence=(ended.error or {}).get("traceback", ""), **base)
+    if rc == EXIT_LOCKED:
+        return Failure(Kind.BOOT_FAILURE, "another worker still holds this run (an orphan finishing up?)", **base)
+    if not ended.heartbeat_seen:
+        how = f"killed by {sig}" if sig else f"exit code {rc}"
+        return Failure(Kind.BOOT_FAILURE, f"the worker died before it came up ({how})",
+                       evidence=ended.fault_log or ended.output_tail, **base)
+    if sig == "SIGKILL":
+        if _near_limit(memory_history, soft_limit):
+            return Failure(Kind.OOM, f"SIGKILL while memory was near the limit (worker {_gib(memory.get('worker'))}, "
+                                     f"system available {_gib(memory.get('available'))}): the kernel's OOM "
+                                     f"killer or macOS jetsam", **base)
+        return Failure(Kind.KILLED, "SIGKILL with no sign of memory pressure", **base)
+    if sig is not None and signal.Signals[sig] in NATIVE_SIGNALS:
+        return Failure(Kind.NATIVE_CRASH, f"native crash ({sig})", evidence=ended.fault_log, **base)
+    if sig is not None:
+        return Failure(Kind.KILLED, f"killed by {sig} (not sent by trainctl)", **base)
+    if ended.error:
+        return Failure(Kind.EXCEPTION, f"{ended.error.get('type', 'Exception')}: {message}",
+                       evidence=ended.error.get("traceback", ""), **base)
+    return Failure(Kind.EXCEPTION, f"exit code {rc} without an error report",
+                   evidence=ended.output_tail, **base)
+
+
+def _memory_at_end(history: list[MemorySample]) -> dict:
+    if not history:
+        return {}
+    last = history[-1]
+    return {"worker": last.worker, "available": last.available, "total": last.total,
+            "swap_used": last.swap_used, "worker_peak": max(s.worker for s in history)}
+
+
+def _near_limit(history: list[MemorySample], soft_limit: int | None) -> bool:
+    """Memory pressure in the last few seconds before the exit: ours near the limit, or the system's."""
+    if not history:
+        return False
+    recent = [s for s in history if s.at >= history[-1].at - MEMORY_LOOKBACK_SECONDS]
+    for s in recent:
+        if soft_limit and s.worker >= NEAR_LIMIT_SHARE * soft_limit:
+            return True
+        if s.total and s.available <= LOW_AVAILABLE_SHARE * s.total:
+            return True
+    return False
+
+
+def _gib(value) -> str:
+    return f"{value / 2**30:.2f} GiB" if isinstance(value, (int, float)) else "unknown"

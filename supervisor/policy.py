@@ -1,0 +1,109 @@
+"""What to do after an attempt ends: a pure function of the attempt history and the ladder.
+
+- done → finish; stopped → stop; config_error / disk_full → give up (restarting cannot help).
+- boot_failure twice in a row → give up (the worker cannot start).
+- oom / memory_limit → step down at once (the same rung would run out again).
+- The same step failing `same_step_limit` times on a rung → step down; on the last rung, give up
+  naming the step (its images are looked up by the supervisor).
+- Other crashes → restart on the same rung after backoff[n], while the rung's failures since its
+  last real progress (a newer committed checkpoint) stay within `max_restarts_per_profile`;
+  then step down; past the last rung → give up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .classify import Kind
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One finished worker attempt, as the policy sees it."""
+    profile_index: int
+    kind: Kind
+    detail: str = ""
+    step: int | None = None        # the step it was working on (None if it never got there)
+    epoch: int | None = None
+    cursor: int | None = None
+    progressed: bool = False       # it committed a checkpoint newer than the one it started from
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_restarts_per_profile: int = 3
+    backoff_seconds: tuple[float, ...] = (2.0, 10.0, 60.0)
+    same_step_limit: int = 2
+
+
+class Do(str, Enum):
+    FINISH = "finish"
+    STOP = "stop"
+    RESTART = "restart"
+    STEP_DOWN = "step_down"
+    GIVE_UP = "give_up"
+
+
+@dataclass(frozen=True)
+class Action:
+    do: Do
+    profile_index: int
+    delay: float = 0.0
+    reason: str = ""
+    same_step: int | None = None   # set when the reason is "crashes again and again at this step"
+
+
+def decide(history: list[Attempt], ladder_size: int, s: Settings) -> Action:
+    """The action after `history[-1]` ended."""
+    cur = history[-1]
+    rung = cur.profile_index
+    if cur.kind is Kind.DONE:
+        return Action(Do.FINISH, rung, reason="training finished")
+    if cur.kind is Kind.STOPPED:
+        return Action(Do.STOP, rung, reason="stopped on request")
+    if cur.kind in (Kind.CONFIG_ERROR, Kind.DISK_FULL):
+        return Action(Do.GIVE_UP, rung, reason=f"{cur.kind.value}: {cur.detail}")
+    if cur.kind is Kind.BOOT_FAILURE and len(history) >= 2 and history[-2].kind is Kind.BOOT_FAILURE:
+        return Action(Do.GIVE_UP, rung, reason=f"the worker failed to start twice in a row: {cur.detail}")
+    failures = _failures_since_progress(history, rung)
+    delay = s.backoff_seconds[min(failures - 1, len(s.backoff_seconds) - 1)]
+    same = _same_step_failures(history, rung)
+    if cur.step is not None and same >= s.same_step_limit:
+        why = f"failed {same} times at step {cur.step} on rung {rung} ({cur.kind.value}: {cur.detail})"
+        return _step_down_or_give_up(rung, ladder_size, s, why, same_step=cur.step)
+    if cur.kind in (Kind.OOM, Kind.MEMORY_LIMIT) and rung + 1 < ladder_size:
+        return Action(Do.STEP_DOWN, rung + 1, s.backoff_seconds[0], f"{cur.kind.value}: {cur.detail}")
+    if failures > s.max_restarts_per_profile:
+        why = f"{failures} failures on rung {rung} without progress (last: {cur.kind.value}: {cur.detail})"
+        return _step_down_or_give_up(rung, ladder_size, s, why)
+    return Action(Do.RESTART, rung, delay, f"{cur.kind.value}: {cur.detail}")
+
+
+def _step_down_or_give_up(rung: int, ladder_size: int, s: Settings, why: str,
+                          same_step: int | None = None) -> Action:
+    if rung + 1 < ladder_size:
+        return Action(Do.STEP_DOWN, rung + 1, s.backoff_seconds[0], why, same_step)
+    return Action(Do.GIVE_UP, rung, reason=f"ladder exhausted: {why}", same_step=same_step)
+
+
+def _failures_since_progress(history: list[Attempt], rung: int) -> int:
+    """Failed attempts on `rung` since (and including) its last attempt that made real progress."""
+    count = 0
+    for a in reversed(history):
+        if a.profile_index != rung:
+            break
+        count += 1
+        if a.progressed:
+            break
+    return count
+
+
+def _same_step_failures(history: list[Attempt], rung: int) -> int:
+    """How many of the latest attempts on `rung` failed at the step the last one failed at."""
+    last = history[-1]
+    count = 0
+    for a in reversed(history):
+        if a.profile_index != rung or a.step != last.step or a.epoch != last.epoch:
+            break
+        count += 1
+    return count

@@ -1,0 +1,68 @@
+"""The worker as a child process: spawn in its own session, signal, stop, kill the group, reap."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trainctl.worker.protocol import ENV_SUPERVISOR_PID, LOG_DIR, WORKER_ENV, WORKER_LOG
+
+
+class WorkerProcess:
+    """A running (or finished) worker. Its pid is also its process-group id."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self.popen = popen
+        self.pid = popen.pid
+
+    @classmethod
+    def spawn(cls, run_dir: Path, profile_index: int, attempt: int, describe: str) -> "WorkerProcess":
+        """Start ``python -m trainctl.worker`` in a new session, its output appended to logs/worker.log."""
+        log_dir = Path(run_dir) / LOG_DIR
+        log_dir.mkdir(exist_ok=True)
+        env = {**os.environ, **WORKER_ENV, ENV_SUPERVISOR_PID: str(os.getpid())}
+        with open(log_dir / WORKER_LOG, "ab") as log:
+            log.write(f"\n=== attempt {attempt}, rung {profile_index} ({describe}), "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
+            log.flush()
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir),
+                 "--profile", str(profile_index), "--attempt", str(attempt)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,   # its own group: one signal reaches DataLoader workers too
+                env=env, close_fds=True)
+        return cls(popen)
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def signal(self, sig: int) -> None:
+        """Signal the worker process itself (its loader children follow it)."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill_group(self) -> None:
+        """SIGKILL everything in the worker's process group (leftover loader processes included)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float) -> int:
+        """SIGTERM (checkpoint and exit), wait until `timeout`, then SIGKILL the group; always reaps."""
+        self.signal(signal.SIGTERM)
+        rc = self.wait(timeout)
+        if rc is None:
+            self.kill_group()
+            rc = self.popen.wait()
+        self.kill_group()   # no stragglers
+        return rc

@@ -1,0 +1,69 @@
+"""Finding runs: by directory path, by name in the registry of runs started here, or under ./runs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from trainctl.worker import fsio
+
+from .status import is_run_dir
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+def registry_path() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "trainctl" / "runs.json"
+
+
+def known_runs() -> list[Path]:
+    """Run directories started on this machine, most recent first (those that still exist)."""
+    try:
+        entries = json.loads(registry_path().read_text())
+    except (OSError, ValueError):
+        entries = []
+    return [Path(p) for p in entries if isinstance(p, str) and is_run_dir(Path(p))]
+
+
+def remember(run_dir: Path) -> None:
+    """Put `run_dir` at the head of the registry (so `trainctl status` with no RUN finds it)."""
+    run_dir = Path(run_dir).resolve()
+    runs = [run_dir] + [p for p in known_runs() if p != run_dir]
+    path = registry_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fsio.atomic_write(path, json.dumps([str(p) for p in runs[:200]], indent=1), durable=False)
+    except OSError:
+        pass   # a read-only home must not stop training; names then resolve under ./runs only
+
+
+def resolve(run: str | None) -> Path:
+    """A run directory from a path, a run name, or (None) the most recent run."""
+    if run is None:
+        runs = known_runs() + sorted(local_runs(), key=lambda p: -p.stat().st_mtime)
+        if not runs:
+            raise RunNotFound("no runs found. Start one with: trainctl start --config FILE (or try: trainctl demo)")
+        return runs[0]
+    path = Path(run).expanduser()
+    if path.is_dir():
+        if is_run_dir(path):
+            return path.resolve()
+        raise RunNotFound(f"{path} is a folder but not a trainctl run directory (no config.toml and state). "
+                          f"Give a run name or the run's own folder (<runs_dir>/<name>).")
+    for candidate in known_runs() + local_runs():
+        if candidate.name == run:
+            return candidate
+    names = sorted({p.name for p in known_runs() + local_runs()})
+    hint = f" Known runs: {', '.join(names[:10])}." if names else " No runs are known yet."
+    raise RunNotFound(f"run {run!r} not found.{hint} See: trainctl list")
+
+
+def local_runs() -> list[Path]:
+    """Run directories under ./runs (the default runs_dir)."""
+    root = Path("runs")
+    if not root.is_dir():
+        return []
+    return [p.resolve() for p in sorted(root.iterdir()) if p.is_dir() and is_run_dir(p)]

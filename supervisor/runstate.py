@@ -1,0 +1,53 @@
+"""The run's current state file and its single-supervisor lock.
+
+"Is this run's supervisor alive?" is answered by the lock (an flock the kernel drops when the
+process dies, however it dies), never by a pid alone: pids are reused and zombies keep theirs.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import filelock
+
+from trainctl.worker import fsio
+from trainctl.worker.protocol import STATE_FILE, SUPERVISOR_LOCK, read_json
+
+
+class AlreadyRunning(RuntimeError):
+    """Another supervisor holds this run."""
+
+
+def acquire(run_dir: Path, timeout: float = 0.0) -> filelock.FileLock:
+    """Take the run's supervisor lock or raise AlreadyRunning naming the holder's pid."""
+    lock = filelock.FileLock(Path(run_dir) / SUPERVISOR_LOCK)
+    try:
+        lock.acquire(timeout=timeout)
+    except filelock.Timeout:
+        pid = (read_state(run_dir) or {}).get("supervisor_pid")
+        raise AlreadyRunning(f"run {Path(run_dir).name} already has a supervisor running"
+                             f"{f' (pid {pid})' if pid else ''}; see: trainctl status {run_dir}") from None
+    return lock
+
+
+def supervisor_alive(run_dir: Path) -> bool:
+    """True while some process holds the run's supervisor lock."""
+    path = Path(run_dir) / SUPERVISOR_LOCK
+    if not path.exists():
+        return False
+    probe = filelock.FileLock(path)
+    try:
+        probe.acquire(timeout=0)
+    except filelock.Timeout:
+        return True
+    probe.release()
+    return False
+
+
+def read_state(run_dir: Path) -> dict | None:
+    return read_json(Path(run_dir) / STATE_FILE)
+
+
+def write_state(run_dir: Path, state: dict, durable: bool = True) -> None:
+    """Atomically replace state.json; `updated_at` is the supervisor's 'last seen' for status."""
+    fsio.atomic_write_json(Path(run_dir) / STATE_FILE, {**state, "updated_at": time.time()}, durable)

@@ -1,0 +1,376 @@
+"""The supervisor loop: observe the worker, ask the policy, apply its answer, journal everything.
+
+One attempt = one worker process. The loop never decides anything itself: `classify` names the
+exit, `decide` picks the action. Time is the supervisor's own monotonic clock throughout.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import filelock
+
+from trainctl.worker import fsio
+from trainctl.worker.config import Config, parse_memory_limit
+from trainctl.worker.protocol import (CHECKPOINT_DIR, LOG_DIR, MODEL_FILE, WORKER_LOCK, WORKER_LOG,
+                                      committed_checkpoints, error_json_path, fault_log_path,
+                                      read_error, read_heartbeat)
+
+from . import memory as memorylib
+from . import runstate
+from .classify import Exit, Failure, Kind, MemorySample, classify
+from .journal import Journal
+from .policy import Action, Attempt, Do, Settings, decide
+from .process import WorkerProcess
+from .states import State, check_transition
+
+EXIT_OK = 0          # succeeded or stopped
+EXIT_GAVE_UP = 3     # failed for a reason restarting cannot fix (services must not restart it)
+BOOT_PHASES = ("booting", "loading", "sanity")
+ABORT_GRACE_SECONDS = 5.0      # after SIGABRT, time for faulthandler to write the stacks
+STATE_TOUCH_SECONDS = 5.0
+MEMORY_HISTORY = 120
+
+
+@dataclasses.dataclass
+class Watch:
+    """What the loop tracks about the attempt in flight."""
+    attempt: int
+    profile_index: int
+    started_at: float
+    start_step: int
+    last_beat: int = -1
+    last_progress_at: float = 0.0
+    heartbeat: dict | None = None
+    we_killed: str | None = None
+    kill_deadline: float | None = None
+    ready: bool = False
+    last_checkpoint_step: int | None = None
+
+
+class Supervisor:
+    def __init__(self, run_dir: Path, cfg: Config, start_profile: int | None = None,
+                 launch: Callable[..., WorkerProcess] | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 sample_memory: Callable[[int, int], MemorySample] = memorylib.sample,
+                 echo: Callable[[str], None] | None = None):
+        self.run_dir, self.cfg = Path(run_dir), cfg
+        self.launch = launch or WorkerProcess.spawn
+        self.clock, self.sleep, self.sample_memory = clock, sleep, sample_memory
+        self.echo = echo or (lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))
+        s = cfg.supervisor
+        self.settings = Settings(s.max_restarts_per_profile, s.backoff_seconds, s.same_step_limit)
+        total = memorylib.total_memory()
+        self.soft_limit = parse_memory_limit(s.memory_soft_limit, total)
+        self.hard_limit = parse_memory_limit(s.memory_hard_limit, total)
+        previous = runstate.read_state(self.run_dir) or {}
+        self.profile_index = start_profile if start_profile is not None else previous.get("profile_index", 0)
+        self.profile_index = min(max(self.profile_index, 0), len(cfg.profiles) - 1)
+        self.attempt = int(previous.get("attempt", 0))
+        self.restarts = int(previous.get("restarts", 0))
+        self.state = State.STARTING
+        self.reason: str | None = None
+        self.history: list[Attempt] = []
+        self.memory: collections.deque[MemorySample] = collections.deque(maxlen=MEMORY_HISTORY)
+        self.worker: WorkerProcess | None = None
+        self.stop_requested = False
+        self.checkpoint_requested = False
+        self._last_touch = 0.0
+        self.journal = Journal(self.run_dir)
+
+    # ---- requests from signal handlers (they only set flags) -------------------------------------
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGUSR1, lambda *_: self.request_checkpoint())
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+    def request_checkpoint(self) -> None:
+        self.checkpoint_requested = True
+
+    # ---- state -------------------------------------------------------------------------------
+    def _set_state(self, new: State, reason: str | None = None) -> None:
+        if new is not self.state:
+            check_transition(self.state, new)
+            self.journal.record("state", self.attempt, self.profile_index, **{"from": self.state.value,
+                                                                              "to": new.value, "reason": reason})
+            self.state = new
+        self.reason = reason if reason is not None else (None if new is not State.FAILED else self.reason)
+        self._write_state(durable=True)
+
+    def _write_state(self, durable: bool) -> None:
+        profile = self.cfg.profiles[self.profile_index]
+        runstate.write_state(self.run_dir, {
+            "state": self.state.value, "reason": self.reason, "run_name": self.cfg.run.name,
+            "supervisor_pid": os.getpid(), "worker_pid": self.worker.pid if self.worker and self.worker.poll() is None else None,
+            "profile_index": self.profile_index, "profile": dataclasses.asdict(profile),
+            "grad_accum": self.cfg.grad_accum(self.profile_index), "ladder_size": len(self.cfg.profiles),
+            "attempt": self.attempt, "restarts": self.restarts,
+            "memory": dataclasses.asdict(self.memory[-1]) if self.memory else None}, durable)
+        self._last_touch = self.clock()
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Supervise until the run succeeds, stops or fails; return the supervisor's exit code."""
+        self.journal.record("supervisor_start", self.attempt, self.profile_index, pid=os.getpid(),
+                            python=sys.executable)
+        self._clean_temps()
+        self._set_state(State.STARTING)
+        try:
+            while True:
+                if self.stop_requested:
+                    self._set_state(State.STOPPED, "stopped on request")
+                    return EXIT_OK
+                watch = self._spawn()
+                failure = self._watch(watch)
+                action = self._judge(watch, failure)
+                code = self._apply(action, failure)
+                if code is not None:
+                    return code
+        finally:
+            if self.worker is not None and self.worker.poll() is None:   # an internal error: no orphans
+                self.worker.stop(self.cfg.supervisor.stop_timeout_seconds)
+            self.journal.close()
+
+    def _clean_temps(self) -> None:
+        """Leftovers of interrupted writes in the run directory, when no worker can be writing."""
+        lock = filelock.FileLock(self.run_dir / WORKER_LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            return   # an orphaned worker is still finishing: its files are its own
+        try:
+            for name in fsio.remove_stale_temps(self.run_dir):
+                self.echo(f"removed {name} (an interrupted write)")
+        finally:
+            lock.release()
+
+    def _spawn(self) -> Watch:
+        self.attempt += 1
+        if self.state is State.BACKOFF:
+            self._set_state(State.STARTING)
+        profile = self.cfg.profiles[self.profile_index]
+        describe = profile.describe(self.cfg.train.effective_batch_size)
+        start_step = _newest_checkpoint_step(self.run_dir)
+        self.worker = self.launch(self.run_dir, self.profile_index, self.attempt, describe)
+        self.memory.clear()
+        self.journal.record("spawn", self.attempt, self.profile_index, start_step, pid=self.worker.pid,
+                            rung=dataclasses.asdict(profile))
+        self.echo(f"attempt {self.attempt}: worker pid {self.worker.pid} on rung {self.profile_index} ({describe})"
+                  f", from {'step ' + str(start_step) if start_step is not None else 'the start'}")
+        self._write_state(durable=True)
+        now = self.clock()
+        return Watch(self.attempt, self.profile_index, now, start_step or 0, last_progress_at=now,
+                     last_checkpoint_step=start_step)
+
+    def _watch(self, w: Watch) -> Failure:
+        """Observe the worker until it exits; act on hangs, memory limits and requests on the way."""
+        s = self.cfg.supervisor
+        stop_sent = False
+        while (rc := self.worker.poll()) is None:
+            self._observe(w)
+            now = self.clock()
+            if self.stop_requested and not stop_sent:
+                stop_sent = True
+                if self.state in (State.STARTING, State.RUNNING):
+                    self._set_state(State.STOPPING, "stop requested")
+                self.echo("stop requested: asking the worker to checkpoint and exit")
+                self.worker.signal(signal.SIGTERM)
+                w.we_killed = w.we_killed or "stop"
+                w.kill_deadline = w.kill_deadline or now + s.stop_timeout_seconds
+            if self.checkpoint_requested:
+                self.checkpoint_requested = False
+                self.worker.signal(signal.SIGUSR1)
+                self.journal.record("checkpoint_requested", w.attempt, w.profile_index)
+            if w.kill_deadline is not None and now >= w.kill_deadline:
+                self.echo("the worker did not exit in time: killing its process group")
+                self.worker.kill_group()
+                w.kill_deadline = None
+            if now - self._last_touch >= STATE_TOUCH_SECONDS:
+                self._write_state(durable=False)
+            self.sleep(s.poll_seconds)
+        self.worker.kill_group()   # loader processes that outlived the worker
+        self._read_heartbeat(w)    # its last word: the step it died at
+        return self._classify(w, rc)
+
+    def _observe(self, w: Watch) -> None:
+        self._read_heartbeat(w)
+        self._check_memory(w)
+
+    def _read_heartbeat(self, w: Watch) -> None:
+        hb = read_heartbeat(self.run_dir)
+        if hb is not None and hb.get("attempt") == w.attempt:
+            w.heartbeat = hb
+            if hb.get("beat") != w.last_beat:
+                w.last_beat, w.last_progress_at = hb.get("beat"), self.clock()
+            if hb.get("phase") not in BOOT_PHASES and not w.ready:
+                w.ready = True
+                self.journal.record("worker_ready", w.attempt, w.profile_index, hb.get("step"),
+                                    device=hb.get("device"), skipped_checkpoints=hb.get("skipped_checkpoints"))
+                if self.state is State.STARTING:
+                    self._set_state(State.RUNNING)
+            ckpt = hb.get("last_checkpoint")
+            if ckpt and ckpt.get("step") != w.last_checkpoint_step:
+                w.last_checkpoint_step = ckpt.get("step")
+                self.journal.record("checkpoint", w.attempt, w.profile_index, ckpt.get("step"), path=ckpt.get("path"))
+
+    def _check_memory(self, w: Watch) -> None:
+        reported = int((w.heartbeat or {}).get("mps_driver_allocated", 0))
+        sample = self.sample_memory(self.worker.pid, reported)
+        self.memory.append(sample)
+        if w.we_killed in ("hang", "memory_hard"):
+            return
+        if self.hard_limit and sample.worker >= self.hard_limit:
+            w.we_killed = "memory_hard"
+            self.journal.record("memory_hard_limit", w.attempt, w.profile_index, worker=sample.worker, limit=self.hard_limit)
+            self.echo(f"worker memory {sample.worker / 2**30:.2f} GiB is past the hard limit: killing it")
+            self.worker.kill_group()
+        elif self.soft_limit and sample.worker >= self.soft_limit and w.we_killed is None:
+            w.we_killed = "memory_soft"
+            w.kill_deadline = self.clock() + self.cfg.supervisor.stop_timeout_seconds
+            self.journal.record("memory_soft_limit", w.attempt, w.profile_index, worker=sample.worker, limit=self.soft_limit)
+            self.echo(f"worker memory {sample.worker / 2**30:.2f} GiB is past the soft limit: "
+                      f"checkpoint and stop, then continue on the next rung")
+            self.worker.signal(signal.SIGTERM)
+        elif w.we_killed is None:
+            self._check_hang(w)
+
+    def _check_hang(self, w: Watch) -> None:
+        s = self.cfg.supervisor
+        phase = (w.heartbeat or {}).get("phase", "booting")
+        limit = s.startup_timeout_seconds if phase in BOOT_PHASES else s.hang_timeout_seconds
+        silent = self.clock() - w.last_progress_at
+        if silent < limit:
+            return
+        w.we_killed = "hang"
+        self.journal.record("hang_detected", w.attempt, w.profile_index, (w.heartbeat or {}).get("step"),
+                            phase=phase, silent_seconds=round(silent, 1))
+        self.echo(f"no progress for {silent:.0f} s (phase {phase}): SIGABRT for the stacks, then SIGKILL")
+        self.worker.signal(signal.SIGABRT)
+        self.worker.signal(signal.SIGCONT)   # a stopped (SIGSTOP) process must run to take the SIGABRT
+        w.kill_deadline = self.clock() + ABORT_GRACE_SECONDS
+
+    def _classify(self, w: Watch, rc: int) -> Failure:
+        error = read_error(self.run_dir, w.attempt)
+        ended = Exit(returncode=rc, heartbeat_seen=w.heartbeat is not None, we_killed=w.we_killed
+                     if w.we_killed != "stop" else None, error=error,
+                     fault_log=_tail(fault_log_path(self.run_dir, w.attempt), 8000),
+                     output_tail=_tail(self.run_dir / LOG_DIR / WORKER_LOG, 3000))
+        return classify(ended, list(self.memory), self.soft_limit)
+
+    def _judge(self, w: Watch, failure: Failure) -> Action:
+        hb = w.heartbeat or {}
+        newest = _newest_checkpoint_step(self.run_dir)
+        progressed = newest is not None and newest > w.start_step
+        self.history.append(Attempt(w.profile_index, failure.kind, failure.detail, hb.get("step"),
+                                    hb.get("epoch"), hb.get("cursor"), progressed))
+        if failure.kind not in (Kind.DONE, Kind.STOPPED):
+            evidence = (error_json_path(self.run_dir, w.attempt) if failure.kind in (Kind.EXCEPTION, Kind.OOM, Kind.CONFIG_ERROR, Kind.DISK_FULL)
+                        else fault_log_path(self.run_dir, w.attempt))
+            self.journal.record("crash", w.attempt, w.profile_index, hb.get("step"), failure=failure.kind.value,
+                                signal=failure.signal, exit_code=failure.exit_code, detail=failure.detail,
+                                epoch=hb.get("epoch"), cursor=hb.get("cursor"), memory=failure.memory,
+                                evidence=str(evidence), progressed=progressed)
+            self.echo(f"attempt {w.attempt} ended: {failure.kind.value} — {failure.detail}")
+        action = decide(self.history, len(self.cfg.profiles), self.settings)
+        if self.stop_requested and action.do in (Do.RESTART, Do.STEP_DOWN):
+            action = Action(Do.STOP, action.profile_index, reason="stopped on request")
+        return action
+
+    def _apply(self, action: Action, failure: Failure) -> int | None:
+        """Carry out the policy's action; return the exit code when supervision is over."""
+        if action.do is Do.FINISH:
+            self.journal.record("finish", self.attempt, self.profile_index, model=str(self.run_dir / MODEL_FILE))
+            self._set_state(State.SUCCEEDED, None)
+            self.echo(f"run succeeded: {self.run_dir / MODEL_FILE}")
+            return EXIT_OK
+        if action.do is Do.STOP:
+            self._set_state(State.STOPPED, action.reason)
+            self.echo("run stopped; resume with: trainctl resume " + str(self.run_dir))
+            return EXIT_OK
+        if action.do is Do.GIVE_UP:
+            reason = action.reason
+            if action.same_step is not None:
+                files = self._files_of_step()
+                if files:
+                    reason += f"; that step's images: {', '.join(files[:8])}{' ...' if len(files) > 8 else ''}"
+            self.journal.record("give_up", self.attempt, self.profile_index, action.same_step, reason=reason,
+                                evidence=failure.evidence[-4000:])
+            self._set_state(State.FAILED, reason)
+            self.echo(f"giving up: {reason}")
+            return EXIT_GAVE_UP
+        self.restarts += 1
+        if action.do is Do.STEP_DOWN:
+            self.journal.record("step_down", self.attempt, action.profile_index, **{"from": self.profile_index,
+                                "to": action.profile_index, "reason": action.reason, "same_step": action.same_step})
+            to = self.cfg.profiles[action.profile_index].describe(self.cfg.train.effective_batch_size)
+            self.echo(f"stepping down to rung {action.profile_index} ({to}): {action.reason}")
+            self.profile_index = action.profile_index
+        else:
+            self.journal.record("restart", self.attempt, self.profile_index, delay=action.delay, reason=action.reason)
+            self.echo(f"restarting on rung {self.profile_index} in {action.delay:g} s")
+        self._set_state(State.BACKOFF, action.reason)
+        self._wait(action.delay)
+        return None
+
+    def _wait(self, seconds: float) -> None:
+        """Back off, in short ticks so a stop request is not kept waiting."""
+        until = self.clock() + seconds
+        while not self.stop_requested and (left := until - self.clock()) > 0:
+            self.sleep(min(left, self.cfg.supervisor.poll_seconds))
+
+    def _files_of_step(self) -> list[str]:
+        """The images of the step that keeps failing (the worker knows the order; ask it)."""
+        last = self.history[-1]
+        if last.epoch is None or last.cursor is None:
+            return []
+        try:
+            out = subprocess.run([sys.executable, "-m", "trainctl.worker", "--run-dir", str(self.run_dir),
+                                  "--describe-step", str(last.epoch), str(last.cursor)],
+                                 capture_output=True, text=True, timeout=120)
+            return json.loads(out.stdout) if out.returncode == 0 else []
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            return []
+
+
+def _newest_checkpoint_step(run_dir: Path) -> int | None:
+    found = committed_checkpoints(Path(run_dir) / CHECKPOINT_DIR)
+    return found[-1].step if found else None
+
+
+def _tail(path: Path, limit: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def serve(run_dir: Path, start_profile: int | None = None, echo: Callable[[str], None] | None = None,
+          on_start: Callable[[Supervisor], None] | None = None) -> int:
+    """Load the run's frozen config, take its lock and supervise it to the end (raises AlreadyRunning)."""
+    from trainctl.worker.config import load
+    from trainctl.worker.protocol import CONFIG_FILE
+    cfg = load(Path(run_dir) / CONFIG_FILE)
+    lock = runstate.acquire(run_dir)
+    try:
+        supervisor = Supervisor(run_dir, cfg, start_profile, echo=echo)
+        supervisor.install_signal_handlers()
+        if on_start:
+            on_start(supervisor)
+        return supervisor.run()
+    finally:
+        lock.release()

@@ -1,0 +1,140 @@
+"""Checkpoint commit rules: atomic and durable, verified on load, torn ones skipped, pickles refused."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from trainctl.worker import checkpoint, fsio
+from trainctl.worker.protocol import checkpoint_path, committed_checkpoints, marker_path
+
+
+def state(step: int) -> dict:
+    return {"format": checkpoint.FORMAT, "model": {"w": torch.full((256, 256), float(step))}, "step": step}
+
+
+def save(folder, step, keep=3, **kw):
+    return checkpoint.save(folder, step, state(step), keep, {"epoch": 0}, **kw)
+
+
+def test_commit_marker_records_size_and_checksum(tmp_path):
+    done = save(tmp_path, 5)
+    marker = json.loads(marker_path(done.path).read_text())
+    assert marker["step"] == 5 and marker["size"] == done.path.stat().st_size and len(marker["sha256"]) == 64
+    loaded, found, skipped = checkpoint.load_latest(tmp_path)
+    assert found.step == 5 and torch.equal(loaded["model"]["w"], state(5)["model"]["w"]) and skipped == []
+
+
+def test_files_get_normal_permissions_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        done = save(tmp_path, 1)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(done.path.stat().st_mode) == 0o644
+
+
+def test_steps_are_compared_as_numbers_and_pruned_after_commit(tmp_path):
+    for step in (9, 10, 100, 11):
+        save(tmp_path, step, keep=2)
+    assert [c.step for c in committed_checkpoints(tmp_path)] == [11, 100]
+    assert checkpoint.load_latest(tmp_path)[1].step == 100
+
+
+def corrupt_truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def corrupt_flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def corrupt_unmark(path):
+    marker_path(path).unlink()
+
+
+@pytest.mark.parametrize("corrupt,reason", [(corrupt_truncate, "torn or truncated"),
+                                            (corrupt_flip, "checksum mismatch"),
+                                            (corrupt_unmark, "no commit marker")])
+def test_torn_or_corrupt_newest_falls_back_to_the_previous(tmp_path, corrupt, reason):
+    save(tmp_path, 3)
+    newest = save(tmp_path, 6)
+    corrupt(newest.path)
+    loaded, found, skipped = checkpoint.load_latest(tmp_path)
+    assert found.step == 3 and loaded["step"] == 3
+    assert skipped and skipped[0][0] == newest.path.name and reason in skipped[0][1]
+    assert newest.path.exists()   # reported, never deleted
+
+
+class Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    save(tmp_path, 2)
+    canary = tmp_path / "the-pickle-ran"
+    path = checkpoint_path(tmp_path, 4)
+    torch.save({"format": checkpoint.FORMAT, "evil": Evil(str(canary))}, path)
+    import hashlib
+    marker = {"step": 4, "file": path.name, "size": path.stat().st_size,
+              "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    marker_path(path).write_text(json.dumps(marker))   # a perfectly valid commit marker
+    loaded, found, skipped = checkpoint.load_latest(tmp_path)
+    assert found.step == 2
+    assert "weights_only" in skipped[0][1]
+    assert not canary.exists()
+
+
+@pytest.mark.parametrize("phase", ["begin", "bytes", "written", "synced", "renamed", "committed", "marked"])
+def test_a_failure_at_any_write_phase_keeps_the_previous_checkpoint(tmp_path, phase):
+    save(tmp_path, 3)
+
+    def boom(p):
+        if p == phase:
+            raise OSError(errno.EIO, "injected")
+
+    with pytest.raises(OSError):
+        save(tmp_path, 6, on_phase=boom)
+    loaded, found, _ = checkpoint.load_latest(tmp_path)
+    assert found.step == (6 if phase == "marked" else 3)
+    assert not [n for n in os.listdir(tmp_path) if fsio.is_temp_name(n)]
+
+
+def test_disk_full_is_its_own_error_and_keeps_the_previous(tmp_path, monkeypatch):
+    save(tmp_path, 3)
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(checkpoint.DiskFull, match="GiB free"):
+        save(tmp_path, 6)
+    assert checkpoint.load_latest(tmp_path)[1].step == 3
+
+
+def test_enospc_mid_write_becomes_disk_full(tmp_path):
+    save(tmp_path, 3)
+
+    def full(p):
+        if p == "bytes":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(checkpoint.DiskFull, match="no space left"):
+        save(tmp_path, 6, on_phase=full)
+    assert checkpoint.load_latest(tmp_path)[1].step == 3
+
+
+def test_stale_temps_are_ours_only(tmp_path):
+    (tmp_path / ".step-000000009.pt.tmp-123").write_bytes(b"half")
+    (tmp_path / "users-notes.txt").write_text("keep me")
+    (tmp_path / "step-000000001.pt").write_bytes(b"no marker: reported, not deleted")
+    assert fsio.remove_stale_temps(tmp_path) == [".step-000000009.pt.tmp-123"]
+    assert sorted(os.listdir(tmp_path)) == ["step-000000001.pt", "users-notes.txt"]

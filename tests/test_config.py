@@ -1,0 +1,145 @@
+"""Config loading: defaults, paths, the frozen copy, the default ladder, and every bad value's message."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from trainctl.worker import config as c
+
+GOOD = """\
+[run]
+name = "digits"
+[model]
+name = "vit_tiny_patch16_224"
+[data]
+train_dir = "data/train"
+[train]
+epochs = 3
+effective_batch_size = 16
+lr = 5e-4
+[[profiles]]
+device = "cpu"
+batch_size = 8
+[[profiles]]
+device = "cpu"
+batch_size = 4
+"""
+
+
+def load_text(tmp_path: Path, text: str) -> c.Config:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return c.load(path)
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    cfg = load_text(tmp_path, GOOD)
+    assert cfg.run.runs_dir == tmp_path / "runs"
+    assert cfg.run_dir == tmp_path / "runs" / "digits"
+    assert cfg.data.train_dir == tmp_path / "data" / "train"
+    assert cfg.data.val_dir is None and cfg.model.img_size is None
+    assert cfg.run.seed == 42 and cfg.checkpoint.keep_last == 3 and cfg.train.opt == "adamw"
+    assert [p.batch_size for p in cfg.profiles] == [8, 4]
+    assert [cfg.grad_accum(i) for i in range(2)] == [2, 4]
+
+
+def test_frozen_copy_round_trips(tmp_path):
+    cfg = load_text(tmp_path, GOOD.replace('[model]\n', '[model]\nimg_size = 64\nweights = ""\n'))
+    frozen = tmp_path / "elsewhere" / "config.toml"
+    frozen.parent.mkdir()
+    frozen.write_text(c.to_toml(cfg))
+    again = c.load(frozen)
+    assert dataclasses.replace(again, source=None) == dataclasses.replace(cfg, source=None)
+
+
+@pytest.mark.parametrize("accelerator,effective,expected", [
+    ("mps", 64, [("mps", 2), ("mps", 1), ("cpu", 1)]),
+    ("mps", 3, [("mps", 1), ("cpu", 1)]),
+    ("cuda", 64, [("cuda", 32), ("cuda", 16), ("cuda", 8), ("cpu", 4)]),
+    ("cuda", 6, [("cuda", 6), ("cuda", 3), ("cuda", 1), ("cpu", 3)]),
+    (None, 64, [("cpu", 8)]),
+    (None, 6, [("cpu", 6)]),
+])
+def test_default_ladder(accelerator, effective, expected):
+    ladder = c.default_ladder(accelerator, effective)
+    assert [(p.device, p.batch_size) for p in ladder] == expected
+    assert all(effective % p.batch_size == 0 for p in ladder)
+
+
+def test_missing_profiles_use_the_default_ladder(tmp_path):
+    cfg = load_text(tmp_path, GOOD.split("[[profiles]]")[0])
+    assert cfg.profiles == c.default_ladder(c.detect_accelerator(), 16)
+
+
+@pytest.mark.parametrize("text,total,expected", [
+    ("85%", 1000, 850), ("12GB", 0, 12 << 30), ("512 MiB", 0, 512 << 20), ("1000", 0, 1000), ("", 5, None),
+    ("1.5g", 0, int(1.5 * 2**30)),
+])
+def test_memory_limits(text, total, expected):
+    assert c.parse_memory_limit(text, total) == expected
+
+
+# (what to change in GOOD, words the one-line error must contain)
+BAD = [
+    (("[run]\n", "[runn]\n"), ["unknown key runn", "Did you mean 'run'"]),
+    (('name = "digits"', 'nmae = "digits"'), ["[run].nmae", "Did you mean 'name'"]),
+    (('name = "digits"', 'name = 5'), ["[run].name", "must be a string"]),
+    (('name = "digits"', 'name = "a/b"'), ["[run] name", "folder name"]),
+    (("epochs = 3", "epochs = 0"), ["[train] epochs", "at least 1"]),
+    (("epochs = 3", 'epochs = "3"'), ["[train].epochs", "whole number"]),
+    (("epochs = 3", "epochs = 3.5"), ["[train].epochs", "whole number"]),
+    (("lr = 5e-4", "lr = -1"), ["[train] lr", "non-negative"]),
+    (("lr = 5e-4", "lr = 0"), ["[train] lr", "zero"]),
+    (("lr = 5e-4", "lr = true"), ["[train].lr", "number"]),
+    (("effective_batch_size = 16", "effective_batch_size = 10"), ["batch_size", "does not divide", "[1, 2, 5, 10]"]),
+    (('device = "cpu"\nbatch_size = 8', 'device = "gpu"\nbatch_size = 8'), ["device", "cpu, cuda, mps, auto"]),
+    (("batch_size = 4", "batch_size = 0"), ["batch_size", "at least 1"]),
+    (("batch_size = 4", "batch_size = 4\nprecision = \"fp8\""), ["precision", "fp32, bf16, fp16"]),
+    (("batch_size = 4", "batch_size = 4\nnum_workers = -1"), ["num_workers", "0 or more"]),
+    (("lr = 5e-4", "lr = 5e-4\nwarmup_epochs = 3"), ["warmup_epochs", "not below epochs"]),
+    (("lr = 5e-4", "lr = 5e-4\nlabel_smoothing = 1.5"), ["label_smoothing"]),
+    (('train_dir = "data/train"', 'train_dir = "data/train"\ncrop_scale = [0.5]'), ["crop_scale", "list of 2"]),
+    (('train_dir = "data/train"', 'train_dir = "data/train"\ncrop_scale = [0.9, 0.1]'), ["crop_scale", "range"]),
+    (('train_dir = "data/train"', 'train_dir = "data/train"\nhflip = 2'), ["hflip", "probability"]),
+    (('train_dir = "data/train"', ''), ["missing required key [data].train_dir"]),
+    (("[train]\n", "[training]\n"), ["unknown key training", "Did you mean 'train'"]),
+    (('[model]\nname = "vit_tiny_patch16_224"', '[model]\nname = "vit_tiny_patch16_224"\nweights = "nope.pt"'),
+     ["[model] weights", "not a file"]),
+    (('[model]\nname = "vit_tiny_patch16_224"', '[model]\nname = "vit_tiny_patch16_224"\nimg_size = 2'),
+     ["img_size", "between 8 and 4096"]),
+    (("[[profiles]]", "[checkpoint]\nkeep_last = 0\n[[profiles]]"), ["keep_last", "at least 1"]),
+    (("[[profiles]]", "[checkpoint]\nevery_steps = -5\n[[profiles]]"), ["every_steps", "negative"]),
+    (("[[profiles]]", "[supervisor]\nmemory_soft_limit = \"lots\"\n[[profiles]]"), ["memory_soft_limit", "12GB"]),
+    (("[[profiles]]", "[supervisor]\nbackoff_seconds = []\n[[profiles]]"), ["backoff_seconds", "non-empty"]),
+    (("[[profiles]]", "[supervisor]\nhang_timeout_seconds = 0\n[[profiles]]"), ["hang_timeout_seconds", "positive"]),
+    (("[[profiles]]", "[supervisor]\nmax_restart_per_profile = 2\n[[profiles]]"),
+     ["max_restart_per_profile", "Did you mean 'max_restarts_per_profile'"]),
+    (("[[profiles]]", "[supervisor]\nmemory_hard_limit = \"150%\"\n[[profiles]]"), ["memory_hard_limit", "between 0% and 100%"]),
+    (("[train]\nepochs = 3", "[train]\nepochs = 3\nepochs = 4"), ["not valid TOML"]),
+]
+
+
+@pytest.mark.parametrize("change,words", BAD, ids=[f"bad{i:02d}" for i in range(len(BAD))])
+def test_bad_config_gives_one_clear_error(tmp_path, change, words):
+    old, new = change
+    assert old in GOOD
+    with pytest.raises(c.ConfigError) as err:
+        load_text(tmp_path, GOOD.replace(old, new, 1))
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, f"{word!r} not in: {message}"
+
+
+def test_missing_and_unreadable_config_files(tmp_path):
+    with pytest.raises(c.ConfigError, match="does not exist"):
+        c.load(tmp_path / "nope.toml")
+    with pytest.raises(c.ConfigError, match="missing section \\[train\\]"):
+        load_text(tmp_path, GOOD.split("[train]")[0])
+
+
+def test_profiles_must_be_tables(tmp_path):
+    with pytest.raises(c.ConfigError, match="array of tables"):
+        load_text(tmp_path, "profiles = 3\n" + GOOD.split("[[profiles]]")[0])

@@ -1,0 +1,403 @@
+"""The run configuration: TOML → frozen dataclasses, validated with errors that name the key and the fix.
+
+Standard library only: the CLI and the supervisor load configs without importing torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import platform
+import shutil
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import tomlout
+
+DEVICES = ("cpu", "cuda", "mps", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key and what to do about it in the message."""
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str
+    runs_dir: Path = Path("runs")
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str
+    pretrained: bool = False
+    weights: str = ""                 # local .safetensors / .pth to start from ("" = none)
+    img_size: int | None = None       # None = the model's own input size
+
+
+@dataclass(frozen=True)
+class DataSection:
+    train_dir: Path
+    val_dir: Path | None = None
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    crop_scale: tuple[float, float] = (0.08, 1.0)     # random-resized-crop area range
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)   # random-resized-crop aspect range
+    hflip: float = 0.5
+    max_image_pixels: int = 89_478_485               # Pillow's decompression-bomb limit
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: int
+    effective_batch_size: int
+    lr: float
+    opt: str = "adamw"                # any timm optimizer name
+    weight_decay: float = 0.05
+    sched: str = "cosine"             # any timm scheduler name
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0            # max grad norm; 0 = off
+    log_every_steps: int = 10
+    threads: int = 0                  # torch CPU threads; 0 = torch's default
+    deterministic: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int = 0              # optimizer steps; 0 = off
+    every_seconds: float = 600.0      # wall clock; 0 = off
+    keep_last: int = 3
+
+
+@dataclass(frozen=True)
+class Profile:
+    batch_size: int
+    device: str = "auto"
+    num_workers: int = 0
+    precision: str = "fp32"
+    memory_fraction: float = 0.0      # CUDA/MPS per-process memory cap; 0 = backend default
+    empty_cache_every: int = 100      # MPS: torch.mps.empty_cache() every N micro-batches
+
+    def describe(self, effective_batch_size: int) -> str:
+        """'cpu batch 4 x accum 4' — how a rung is shown to people."""
+        return f"{self.device} batch {self.batch_size} x accum {effective_batch_size // self.batch_size}"
+
+
+@dataclass(frozen=True)
+class SupervisorSection:
+    max_restarts_per_profile: int = 3
+    backoff_seconds: tuple[float, ...] = (2.0, 10.0, 60.0)
+    hang_timeout_seconds: float = 300.0
+    startup_timeout_seconds: float = 900.0
+    stop_timeout_seconds: float = 120.0
+    memory_soft_limit: str = "85%"    # of total RAM, or a size like "12GB"; "" = off
+    memory_hard_limit: str = "95%"
+    same_step_limit: int = 2          # crashes at one step before that step is called poisonous
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunSection
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    supervisor: SupervisorSection = field(default_factory=SupervisorSection)
+    profiles: tuple[Profile, ...] = ()
+    source: Path | None = None        # the file it was loaded from (not a TOML key)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.runs_dir / self.run.name
+
+    def grad_accum(self, profile_index: int) -> int:
+        return self.train.effective_batch_size // self.profiles[profile_index].batch_size
+
+
+SECTIONS = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
+            "checkpoint": CheckpointSection, "supervisor": SupervisorSection}
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Load and validate a config file; relative paths resolve against the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist. Fix: pass the path of your "
+                          f"TOML config (see README, 'Config reference').") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e}). Fix the syntax at that line.") from None
+    return from_dict(raw, base_dir=path.resolve().parent, source=path.resolve())
+
+
+def from_dict(raw: dict, base_dir: Path, source: Path | None = None) -> Config:
+    """Build and validate a Config from parsed TOML."""
+    where = source.name if source else "config"
+    _reject_unknown(raw, list(SECTIONS) + ["profiles"], where, "")
+    for required in ("run", "model", "data", "train"):
+        if required not in raw:
+            raise ConfigError(f"{where}: missing section [{required}]. Fix: add it (see README).")
+    parts = {name: _build(cls, raw.get(name, {}), f"[{name}]", where) for name, cls in SECTIONS.items()}
+    profiles_raw = raw.get("profiles", [])
+    if not isinstance(profiles_raw, list) or not all(isinstance(p, dict) for p in profiles_raw):
+        raise ConfigError(f"{where}: 'profiles' must be an array of tables ([[profiles]] blocks).")
+    profiles = tuple(_build(Profile, p, f"[[profiles]] #{i + 1}", where)
+                     for i, p in enumerate(profiles_raw))
+    parts["run"] = dataclasses.replace(parts["run"], runs_dir=_absolute(parts["run"].runs_dir, base_dir))
+    data = parts["data"]
+    parts["data"] = dataclasses.replace(
+        data, train_dir=_absolute(data.train_dir, base_dir),
+        val_dir=_absolute(data.val_dir, base_dir) if data.val_dir else None,
+        extensions=tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in data.extensions))
+    model = parts["model"]
+    if model.weights:
+        parts["model"] = dataclasses.replace(model, weights=str(_absolute(Path(model.weights), base_dir)))
+    if not profiles:
+        profiles = default_ladder(detect_accelerator(), parts["train"].effective_batch_size)
+    config = Config(profiles=profiles, source=source, **parts)
+    validate(config, where)
+    return config
+
+
+def _absolute(path: Path, base_dir: Path) -> Path:
+    path = Path(os.path.expanduser(str(path)))
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _reject_unknown(table: dict, allowed: list[str], where: str, section: str) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else f" Allowed: {', '.join(allowed)}."
+            raise ConfigError(f"{where}: unknown key {section}{'.' if section else ''}{key}.{hint}")
+
+
+def _build(cls, table, section: str, where: str):
+    """Instantiate dataclass `cls` from a TOML table, checking names and types."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: {section} must be a table, not {type(table).__name__}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(table, list(fields), where, section)
+    values = {}
+    for name, f in fields.items():
+        if name in table:
+            values[name] = _coerce(table[name], hints[name], f"{section}.{name}", where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key {section}.{name}.")
+    return cls(**values)
+
+
+def _coerce(value, hint, key: str, where: str):
+    """Check `value` against type `hint`; return it in the dataclass's type."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, key, where)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key, where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: {key} must be a list of {len(args)} values, got {value!r}.")
+        return tuple(_coerce(v, a, key, where) for v, a in zip(value, args))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be a whole number, got {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}.")
+        return float(value)
+    if hint in (str, Path):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}.")
+        return Path(value) if hint is Path else value
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _fail(where: str, key: str, value, why: str, fix: str) -> None:
+    raise ConfigError(f"{where}: {key} = {value!r} {why}. Fix: {fix}.")
+
+
+def validate(c: Config, where: str = "config") -> None:
+    """Range and consistency checks that types alone cannot express."""
+    if not c.run.name or "/" in c.run.name or c.run.name in (".", ".."):
+        _fail(where, "[run] name", c.run.name, "is not a usable folder name", "use letters, digits, '-' or '_'")
+    if not c.model.name.strip():
+        _fail(where, "[model] name", c.model.name, "is empty", "give a timm model name, e.g. 'vit_tiny_patch16_224'")
+    if c.model.img_size is not None and not 8 <= c.model.img_size <= 4096:
+        _fail(where, "[model] img_size", c.model.img_size, "is out of range", "use a size between 8 and 4096")
+    if c.model.weights and not Path(c.model.weights).is_file():
+        _fail(where, "[model] weights", c.model.weights, "is not a file", "give the path of a local .safetensors or .pth file, or \"\"")
+    d = c.data
+    lo, hi = d.crop_scale
+    if not 0 < lo <= hi <= 1:
+        _fail(where, "[data] crop_scale", list(d.crop_scale), "is not a range within (0, 1]", "use e.g. [0.08, 1.0]")
+    if not 0 < d.crop_ratio[0] <= d.crop_ratio[1]:
+        _fail(where, "[data] crop_ratio", list(d.crop_ratio), "is not an increasing positive range", "use e.g. [0.75, 1.3333]")
+    if not 0 <= d.hflip <= 1:
+        _fail(where, "[data] hflip", d.hflip, "is not a probability", "use a value between 0 and 1")
+    if d.max_image_pixels < 1:
+        _fail(where, "[data] max_image_pixels", d.max_image_pixels, "must be positive", "use Pillow's default 89478485 or larger")
+    if not d.extensions:
+        _fail(where, "[data] extensions", [], "is empty", "list the image extensions to read, e.g. ['.jpg', '.png']")
+    t = c.train
+    for key, value, low in (("epochs", t.epochs, 1), ("effective_batch_size", t.effective_batch_size, 1),
+                            ("log_every_steps", t.log_every_steps, 1), ("threads", t.threads, 0)):
+        if value < low:
+            _fail(where, f"[train] {key}", value, f"must be at least {low}", f"set it to {low} or more")
+    for key, value in (("lr", t.lr), ("weight_decay", t.weight_decay), ("warmup_epochs", t.warmup_epochs),
+                       ("warmup_lr", t.warmup_lr), ("min_lr", t.min_lr), ("grad_clip", t.grad_clip)):
+        if value < 0 or value != value:
+            _fail(where, f"[train] {key}", value, "must be zero or positive", "use a non-negative number")
+    if t.lr == 0:
+        _fail(where, "[train] lr", t.lr, "is zero, so nothing would be learned", "use e.g. 5e-4")
+    if t.warmup_epochs >= t.epochs:
+        _fail(where, "[train] warmup_epochs", t.warmup_epochs, f"is not below epochs ({t.epochs})", "use a shorter warmup")
+    if not 0 <= t.label_smoothing < 1:
+        _fail(where, "[train] label_smoothing", t.label_smoothing, "is not in [0, 1)", "use e.g. 0.1")
+    k = c.checkpoint
+    if k.every_steps < 0 or k.every_seconds < 0:
+        _fail(where, "[checkpoint] every_steps/every_seconds", (k.every_steps, k.every_seconds),
+              "must not be negative", "use 0 to turn one off")
+    if k.keep_last < 1:
+        _fail(where, "[checkpoint] keep_last", k.keep_last, "must be at least 1", "keep 1 or more checkpoints (3 is a good default)")
+    for i, p in enumerate(c.profiles):
+        key = f"[[profiles]] #{i + 1}"
+        if p.device not in DEVICES:
+            _fail(where, f"{key} device", p.device, "is not a known device", f"use one of {', '.join(DEVICES)}")
+        if p.precision not in PRECISIONS:
+            _fail(where, f"{key} precision", p.precision, "is not known", f"use one of {', '.join(PRECISIONS)}")
+        if p.batch_size < 1:
+            _fail(where, f"{key} batch_size", p.batch_size, "must be at least 1", "use 1 or more")
+        if t.effective_batch_size % p.batch_size:
+            divisors = [b for b in range(1, t.effective_batch_size + 1) if t.effective_batch_size % b == 0]
+            _fail(where, f"{key} batch_size", p.batch_size,
+                  f"does not divide [train] effective_batch_size = {t.effective_batch_size}",
+                  f"use a batch_size in {divisors}, or an effective_batch_size that is a multiple of {p.batch_size}")
+        if p.num_workers < 0 or p.empty_cache_every < 0:
+            _fail(where, f"{key} num_workers/empty_cache_every", (p.num_workers, p.empty_cache_every),
+                  "must not be negative", "use 0 or more")
+        if not 0 <= p.memory_fraction <= 2:
+            _fail(where, f"{key} memory_fraction", p.memory_fraction, "is out of range", "use 0 (off) or a fraction like 0.8")
+    s = c.supervisor
+    if s.max_restarts_per_profile < 0 or s.same_step_limit < 1:
+        _fail(where, "[supervisor] max_restarts_per_profile/same_step_limit",
+              (s.max_restarts_per_profile, s.same_step_limit), "is out of range", "use max_restarts_per_profile >= 0 and same_step_limit >= 1")
+    if not s.backoff_seconds or any(b < 0 for b in s.backoff_seconds):
+        _fail(where, "[supervisor] backoff_seconds", list(s.backoff_seconds), "must be a non-empty list of non-negative seconds", "use e.g. [2, 10, 60]")
+    for key in ("hang_timeout_seconds", "startup_timeout_seconds", "stop_timeout_seconds", "poll_seconds"):
+        if getattr(s, key) <= 0:
+            _fail(where, f"[supervisor] {key}", getattr(s, key), "must be positive", "use a number of seconds above 0")
+    for key in ("memory_soft_limit", "memory_hard_limit"):
+        try:
+            parse_memory_limit(getattr(s, key), total=1 << 40)
+        except ValueError as e:
+            _fail(where, f"[supervisor] {key}", getattr(s, key), f"is not understood ({e})", "use a share like \"85%\", a size like \"12GB\", or \"\" for off")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_memory_limit(text: str, total: int) -> int | None:
+    """'85%' of `total` bytes, or '12GB' / '512MiB' / '1000000' bytes; '' = no limit (None)."""
+    text = text.strip().lower()
+    if not text:
+        return None
+    if text.endswith("%"):
+        share = float(text[:-1])
+        if not 0 < share <= 100:
+            raise ValueError("a share must be between 0% and 100%")
+        return int(total * share / 100)
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = text[len(number):].strip()
+    if unit not in _UNITS or not number:
+        raise ValueError("expected a number with an optional unit (KB, MB, GB, TB)")
+    value = int(float(number) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError("a size must be positive")
+    return value
+
+
+def detect_accelerator() -> str | None:
+    """'mps' on Apple silicon, 'cuda' where an NVIDIA driver is present, else None (no torch import)."""
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "mps"
+    if os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi"):
+        return "cuda"
+    return None
+
+
+def default_ladder(accelerator: str | None, effective_batch_size: int) -> tuple[Profile, ...]:
+    """The ladder used when the config lists no [[profiles]]: MPS 2 → 1 → CPU; CUDA halving → CPU; CPU."""
+    def fits(b: int) -> int:  # the largest divisor of the effective batch not above b
+        return max(d for d in range(1, min(b, effective_batch_size) + 1) if effective_batch_size % d == 0)
+    if accelerator == "mps":
+        sizes = [("mps", fits(2)), ("mps", 1), ("cpu", 1)]
+    elif accelerator == "cuda":
+        top = fits(32)
+        sizes = [("cuda", top), ("cuda", fits(top // 2 or 1)), ("cuda", fits(top // 4 or 1)), ("cpu", fits(4))]
+    else:
+        sizes = [("cpu", fits(8))]
+    ladder: list[Profile] = []
+    for device, batch in sizes:
+        rung = Profile(device=device, batch_size=batch)
+        if rung not in ladder:
+            ladder.append(rung)
+    return tuple(ladder)
+
+
+def to_toml(c: Config) -> str:
+    """Every effective value, absolute paths: the run directory's frozen copy."""
+    doc: dict = {name: _plain(getattr(c, name)) for name in SECTIONS}
+    doc["profiles"] = [_plain(p) for p in c.profiles]
+    return ("# Frozen copy written by trainctl: every effective value, paths made absolute.\n"
+            + tomlout.dumps(doc))
+
+
+def _plain(section) -> dict:
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if value is None:
+            continue  # TOML has no null: an absent key means the default (None)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def identity(c: Config) -> dict:
+    """The settings a checkpoint is only valid for: resuming with any of them changed is refused."""
+    return {"model": c.model.name, "img_size": c.model.img_size, "pretrained": c.model.pretrained,
+            "weights": c.model.weights, "train_dir": str(c.data.train_dir), "seed": c.run.seed,
+            "epochs": c.train.epochs, "effective_batch_size": c.train.effective_batch_size,
+            "lr": c.train.lr, "opt": c.train.opt, "weight_decay": c.train.weight_decay,
+            "sched": c.train.sched, "warmup_epochs": c.train.warmup_epochs, "min_lr": c.train.min_lr,
+            "label_smoothing": c.train.label_smoothing, "grad_clip": c.train.grad_clip,
+            "crop_scale": list(c.data.crop_scale), "crop_ratio": list(c.data.crop_ratio),
+            "hflip": c.data.hflip}

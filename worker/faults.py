@@ -1,0 +1,97 @@
+"""Test-only fault injection, inert unless ``TRAINCTL_FAULTS`` is set.
+
+Spec: comma-separated ``point:action[@step][:once]``, e.g. ``train_step:sigkill@5:once``.
+Points: ``train_step`` (before an optimizer step; step = completed steps), ``boot``, and the
+checkpoint-write phases ``ckpt_begin``, ``ckpt_bytes`` (mid-write), ``ckpt_written``,
+``ckpt_synced`` (fsynced, not renamed), ``ckpt_renamed`` (renamed, directory not fsynced),
+``ckpt_committed`` (durable, no marker yet), ``ckpt_marked``.
+Actions: sigkill, sigsegv, sigbus, sigabrt, exception, mps_oom, cuda_oom, cpu_oom, hang, spin,
+grow_memory, enospc. ``once`` fires on the first attempt that reaches it only (a marker file in
+the run directory remembers it), so the next attempt recovers.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+
+from .protocol import ENV_FAULTS
+
+MPS_OOM_TEXT = ("MPS backend out of memory (MPS allocated: 17.02 GB, other allocations: 1.21 GB, "
+                "max allowed: 18.13 GB). Tried to allocate 256.00 MB on private pool. Use "
+                "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable upper limit for memory allocations "
+                "(may cause system failure).")
+CUDA_OOM_TEXT = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.78 GiB total capacity)"
+CPU_OOM_TEXT = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes."
+
+_SIGNALS = {"sigkill": signal.SIGKILL, "sigsegv": signal.SIGSEGV, "sigbus": signal.SIGBUS,
+            "sigabrt": signal.SIGABRT}
+
+
+class Faults:
+    def __init__(self, spec: str, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.rules = []
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            parts = item.split(":")
+            point, action = parts[0], parts[1]
+            once = len(parts) > 2 and parts[2] == "once"
+            step = None
+            if "@" in action:
+                action, at = action.split("@")
+                step = int(at)
+            self.rules.append((point, action, step, once, item))
+        self._ballast = []
+
+    def hit(self, point: str, step: int | None = None) -> None:
+        for rule_point, action, at, once, item in self.rules:
+            if rule_point != point or (at is not None and at != step):
+                continue
+            if once:
+                marker = self.run_dir / "faults-fired" / item.replace(":", "_").replace("@", "_")
+                if marker.exists():
+                    continue
+                marker.parent.mkdir(exist_ok=True)
+                marker.write_text(str(os.getpid()))
+            self._do(action)
+
+    def _do(self, action: str) -> None:
+        print(f"[trainctl] injecting fault: {action}", flush=True)
+        if action in _SIGNALS:
+            os.kill(os.getpid(), _SIGNALS[action])
+            time.sleep(5)  # a handled SIGABRT/SEGV returns here only if the signal was blocked
+        elif action == "exception":
+            raise RuntimeError("injected fault: a Python exception in the training step")
+        elif action == "mps_oom":
+            raise RuntimeError(MPS_OOM_TEXT)
+        elif action == "cuda_oom":
+            raise RuntimeError(CUDA_OOM_TEXT)
+        elif action == "cpu_oom":
+            raise RuntimeError(CPU_OOM_TEXT)
+        elif action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        elif action == "hang":
+            while True:
+                time.sleep(3600)
+        elif action == "spin":
+            while True:
+                pass
+        elif action == "grow_memory":
+            while True:   # ~200 MB/s of touched memory until something stops us
+                self._ballast.append(bytearray(os.urandom(1 << 20)) * 20)
+                time.sleep(0.1)
+        else:
+            raise ValueError(f"unknown fault action {action!r}")
+
+
+class _Inert:
+    def hit(self, point: str, step: int | None = None) -> None:
+        pass
+
+
+def from_env(run_dir: Path):
+    """The fault injector for this process: inert unless TRAINCTL_FAULTS is set."""
+    spec = os.environ.get(ENV_FAULTS, "")
+    return Faults(spec, run_dir) if spec else _Inert()

@@ -1,0 +1,104 @@
+"""Durable, atomic file writes: the one helper used wherever a file must never be seen half-written.
+
+Write order: temporary file in the same directory → flush → fsync (``F_FULLFSYNC`` on macOS, where
+plain fsync leaves data in the drive cache) → rename over the target → fsync the directory.
+Standard library only (the supervisor uses it too).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+TEMP_MARK = ".tmp-"   # our temporary files are ".<name>.tmp-<pid>"; nothing else is ever deleted
+
+
+def temp_name_for(path: Path) -> Path:
+    """The temporary sibling `atomic_writer` writes before renaming onto `path`."""
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for files that follow our own temporary naming (safe to delete)."""
+    return name.startswith(".") and TEMP_MARK in name
+
+
+def fsync_file(fd: int) -> None:
+    """Flush a file's data to stable storage (through the drive cache on macOS)."""
+    if sys.platform == "darwin":
+        import fcntl
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass  # some filesystems (network, FUSE) refuse F_FULLFSYNC; fsync is the best left
+    os.fsync(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename/creation in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fsync_file(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, durable: bool = True,
+                  on_phase: Callable[[str], None] | None = None) -> Iterator:
+    """Yield a binary file; on clean exit it atomically replaces `path`.
+
+    `durable=False` skips the fsyncs (heartbeats: atomic but not worth a disk flush).
+    `on_phase` is called with "written", "synced", "renamed", "committed" (fault-injection hook).
+    The file gets the usual umask-based mode, not a temp file's 0600.
+    """
+    path = Path(path)
+    tmp = temp_name_for(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    phase = on_phase or (lambda _name: None)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            phase("written")
+            if durable:
+                fsync_file(f.fileno())
+            phase("synced")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    phase("renamed")
+    if durable:
+        fsync_dir(path.parent)
+    phase("committed")
+
+
+def atomic_write(path: Path, data: bytes | str, durable: bool = True) -> None:
+    """Atomically replace `path` with `data`."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with atomic_writer(path, durable) as f:
+        f.write(data)
+
+
+def atomic_write_json(path: Path, obj, durable: bool = True) -> None:
+    """Atomically replace `path` with `obj` as indented JSON."""
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n", durable)
+
+
+def remove_stale_temps(directory: Path) -> list[str]:
+    """Delete leftovers of interrupted writes (our temp naming only); return their names."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(directory):
+            if entry.is_file() and is_temp_name(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return removed

@@ -1,0 +1,115 @@
+"""Worker entry point: ``python -m trainctl.worker --run-dir DIR --profile N --attempt K``.
+
+Turns every way of ending into the exit-code contract of `protocol`, with evidence: faulthandler
+for native crashes, an error JSON for Python exceptions.
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import fsio
+from .protocol import (CONFIG_FILE, ENV_SUPERVISOR_PID, EVIDENCE_DIR, EXIT_CONFIG, EXIT_DISK_FULL,
+                       EXIT_EXCEPTION, EXIT_LOCKED, EXIT_OOM, ORPHAN_GRACE_SECONDS, WORKER_ENV, WORKER_LOCK,
+                       error_json_path, fault_log_path)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m trainctl.worker",
+                                     description="trainctl training worker (normally started by the supervisor)")
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--profile", type=int, default=0, help="rung of the ladder (0 = first)")
+    parser.add_argument("--attempt", type=int, default=0, help="attempt number, names the evidence files")
+    parser.add_argument("--describe-step", nargs=2, type=int, metavar=("EPOCH", "CURSOR"),
+                        help="print the files of the optimizer step at (epoch, sample cursor) and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run_dir = args.run_dir.resolve()
+    if args.describe_step:
+        return describe_step(run_dir, *args.describe_step)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS; before CUDA starts
+    for key, value in WORKER_ENV.items():   # when run by hand, not by the supervisor
+        os.environ.setdefault(key, value)
+    (run_dir / EVIDENCE_DIR).mkdir(parents=True, exist_ok=True)
+    fault_file = open(fault_log_path(run_dir, args.attempt), "a")
+    faulthandler.enable(file=fault_file, all_threads=True)
+
+    import filelock
+    from .config import ConfigError, load
+    from .device import is_oom
+    from .faults import from_env
+    from .checkpoint import DiskFull
+    from .report import Reporter, say
+    from .signals import Flags, watch_parent
+    from .train import Trainer   # imports torch and timm: the slow part of booting
+
+    reporter = Reporter(run_dir, args.attempt, args.profile)
+    reporter.beat("booting", force=True)   # the first heartbeat: "the worker came up"
+    flags = Flags()
+    flags.install()
+    if os.environ.get(ENV_SUPERVISOR_PID):
+        watch_parent(int(os.environ[ENV_SUPERVISOR_PID]), flags)
+    faults = from_env(run_dir)
+    faults.hit("boot")
+    lock = filelock.FileLock(run_dir / WORKER_LOCK)
+    try:   # an orphaned worker of a dead supervisor may still be checkpointing: give it time
+        lock.acquire(timeout=ORPHAN_GRACE_SECONDS + 15)
+    except filelock.Timeout:
+        say(f"another worker holds {run_dir / WORKER_LOCK}: not starting a second one on this run")
+        return EXIT_LOCKED
+    trainer = None
+    try:
+        cfg = load(run_dir / CONFIG_FILE)
+        if not 0 <= args.profile < len(cfg.profiles):
+            raise ConfigError(f"--profile {args.profile} is not a rung of the ladder (0..{len(cfg.profiles) - 1})")
+        trainer = Trainer(cfg, run_dir, args.profile, flags, reporter, faults)
+        trainer.setup()
+        if trainer.progress.epoch < cfg.train.epochs:
+            trainer.sanity_check()
+        return trainer.fit()
+    except ConfigError as e:
+        return report_error(run_dir, args.attempt, "config_error", e, EXIT_CONFIG, trainer)
+    except DiskFull as e:
+        return report_error(run_dir, args.attempt, "disk_full", e, EXIT_DISK_FULL, trainer)
+    except BaseException as e:   # noqa: BLE001 — every exception must leave evidence
+        if is_oom(e):
+            return report_error(run_dir, args.attempt, "oom", e, EXIT_OOM, trainer)
+        return report_error(run_dir, args.attempt, "exception", e, EXIT_EXCEPTION, trainer)
+    finally:
+        lock.release()
+
+
+def report_error(run_dir: Path, attempt: int, kind: str, exc: BaseException, code: int, trainer) -> int:
+    """Write the error JSON the supervisor classifies, print one clear line, return the exit code."""
+    progress = getattr(trainer, "progress", None)
+    record = {"kind": kind, "type": type(exc).__name__, "message": str(exc), "exit_code": code,
+              "traceback": traceback.format_exc(), "time": time.time(),
+              "step": progress.step if progress else None,
+              "epoch": progress.epoch if progress else None,
+              "cursor": progress.cursor if progress else None}
+    fsio.atomic_write_json(error_json_path(run_dir, attempt), record)
+    print(f"[trainctl] {kind}: {exc}", file=sys.stderr, flush=True)
+    if kind == "exception":
+        traceback.print_exc()
+    return code
+
+
+def describe_step(run_dir: Path, epoch: int, cursor: int) -> int:
+    """Print, as JSON, the image files of the optimizer step that starts at (epoch, cursor)."""
+    from .config import load
+    from .folders import epoch_order, scan
+    cfg = load(run_dir / CONFIG_FILE)
+    folder = scan(cfg.data.train_dir, cfg.data.extensions)
+    order = epoch_order(cfg.run.seed, epoch, len(folder))
+    indices = order[cursor:cursor + cfg.train.effective_batch_size]
+    print(json.dumps([folder.paths[int(i)] for i in indices]))
+    return 0

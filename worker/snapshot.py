@@ -1,0 +1,103 @@
+"""What a checkpoint holds and how it is put back: everything exact resume needs, device-independent."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+
+import numpy as np
+import torch
+
+from . import device as devicelib
+from .config import ConfigError
+from .checkpoint import FORMAT
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training stands: the epoch, the sample cursor inside it, optimizer steps, samples seen."""
+    epoch: int = 0
+    cursor: int = 0
+    step: int = 0
+    samples_seen: int = 0
+
+
+def to_cpu(obj):
+    """Tensors moved to the CPU (CPU tensors are kept as they are, not copied)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu")
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def config_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def capture(t) -> dict:
+    """The checkpoint payload for trainer `t` (loadable with weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "format": FORMAT,
+        "model": to_cpu(t.model.state_dict()),
+        "optimizer": to_cpu(t.optimizer.state_dict()),
+        "scheduler": t.scheduler.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler is not None else None,
+        "progress": dataclasses.asdict(t.progress),
+        "rng": {"python": random.getstate(),
+                "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                          "pos": int(np_state["state"]["pos"]),
+                          "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+                "torch": torch.get_rng_state(),
+                "device": to_cpu(devicelib.rng_states(t.device))},
+        "profile": dataclasses.asdict(t.profile),
+        "profile_index": t.profile_index,
+        "identity": t.identity,
+        "config_hash": config_hash(t.identity),
+        "history": list(t.history),
+    }
+
+
+def check_identity(saved: dict, current: dict, run_dir) -> None:
+    """Refuse to resume when the settings a checkpoint depends on have changed."""
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if not changed:
+        return
+    details = "; ".join(f"{k}: checkpoint {_short(saved.get(k))} vs now {_short(current.get(k))}" for k in changed)
+    raise ConfigError(f"the checkpoints in {run_dir} were made with different settings ({details}). "
+                      f"Fix: restore those values in {run_dir}/config.toml, or start a new run under "
+                      f"another [run] name.")
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def restore(t, state: dict) -> None:
+    """Put trainer `t` back exactly where checkpoint `state` was taken (on any device)."""
+    t.model.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])   # moves the state onto the params' device
+    t.scheduler.load_state_dict(state["scheduler"])
+    if t.scaler is not None and state.get("scaler"):
+        t.scaler.load_state_dict(state["scaler"])
+    t.progress = Progress(**state["progress"])
+    t.history = list(state.get("history", []))
+    rng = state["rng"]
+    random.setstate(_as_tuples(rng["python"]))
+    np_rng = rng["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np_rng["key"].numpy().astype(np.uint32), "pos": np_rng["pos"]},
+                         "has_gauss": np_rng["has_gauss"], "gauss": np_rng["gauss"]})
+    torch.set_rng_state(rng["torch"])
+    if state["profile"].get("device") == t.profile.device:
+        devicelib.set_rng_states(t.device, rng.get("device", {}))
+
+
+def _as_tuples(obj):
+    """random.setstate wants tuples; a round trip may hand back lists."""
+    return tuple(_as_tuples(x) for x in obj) if isinstance(obj, (list, tuple)) else obj

@@ -1,0 +1,280 @@
+"""The training loop: exact, resumable at any optimizer step, on any rung of the ladder.
+
+Per optimizer step the loop consumes one effective batch (``accum`` micro-batches), sums the
+per-sample losses of the valid images, and divides the accumulated gradients by their count:
+batch 8 x accum 2 and batch 4 x accum 4 compute the same update up to float summation order.
+The global torch RNG is re-seeded from (seed, step) before every step, so dropout and friends
+do not depend on where a restart happened.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data, export, folders, fsio
+from . import device as devicelib
+from .config import Config, ConfigError, identity
+from .model import build_model, build_optimizer, build_scheduler, recipe_for
+from .protocol import CHECKPOINT_DIR, EXIT_DONE, EXIT_STOPPED
+from .report import Reporter, say
+from .snapshot import Progress, capture, check_identity, restore
+
+
+class SanityCheckFailed(RuntimeError):
+    """The pre-training forward/backward did not give a finite loss and finite gradients."""
+
+
+def step_seed(seed: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, step, 0x57E9]).generate_state(1)[0])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, profile_index: int, flags, reporter: Reporter, faults):
+        self.cfg, self.run_dir, self.flags, self.reporter, self.faults = cfg, Path(run_dir), flags, reporter, faults
+        self.profile_index, self.profile = profile_index, cfg.profiles[profile_index]
+        self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
+        self.progress, self.history = Progress(), []
+        self.micro_batches = 0
+
+    # ---- setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, profile = self.cfg, self.profile
+        self.device = devicelib.resolve(profile)
+        devicelib.prepare(profile, self.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.reporter.beat("loading", force=True)
+        self.train_set = folders.scan(cfg.data.train_dir, cfg.data.extensions)
+        self.val_set = (folders.scan(cfg.data.val_dir, cfg.data.extensions, "[data] val_dir", self.train_set.classes)
+                        if cfg.data.val_dir else None)
+        E = cfg.train.effective_batch_size
+        self.accum = E // profile.batch_size
+        self.steps_per_epoch = len(self.train_set) // E
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"[data] train_dir has {len(self.train_set)} images, fewer than one "
+                              f"[train] effective_batch_size ({E}). Fix: add images or lower effective_batch_size.")
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.identity = {**identity(cfg), "classes": list(self.train_set.classes),
+                         "num_samples": len(self.train_set)}
+        for name in fsio.remove_stale_temps(self.ckpt_dir):   # we hold the worker lock: nobody writes these
+            say(f"removed {name}, the remains of a checkpoint write that was interrupted")
+        state, found, skipped = checkpoint.load_latest(self.ckpt_dir)
+        for name, why in skipped:
+            say(f"skipping checkpoint {name}: {why}")
+        if state is not None:
+            check_identity(state["identity"], self.identity, self.run_dir)
+        torch.manual_seed(cfg.run.seed)   # the same initial weights on every fresh start
+        self.model = build_model(cfg, len(self.train_set.classes), load_weights=state is None)
+        self.recipe = recipe_for(cfg, self.model)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps,
+                                         round(cfg.train.warmup_epochs * self.steps_per_epoch))
+        self.scaler = devicelib.grad_scaler(profile, self.device)
+        if state is not None:
+            restore(self, state)
+            say(f"resumed from {found.path.name}: epoch {self.progress.epoch + 1}, step {self.progress.step}, "
+                f"sample {self.progress.cursor} of the epoch")
+        self.last_ckpt = (self.progress.step, time.monotonic())
+        self.mean = torch.tensor(self.recipe.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(self.recipe.std, device=self.device).view(1, 3, 1, 1) * 255
+        self.train_data = data.MicroBatches(self.train_set, self.recipe, cfg.run.seed, profile.batch_size, True)
+        self.workers = devicelib.loader_workers(profile, self.device)
+        self.reporter.beat(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                           epochs=cfg.train.epochs, device=str(self.device), batch_size=profile.batch_size,
+                           grad_accum=self.accum, effective_batch_size=cfg.train.effective_batch_size,
+                           skipped_checkpoints=skipped, force=True,
+                           **self._position())
+
+    def _position(self) -> dict:
+        p = self.progress
+        return {"epoch": p.epoch, "step": p.step, "cursor": p.cursor, "samples_seen": p.samples_seen}
+
+    # ---- the parts of a step ------------------------------------------------------------------
+    def _inputs(self, mb: data.MicroBatch) -> torch.Tensor:
+        """uint8 → float on the device, normalised in place (no extra full-size temporaries)."""
+        x = mb.images.to(self.device, non_blocking=True).float()
+        return x.sub_(self.mean).div_(self.std)
+
+    def _forward(self, mb: data.MicroBatch):
+        """Summed loss over the valid samples, and the count of correct predictions."""
+        x = self._inputs(mb)
+        y = mb.labels.to(self.device)
+        valid = mb.valid.to(self.device)
+        with devicelib.autocast(self.profile, self.device):
+            logits = self.model(x)
+        losses = F.cross_entropy(logits.float(), y, reduction="none",
+                                 label_smoothing=self.cfg.train.label_smoothing)
+        # Masking keeps shapes fixed (MPS caches a graph per shape) and drops bad images exactly.
+        return (losses * valid).sum(), ((logits.argmax(1) == y) & valid).sum()
+
+    def sanity_check(self) -> None:
+        """One forward/backward on a real batch before training: finite loss and gradients."""
+        self.reporter.beat("sanity", force=True)
+        p = self.progress
+        mb = self.train_data[(p.epoch, p.cursor) if p.epoch < self.cfg.train.epochs else (0, 0)]
+        self.reporter.bad_images(mb.bad)
+        n_valid = int(mb.valid.sum())
+        self.model.eval()   # eval: no running-stat updates, no RNG draws — training state stays untouched
+        try:
+            loss, _ = self._forward(mb)
+            loss.backward()
+            grads_ok = all(torch.isfinite(q.grad).all() for q in self.model.parameters() if q.grad is not None)
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            self.model.train()
+        value = loss.item() / max(n_valid, 1)
+        if not math.isfinite(value) or not grads_ok:
+            raise SanityCheckFailed(f"pre-training sanity check failed at step {p.step}: loss {value}, "
+                                    f"gradients {'finite' if grads_ok else 'not finite'}")
+        params = sum(q.numel() for q in self.model.parameters())
+        say(f"sanity check passed: loss {value:.4f} | seed {self.cfg.run.seed} | device {self.device} | "
+            f"model {self.cfg.model.name} ({params / 1e6:.2f}M params) | {len(self.train_set)} images, "
+            f"{len(self.train_set.classes)} classes | batch {self.profile.batch_size} x accum {self.accum} "
+            f"= {self.cfg.train.effective_batch_size} | {self.total_steps} steps")
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def fit(self) -> int:
+        cfg, p, E = self.cfg, self.progress, self.cfg.train.effective_batch_size
+        keys = data.train_keys(p.epoch, p.cursor, cfg.train.epochs, self.steps_per_epoch, E, self.profile.batch_size)
+        batches = data.iterate(self.train_data, keys, self.workers, cfg.run.seed, self.device.type != "cpu")
+        self.reporter.beat("training", force=True, **self._position())
+        window = {"loss": 0.0, "correct": 0, "valid": 0, "start": time.monotonic(), "steps": 0}
+        while p.epoch < cfg.train.epochs:
+            if self.flags.stop:
+                return self._stop()
+            self.faults.hit("train_step", p.step)
+            started = time.monotonic()
+            loss, correct, n_valid = self._step(batches)
+            p.step, p.cursor, p.samples_seen = p.step + 1, p.cursor + E, p.samples_seen + E
+            ips = E / max(time.monotonic() - started, 1e-9)
+            window.update(loss=window["loss"] + loss, correct=window["correct"] + correct,
+                          valid=window["valid"] + n_valid, steps=window["steps"] + 1)
+            # Written at every step (not throttled): a crash report must name the step exactly.
+            self.reporter.beat(loss=loss / max(n_valid, 1), lr=self._lr(), images_per_sec=round(ips, 2),
+                               force=True, **self._position(), **devicelib.memory_stats(self.device))
+            if p.step % cfg.train.log_every_steps == 0:
+                self._log(window)
+                window = {"loss": 0.0, "correct": 0, "valid": 0, "start": time.monotonic(), "steps": 0}
+            if p.cursor >= self.steps_per_epoch * E:
+                self._end_epoch()
+            elif self.flags.stop:
+                return self._stop()
+            elif self._checkpoint_due():
+                self.save_checkpoint("requested" if self.flags.checkpoint else "interval")
+        export.write(self)
+        return EXIT_DONE
+
+    def _step(self, batches) -> tuple[float, int, int]:
+        """One optimizer step over `accum` micro-batches; returns (summed loss, correct, valid)."""
+        torch.manual_seed(step_seed(self.cfg.run.seed, self.progress.step))
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        n_valid = 0
+        for _ in range(self.accum):
+            mb = next(batches)
+            if mb.bad:
+                self.reporter.bad_images(mb.bad)
+            loss, right = self._forward(mb)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach()
+            correct += right
+            n_valid += int(mb.valid.sum())
+            self.micro_batches += 1
+            devicelib.after_micro_batch(self.profile, self.device, self.micro_batches)
+            self.reporter.beat()
+        grads = [q.grad for q in self.model.parameters() if q.grad is not None]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if n_valid and grads:
+            torch._foreach_div_(grads, float(n_valid))   # mean over the effective batch's valid images
+            if self.cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        if self.scaler:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step_update(num_updates=self.progress.step + 1)
+        return float(loss_sum), int(correct), n_valid
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _log(self, w: dict) -> None:
+        p, seconds = self.progress, time.monotonic() - w["start"]
+        record = {"kind": "train", "step": p.step, "epoch": p.epoch + (p.cursor / max(self.steps_per_epoch * self.cfg.train.effective_batch_size, 1)),
+                  "loss": w["loss"] / max(w["valid"], 1), "acc": w["correct"] / max(w["valid"], 1),
+                  "lr": self._lr(), "images_per_sec": w["steps"] * self.cfg.train.effective_batch_size / max(seconds, 1e-9),
+                  "profile_index": self.profile_index}
+        self.reporter.metric(record)
+        say(f"step {p.step}/{self.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
+            f"acc {record['acc']:.3f} lr {record['lr']:.2e} {record['images_per_sec']:.1f} img/s")
+
+    def _checkpoint_due(self) -> bool:
+        k, (step, when) = self.cfg.checkpoint, self.last_ckpt
+        if self.flags.checkpoint:
+            return True
+        if k.every_steps and self.progress.step - step >= k.every_steps:
+            return True
+        return bool(k.every_seconds) and time.monotonic() - when >= k.every_seconds
+
+    def _end_epoch(self) -> None:
+        p = self.progress
+        finished = p.epoch + 1
+        if self.val_set is not None:
+            acc, loss = self.validate()
+            self.history.append({"epoch": finished, "step": p.step, "val_acc": acc, "val_loss": loss})
+            self.reporter.metric({"kind": "val", "epoch": finished, "step": p.step, "val_acc": acc, "val_loss": loss})
+            self.reporter.beat(val_acc=acc)
+            say(f"epoch {finished}/{self.cfg.train.epochs} validation: top-1 {acc:.3f}, loss {loss:.4f}")
+        p.epoch, p.cursor = finished, 0
+        self.save_checkpoint("epoch")
+
+    def validate(self) -> tuple[float, float]:
+        """Top-1 accuracy and mean loss on the validation folder (bad images excluded)."""
+        self.reporter.beat("validating", force=True)
+        dataset = data.MicroBatches(self.val_set, self.recipe, self.cfg.run.seed, self.profile.batch_size, False)
+        batches = data.iterate(dataset, data.eval_keys(len(self.val_set), self.profile.batch_size),
+                               self.workers, self.cfg.run.seed, self.device.type != "cpu")
+        correct = valid = 0
+        loss_sum = 0.0
+        self.model.eval()
+        with torch.no_grad():
+            for mb in batches:
+                self.reporter.bad_images(mb.bad)
+                loss, right = self._forward(mb)
+                loss_sum, correct, valid = loss_sum + float(loss), correct + int(right), valid + int(mb.valid.sum())
+                self.reporter.beat()
+        self.model.train()
+        self.reporter.beat("training", force=True)
+        return correct / max(valid, 1), loss_sum / max(valid, 1)
+
+    def save_checkpoint(self, reason: str) -> None:
+        p, started = self.progress, time.monotonic()
+        self.reporter.beat(checkpointing=True, force=True)
+        info = {"epoch": p.epoch, "cursor": p.cursor, "samples_seen": p.samples_seen, "reason": reason,
+                "profile_index": self.profile_index, "attempt": self.reporter.fields["attempt"]}
+        done = checkpoint.save(self.ckpt_dir, p.step, capture(self), self.cfg.checkpoint.keep_last, info,
+                               on_phase=lambda phase: self.faults.hit(f"ckpt_{phase}", p.step))
+        self.flags.checkpoint = False
+        self.last_ckpt = (p.step, time.monotonic())
+        self.reporter.beat(checkpointing=False, force=True, last_checkpoint={
+            "step": p.step, "path": str(done.path), "time": done.marker["created"]})
+        say(f"checkpoint at step {p.step} committed ({done.marker['size'] / 2**20:.1f} MiB, "
+            f"{time.monotonic() - started:.2f} s, {reason})")
+
+    def _stop(self) -> int:
+        if self.last_ckpt[0] != self.progress.step:
+            self.save_checkpoint("stop")
+        say(f"stopped at step {self.progress.step} ({self.flags.stop_reason})")
+        return EXIT_STOPPED
