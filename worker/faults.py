@@ -1,13 +1,14 @@
 """Test-only fault injection, inert unless ``TRAINCTL_FAULTS`` is set.
 
-Spec: comma-separated ``point:action[@step][:once]``, e.g. ``train_step:sigkill@5:once``.
+Spec: comma-separated ``point:action[@step][:once|:rungN]``, e.g. ``train_step:sigkill@5:once``.
 Points: ``train_step`` (before an optimizer step; step = completed steps), ``boot``, and the
 checkpoint-write phases ``ckpt_begin``, ``ckpt_bytes`` (mid-write), ``ckpt_written``,
 ``ckpt_synced`` (fsynced, not renamed), ``ckpt_renamed`` (renamed, directory not fsynced),
 ``ckpt_committed`` (durable, no marker yet), ``ckpt_marked``.
 Actions: sigkill, sigsegv, sigbus, sigabrt, exception, mps_oom, cuda_oom, cpu_oom, hang, spin,
-grow_memory, enospc. ``once`` fires on the first attempt that reaches it only (a marker file in
-the run directory remembers it), so the next attempt recovers.
+grow_memory (fast, until killed), leak (keeps 40 MB more at every hit), enospc. ``once`` fires on
+the first attempt that reaches it only (a marker file in the run directory remembers it), so the
+next attempt recovers; ``rungN`` fires only on rung N of the ladder (0 = first).
 """
 from __future__ import annotations
 
@@ -31,13 +32,16 @@ _SIGNALS = {"sigkill": signal.SIGKILL, "sigsegv": signal.SIGSEGV, "sigbus": sign
 
 
 class Faults:
-    def __init__(self, spec: str, run_dir: Path):
+    def __init__(self, spec: str, run_dir: Path, rung: int):
         self.run_dir = Path(run_dir)
         self.rules = []
         for item in filter(None, (s.strip() for s in spec.split(","))):
             parts = item.split(":")
             point, action = parts[0], parts[1]
-            once = len(parts) > 2 and parts[2] == "once"
+            flag = parts[2] if len(parts) > 2 else ""
+            once = flag == "once"
+            if flag.startswith("rung") and int(flag[4:]) != rung:
+                continue
             step = None
             if "@" in action:
                 action, at = action.split("@")
@@ -58,7 +62,8 @@ class Faults:
             self._do(action)
 
     def _do(self, action: str) -> None:
-        print(f"[trainctl] injecting fault: {action}", flush=True)
+        if action != "leak":
+            print(f"[trainctl] injecting fault: {action}", flush=True)
         if action in _SIGNALS:
             os.kill(os.getpid(), _SIGNALS[action])
             time.sleep(5)  # a handled SIGABRT/SEGV returns here only if the signal was blocked
@@ -78,6 +83,8 @@ class Faults:
         elif action == "spin":
             while True:
                 pass
+        elif action == "leak":
+            self._ballast.append(bytearray(os.urandom(1 << 20)) * 40)
         elif action == "grow_memory":
             while True:   # ~200 MB/s of touched memory until something stops us
                 self._ballast.append(bytearray(os.urandom(1 << 20)) * 20)
@@ -91,7 +98,7 @@ class _Inert:
         pass
 
 
-def from_env(run_dir: Path):
+def from_env(run_dir: Path, rung: int):
     """The fault injector for this process: inert unless TRAINCTL_FAULTS is set."""
     spec = os.environ.get(ENV_FAULTS, "")
-    return Faults(spec, run_dir) if spec else _Inert()
+    return Faults(spec, run_dir, rung) if spec else _Inert()

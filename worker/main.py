@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     flags.install()
     if os.environ.get(ENV_SUPERVISOR_PID):
         watch_parent(int(os.environ[ENV_SUPERVISOR_PID]), flags)
-    faults = from_env(run_dir)
+    faults = from_env(run_dir, args.profile)
     faults.hit("boot")
     lock = filelock.FileLock(run_dir / WORKER_LOCK)
     try:   # an orphaned worker of a dead supervisor may still be checkpointing: give it time
