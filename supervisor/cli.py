@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from trainctl.worker import fsio
 from trainctl.worker.config import ConfigError, load, to_toml
@@ -43,16 +44,16 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return EXIT_BAD_CONFIG
     except RunNotFound as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return EXIT_NOT_FOUND
     except runstate.AlreadyRunning as e:
-        err.print(f"[red]refused:[/] {e}", highlight=False)
+        err.print(f"[red]refused:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return EXIT_RUNNING
     except Refused as e:
-        err.print(f"[red]refused:[/] {e.args[0]}", highlight=False)
+        err.print(f"[red]refused:[/] {escape(e.args[0])}", highlight=False, soft_wrap=True)
         return e.args[1]
     except KeyboardInterrupt:
         return 130
@@ -191,16 +192,17 @@ def start_detached(run_dir: Path, profile: int | None) -> int:
                 raise Refused("the supervisor did not start: " + " | ".join(tail), EXIT_RUNNING if rc == 2 else EXIT_FAILED)
             if mine and state.get("state") == "failed":
                 reason = state.get("reason") or "unknown"
-                err.print(f"[red]error:[/] {reason.removeprefix('config_error: ')}", highlight=False)
+                err.print(f"[red]error:[/] {escape(reason.removeprefix('config_error: '))}", highlight=False,
+                          soft_wrap=True)
                 return EXIT_BAD_CONFIG if reason.startswith("config_error") else EXIT_FAILED
             hb = read_heartbeat(run_dir) or {}
             booted = hb.get("attempt") == state.get("attempt") and hb.get("phase") not in (None, "booting", "loading")
             if mine and (booted or state.get("state") in ("running", "backoff", "succeeded", "stopped")):
                 break
             time.sleep(0.2)
-    name = run_dir.name
+    name = escape(run_dir.name)
     console.print(f"[green]started[/] run [bold]{name}[/] — supervisor pid {proc.pid}\n"
-                  f"  folder:  {run_dir}\n  status:  trainctl status {name}\n"
+                  f"  folder:  {escape(str(run_dir))}\n  status:  trainctl status {name}\n"
                   f"  logs:    trainctl logs {name} -f\n  stop:    trainctl stop {name}", highlight=False)
     return EXIT_OK
 
@@ -240,13 +242,13 @@ def cmd_stop(args) -> int:
     with console.status(f"stopping {run_dir.name}: the worker finishes its step and checkpoints..."):
         while runstate.supervisor_alive(run_dir):
             if time.monotonic() > deadline:
-                err.print(f"[red]timeout:[/] {run_dir.name} has not stopped after {timeout:.0f} s; it is still "
+                err.print(f"[red]timeout:[/] {escape(run_dir.name)} has not stopped after {timeout:.0f} s; it is still "
                           f"stopping (see: trainctl logs {run_dir.name}). Run stop again to keep waiting.")
                 return EXIT_TIMEOUT
             time.sleep(0.2)
     st = gather(run_dir)
     ck = st["last_checkpoint"]
-    console.print(f"[magenta]stopped[/] {run_dir.name} at step {st['step']}"
+    console.print(f"[magenta]stopped[/] {escape(run_dir.name)} at step {st['step']}"
                   + (f" (checkpoint at step {ck['step']})" if ck else "")
                   + f". Resume with: trainctl resume {run_dir.name}", highlight=False)
     return EXIT_OK

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from trainctl.worker.config import load
 from trainctl.worker.protocol import committed_checkpoints, read_heartbeat
@@ -65,7 +66,7 @@ def run_demo(folder: Path, fast: bool, console: Console) -> int:
     folder = folder.resolve()
     per_class = 48 if fast else 96
     if not (folder / "data" / "train").is_dir():
-        console.print(f"[bold]demo:[/] writing {len(CLASSES)} classes of synthetic shapes to {folder / 'data'}")
+        console.print(f"[bold]demo:[/] writing {len(CLASSES)} classes of synthetic shapes to {escape(str(folder / 'data'))}")
         make_dataset(folder / "data", per_class_train=per_class, per_class_val=16, size=64)
     name = "demo-" + time.strftime("%Y%m%d-%H%M%S")
     config_path = folder / f"{name}.toml"
@@ -73,7 +74,7 @@ def run_demo(folder: Path, fast: bool, console: Console) -> int:
     cfg = load(config_path)
     check_data(cfg)
     freeze(cfg.run_dir, cfg)
-    console.print(f"[bold]demo:[/] config {config_path}\n[bold]demo:[/] training {cfg.model.name} on the CPU; "
+    console.print(f"[bold]demo:[/] config {escape(str(config_path))}\n[bold]demo:[/] training {cfg.model.name} on the CPU; "
                   f"midway the demo kills its own worker with SIGKILL (as the OOM killer would).")
     threading.Thread(target=_crash_midway, args=(cfg.run_dir, console), daemon=True).start()
     code = run_foreground(cfg.run_dir, 0, console)
@@ -83,7 +84,8 @@ def run_demo(folder: Path, fast: bool, console: Console) -> int:
     if st["state"] == "succeeded" and val:
         console.print(f"[bold green]demo finished:[/] validation accuracy {val[-1]:.1%} (chance is {chance:.0%}), "
                       f"{st['restarts']} restart(s), crashes: {', '.join(c['kind'] for c in st['crashes']) or 'none'}.\n"
-                      f"  model:  {st['final_model']}\n  status: trainctl status {cfg.run_dir}", highlight=False)
+                      f"  model:  {escape(st['final_model'])}\n  status: trainctl status {escape(str(cfg.run_dir))}",
+                      highlight=False)
     return code
 
 

@@ -7,6 +7,7 @@ from typing import Callable
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from .status import gather
 from .supervise import serve
@@ -17,7 +18,7 @@ def run_foreground(run_dir: Path, profile: int | None, console: Console,
                    on_start: Callable | None = None) -> int:
     """Supervise `run_dir` here; lines go above a live status panel on a terminal, plain lines otherwise."""
     def echo(message: str) -> None:
-        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {message}", highlight=False)
+        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(message)}", highlight=False)
 
     if not console.is_terminal:
         code = serve(run_dir, profile, echo=echo, on_start=on_start)

@@ -37,7 +37,7 @@ def gather(run_dir: Path) -> dict:
         # The recorded state is stale: nobody is running this run now.
         out["state"], out["recorded_state"] = "stopped", recorded
         out["reason"] = (f"supervisor not running — last seen {_ago(out['last_seen_seconds'])}, "
-                         f"resume with: trainctl resume {run_dir}")
+                         f"resume with: trainctl resume {run_dir.name}")
     profile = state.get("profile") or {}
     out["profile"] = {"index": state.get("profile_index"), "device": profile.get("device"),
                       "batch_size": profile.get("batch_size"), "grad_accum": state.get("grad_accum"),

@@ -46,48 +46,51 @@ def render_status(st: dict):
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="dim", justify="right")
     grid.add_column()
+
+    def row(label: str, value) -> None:   # plain strings are data, never rich markup
+        grid.add_row(label, Text(value) if isinstance(value, str) else value)
     if st.get("reason"):
-        grid.add_row("reason", Text(st["reason"], style="red" if state == "failed" else "yellow"))
+        row("reason", Text(st["reason"], style="red" if state == "failed" else "yellow"))
     p = st["profile"]
     if p.get("device"):
-        grid.add_row("rung", f"{p['index'] + 1}/{p.get('ladder_size') or '?'}: {p['device']} batch "
+        row("rung", f"{p['index'] + 1}/{p.get('ladder_size') or '?'}: {p['device']} batch "
                              f"{p['batch_size']} x accum {p['grad_accum']}")
     total, step = st.get("total_steps"), st.get("step") or 0
     if total:
         bar = Table.grid(padding=(0, 1))
         bar.add_row(ProgressBar(total=total, completed=step, width=30),
                     f"step {step}/{total}  epoch {min((st.get('epoch') or 0) + 1, st.get('epochs') or 1)}/{st.get('epochs') or '?'}")
-        grid.add_row("progress", bar)
+        row("progress", bar)
     m = st.get("metrics") or {}
     if m.get("loss"):
-        grid.add_row("loss", f"{m['loss'][-1]:.4f}  {sparkline(m['loss'])}")
-        grid.add_row("train acc", f"{m['acc'][-1]:.3f}  {sparkline(m['acc'])}")
+        row("loss", f"{m['loss'][-1]:.4f}  {sparkline(m['loss'])}")
+        row("train acc", f"{m['acc'][-1]:.3f}  {sparkline(m['acc'])}")
     if m.get("val_acc"):
-        grid.add_row("val acc", f"{m['val_acc'][-1]:.3f}  {sparkline(m['val_acc'])}  (per epoch)")
+        row("val acc", f"{m['val_acc'][-1]:.3f}  {sparkline(m['val_acc'])}  (per epoch)")
     if st.get("images_per_sec") and state in ("running", "starting"):
-        grid.add_row("speed", f"{st['images_per_sec']:.1f} images/s   ETA {duration(st.get('eta_seconds'))}")
+        row("speed", f"{st['images_per_sec']:.1f} images/s   ETA {duration(st.get('eta_seconds'))}")
     mem = st.get("memory") or {}
     if mem.get("worker") or mem.get("mps_driver_allocated"):
         extra = f"  (MPS driver {gib(mem['mps_driver_allocated'])})" if mem.get("mps_driver_allocated") else ""
-        grid.add_row("memory", f"worker {gib(mem.get('worker'))}, system available {gib(mem.get('available'))}"
+        row("memory", f"worker {gib(mem.get('worker'))}, system available {gib(mem.get('available'))}"
                                f" of {gib(mem.get('total'))}, swap {gib(mem.get('swap_used'))}{extra}")
     ck = st.get("last_checkpoint")
-    grid.add_row("checkpoint", f"step {ck['step']}, {duration(ck['age_seconds'])} ago" if ck else "none yet")
-    grid.add_row("restarts", str(st.get("restarts", 0)))
+    row("checkpoint", f"step {ck['step']}, {duration(ck['age_seconds'])} ago" if ck else "none yet")
+    row("restarts", str(st.get("restarts", 0)))
     if st.get("bad_images"):
-        grid.add_row("bad images", f"{st['bad_images']} (listed in {st['run_dir']}/bad_images.json)")
+        row("bad images", f"{st['bad_images']} (listed in {st['run_dir']}/bad_images.json)")
     if st.get("final_model"):
-        grid.add_row("model", st["final_model"])
+        row("model", st["final_model"])
     if st.get("report"):
-        grid.add_row("report", st["report"])
+        row("report", st["report"])
     if st.get("supervisor_alive"):
-        grid.add_row("pids", f"supervisor {st.get('supervisor_pid')}, worker {st.get('worker_pid') or '—'}")
+        row("pids", f"supervisor {st.get('supervisor_pid')}, worker {st.get('worker_pid') or '—'}")
     parts = [grid]
     if st.get("crashes"):
         crashes = Table("when", "kind", "signal/exit", "rung", "step", "detail", box=None, header_style="dim")
         for c in st["crashes"][-8:]:
             crashes.add_row(c["at"][11:], c["kind"], c["signal"] or str(c["exit_code"]), str(c["profile_index"] + 1),
-                            str(c["step"] if c["step"] is not None else "—"), (c.get("detail") or "")[:70])
+                            str(c["step"] if c["step"] is not None else "—"), Text((c.get("detail") or "")[:70]))
         parts += [Text(f"crashes ({len(st['crashes'])})", style="bold"), crashes]
     return Panel(Group(*parts), title=title, title_align="left", subtitle=st["run_dir"], subtitle_align="right")
 
@@ -99,7 +102,7 @@ def render_list(rows: list[dict]):
         total = st.get("total_steps")
         progress = f"{st.get('step', 0)}/{total}" if total else "—"
         val = (st.get("metrics") or {}).get("val_acc") or [None]
-        table.add_row(st["run_name"], Text(st["state"], style=STATE_STYLE.get(st["state"], "")), progress,
+        table.add_row(Text(st["run_name"]), Text(st["state"], style=STATE_STYLE.get(st["state"], "")), progress,
                       f"{val[-1]:.3f}" if val[-1] is not None else "—",
-                      duration(now - st["updated_at"]) + " ago" if st.get("updated_at") else "—", st["run_dir"])
+                      duration(now - st["updated_at"]) + " ago" if st.get("updated_at") else "—", Text(st["run_dir"]))
     return table

@@ -74,8 +74,9 @@ def test_real_signals_are_classified_and_the_run_recovers_bit_identical(tmp_path
         proc.kill()
     assert proc.returncode == 0, out
     crashes = events(run_dir, "crash")
-    assert [(c["data"]["failure"], c["data"]["signal"]) for c in crashes] == [
-        ("killed", "SIGKILL"), ("native_crash", "SIGSEGV"), ("native_crash", "SIGABRT"), ("native_crash", "SIGBUS")]
+    assert [(c["data"]["failure"], c["data"]["signal"]) for c in crashes] == [  # noqa: E501
+        ("killed", "SIGKILL"), ("native_crash", "SIGSEGV"), ("native_crash", "SIGABRT"), ("native_crash", "SIGBUS")], (
+        crashes, out)
     assert "Fatal Python error" in (run_dir / "evidence" / "attempt-002.fault.log").read_text()
     spawns = events(run_dir, "spawn")
     assert len(spawns) == 5 and all(s["step"] for s in spawns[1:])   # each restart began from a checkpoint
@@ -159,6 +160,10 @@ def test_one_supervisor_per_run_orphans_exit_and_a_stale_lock_does_not_block(tmp
     first = start_supervisor(run_dir)
     try:
         hb = wait_for(lambda: training(run_dir, 1, 2), 120, what="training")
+        first.send_signal(signal.SIGUSR1)                  # "checkpoint now", passed on to the worker
+        wait_for(lambda: [c for c in committed_checkpoints(run_dir / "checkpoints")
+                          if c.marker.get("reason") == "requested"], 30, what="the requested checkpoint")
+        assert events(run_dir, "checkpoint_requested") and first.poll() is None
         second = subprocess.run([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)],
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 2 and f"pid {first.pid}" in second.stdout + second.stderr

@@ -44,7 +44,15 @@ def test_sigkill_at_random_moments_ends_bit_identical(tmp_path, dataset, referen
         kills += 1
     assert kills >= 3, f"only {kills} kills happened ({faults})"
     assert_bit_identical(run_dir, reference_run)
-    assert (run_dir / "labels.json").exists()
+
+
+def test_the_final_model_loads_into_timm_with_its_labels(reference_run):
+    import timm
+    labels = json.loads((reference_run / "labels.json").read_text())
+    assert labels["classes"] == ["circle", "square", "stripes", "triangle"]
+    assert labels["index_to_class"]["3"] == "triangle"
+    model = timm.create_model("test_vit", num_classes=len(labels["classes"]), img_size=32)
+    model.load_state_dict(weights(reference_run / "model.safetensors"))   # strict: every key matches
 
 
 def test_switching_rung_mid_epoch_matches_up_to_summation_order(tmp_path, dataset, reference_run):

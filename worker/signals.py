@@ -1,12 +1,16 @@
 """Signal flags and the orphan watch. Handlers only set flags; the training loop acts on them."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 
-from .protocol import EXIT_STOPPED, ORPHAN_GRACE_SECONDS
+from .protocol import ORPHAN_GRACE_SECONDS
+
+PR_SET_PDEATHSIG = 1
 
 
 class Flags:
@@ -28,19 +32,31 @@ class Flags:
     def _on_usr1(self, _signum, _frame) -> None:
         self.checkpoint = True
 
+    def orphaned(self, *_args) -> None:
+        """The supervisor is gone: checkpoint and stop; if that stalls, SIGALRM ends the process."""
+        if not self.stop:
+            self.stop, self.stop_reason = True, "supervisor gone"
+            signal.alarm(int(ORPHAN_GRACE_SECONDS))
 
-def watch_parent(expected_parent: int, flags: Flags, poll: float = 0.5) -> None:
+
+def watch_parent(expected_parent: int, flags: Flags) -> None:
     """When the supervisor dies (even by SIGKILL), checkpoint and stop; hard-exit if that stalls.
 
-    Polling the parent pid works on Linux and macOS alike; the re-parented worker sees a new ppid.
+    Linux: the kernel sends SIGUSR2 when the parent dies (PR_SET_PDEATHSIG) — no extra thread,
+    so nothing races faulthandler when it dumps every thread's stack. Elsewhere (macOS) a thread
+    polls the parent pid.
     """
-    def run():
-        while os.getppid() == expected_parent:
-            time.sleep(poll)
-        flags.stop, flags.stop_reason = True, "supervisor gone"
-        print(f"[trainctl] supervisor {expected_parent} is gone: checkpointing and stopping", flush=True)
-        time.sleep(ORPHAN_GRACE_SECONDS)
-        print("[trainctl] still running after the orphan grace period: exiting now", flush=True)
-        os._exit(EXIT_STOPPED)
+    if sys.platform.startswith("linux"):
+        signal.signal(signal.SIGUSR2, flags.orphaned)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR2, 0, 0, 0) == 0:
+            if os.getppid() != expected_parent:   # it died before the prctl took effect
+                flags.orphaned()
+            return
 
-    threading.Thread(target=run, name="trainctl-orphan-watch", daemon=True).start()
+    def poll():
+        while os.getppid() == expected_parent:
+            time.sleep(0.5)
+        flags.orphaned()
+
+    threading.Thread(target=poll, name="trainctl-orphan-watch", daemon=True).start()

@@ -29,6 +29,10 @@ class SanityCheckFailed(RuntimeError):
     """The pre-training forward/backward did not give a finite loss and finite gradients."""
 
 
+def _names(classes, shown: int = 5) -> str:
+    return ", ".join(classes[:shown]) + (f", ... +{len(classes) - shown}" if len(classes) > shown else "")
+
+
 def step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step, 0x57E9]).generate_state(1)[0])
 
@@ -137,7 +141,8 @@ class Trainer:
         params = sum(q.numel() for q in self.model.parameters())
         say(f"sanity check passed: loss {value:.4f} | seed {self.cfg.run.seed} | device {self.device} | "
             f"model {self.cfg.model.name} ({params / 1e6:.2f}M params) | {len(self.train_set)} images, "
-            f"{len(self.train_set.classes)} classes | batch {self.profile.batch_size} x accum {self.accum} "
+            f"{len(self.train_set.classes)} classes ({_names(self.train_set.classes)}) | "
+            f"batch {self.profile.batch_size} x accum {self.accum} "
             f"= {self.cfg.train.effective_batch_size} | {self.total_steps} steps")
 
     # ---- the loop --------------------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""How far a run that switches rung (batch 8 x accum 2 -> batch 4 x accum 4) ends from one that never did.
+
+The two compute the same updates up to float summation order; the difference then grows with the
+number of steps trained after the switch. Prints the max |w_switched - w_reference| per horizon.
+
+    python bench/rung_switch.py [--epochs 6]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from trainctl.supervisor.demo_data import make_dataset
+from trainctl.worker import config as configlib
+from trainctl.worker import fsio
+
+CONFIG = """\
+[run]
+name = "{name}"
+runs_dir = "runs"
+seed = 7
+[model]
+name = "test_vit"
+img_size = 32
+[data]
+train_dir = "data/train"
+crop_scale = [0.5, 1.0]
+[train]
+epochs = {epochs}
+effective_batch_size = 16
+lr = 1e-3
+threads = 1
+[checkpoint]
+every_steps = 1
+keep_last = 100
+[[profiles]]
+device = "cpu"
+batch_size = 8
+[[profiles]]
+device = "cpu"
+batch_size = 4
+"""
+
+
+def worker(run_dir: Path, profile: int, faults: str = "") -> None:
+    env = {**os.environ, "TRAINCTL_FAULTS": faults}
+    subprocess.run([sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir), "--profile", str(profile)],
+                   env=env, capture_output=True, check=faults == "")
+
+
+def run(root: Path, name: str, epochs: int) -> Path:
+    path = root / f"{name}.toml"
+    path.write_text(CONFIG.format(name=name, epochs=epochs))
+    cfg = configlib.load(path)
+    cfg.run_dir.mkdir(parents=True)
+    fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
+    return cfg.run_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=6)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_dataset(root / "data", per_class_train=24, per_class_val=0, size=40, seed=1)
+        reference = run(root, "reference", args.epochs)
+        worker(reference, 0)
+        total = 6 * args.epochs
+        ref = load_file(str(reference / "model.safetensors"))
+        print(f"{'steps after the switch':>24} | max abs weight difference")
+        for after in sorted({1, 3, 10, total // 2, total - 1}):
+            switched = run(root, f"switch-{after}", args.epochs)
+            worker(switched, 0, faults=f"train_step:sigkill@{total - after}")
+            worker(switched, 1)
+            got = load_file(str(switched / "model.safetensors"))
+            diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
+            print(f"{after:>24} | {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
