@@ -178,7 +178,8 @@ def test_one_supervisor_per_run_orphans_exit_and_a_stale_lock_does_not_block(tmp
         first.kill()
     assert gone_in < 5
     newest = committed_checkpoints(run_dir / "checkpoints")[-1]
-    assert newest.marker["reason"] in ("stop", "epoch")    # the orphan checkpointed before leaving
+    assert newest.step == read_heartbeat(run_dir)["step"]  # the orphan checkpointed the step it stopped at
+    assert "(supervisor gone)" in (run_dir / "logs" / "worker.log").read_text()
     assert not supervisor_alive(run_dir) and (run_dir / "supervisor.lock").exists()
     third = start_supervisor(run_dir)                      # the stale lock file does not block resuming
     out = finish(third)
