@@ -1,4 +1,4 @@
-"""`trainctl`: start, status, resume, stop, logs, list, demo (and service). Never imports torch.
+"""`trainctl`: start, status, resume, stop, logs, list, demo, service. Never imports torch.
 
 Exit codes: 0 ok · 1 the run failed · 2 usage error · 3 bad config or data · 4 run not found ·
 5 refused: the run is running · 6 refused: the run's state does not allow it · 7 timed out.
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", type=Path, default=Path("trainctl-demo"), help="where the data and the run go")
     s.add_argument("--fast", action="store_true", help="a shorter demo (what the tests run)")
     s.set_defaults(func=cmd_demo)
+    from .service_cmd import add_service_parser
+    add_service_parser(sub)
     return p
 
 

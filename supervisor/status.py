@@ -5,18 +5,24 @@ import json
 import time
 from pathlib import Path
 
+from trainctl.worker.config import FROZEN_HEADER
 from trainctl.worker.protocol import (BAD_IMAGES_FILE, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, MODEL_FILE,
                                       REPORT_FILE, committed_checkpoints, read_heartbeat, read_json)
 
 from . import runstate
 from .journal import read_events
+from .report import read_summary
 
 FINAL = ("stopped", "succeeded", "failed")
 
 
 def is_run_dir(path: Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file() and any(
-        (Path(path) / f).exists() for f in ("state.json", "journal.sqlite3", CHECKPOINT_DIR))
+    """A folder with trainctl's frozen config (written by start, resume or service install)."""
+    try:
+        with open(Path(path) / CONFIG_FILE, encoding="utf-8") as f:
+            return f.readline().startswith(FROZEN_HEADER)
+    except OSError:
+        return False
 
 
 def gather(run_dir: Path) -> dict:
@@ -60,14 +66,17 @@ def gather(run_dir: Path) -> dict:
     out["bad_images"] = (read_json(run_dir / BAD_IMAGES_FILE) or {}).get("count", 0)
     out["metrics"] = recent_metrics(run_dir)
     out["report"] = str(run_dir / REPORT_FILE) if (run_dir / REPORT_FILE).exists() else None
+    out["summary"] = read_summary(run_dir) if out["report"] else None
     return out
 
 
 def _history(run_dir: Path) -> dict:
     crashes, restarts = [], 0
-    for e in read_events(run_dir, ("crash", "restart", "step_down")):
-        if e["kind"] == "crash":
+    for e in read_events(run_dir, ("exit", "restart", "step_down")):
+        if e["kind"] == "exit":
             d = e["data"]
+            if d.get("failure") in ("done", "stopped"):
+                continue
             crashes.append({"at": _iso(e["time"]), "kind": d.get("failure"), "signal": d.get("signal"),
                             "exit_code": d.get("exit_code"), "profile_index": e["profile"], "step": e["step"],
                             "detail": d.get("detail"), "evidence": d.get("evidence")})

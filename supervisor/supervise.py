@@ -20,14 +20,18 @@ import filelock
 
 from trainctl.worker import fsio
 from trainctl.worker.config import Config, parse_memory_limit
-from trainctl.worker.protocol import (CHECKPOINT_DIR, LOG_DIR, MODEL_FILE, WORKER_LOCK, WORKER_LOG,
-                                      committed_checkpoints, error_json_path, fault_log_path,
+from trainctl.worker.protocol import (CHECKPOINT_DIR, LOG_DIR, MODEL_FILE, SUPERVISOR_LOG, WORKER_LOCK,
+                                      WORKER_LOG, committed_checkpoints, error_json_path, fault_log_path,
                                       read_error, read_heartbeat)
 
+from . import logfiles
 from . import memory as memorylib
-from . import runstate
+from . import report, runstate
+from .awake import KeepAwake
 from .classify import Exit, Failure, Kind, MemorySample, classify
 from .journal import Journal
+from .notify import Notifier
+from .service import SERVICE_LOG
 from .policy import Action, Attempt, Do, Settings, decide
 from .process import WorkerProcess
 from .states import State, check_transition
@@ -35,6 +39,7 @@ from .states import State, check_transition
 EXIT_OK = 0          # succeeded or stopped
 EXIT_GAVE_UP = 3     # failed for a reason restarting cannot fix (services must not restart it)
 BOOT_PHASES = ("booting", "loading", "sanity")
+ERROR_JSON_KINDS = (Kind.EXCEPTION, Kind.OOM, Kind.CONFIG_ERROR, Kind.DISK_FULL)
 ABORT_GRACE_SECONDS = 5.0      # after SIGABRT, time for faulthandler to write the stacks
 STATE_TOUCH_SECONDS = 5.0
 MEMORY_HISTORY = 120
@@ -54,6 +59,7 @@ class Watch:
     kill_deadline: float | None = None
     ready: bool = False
     last_checkpoint_step: int | None = None
+    fresh_beat: bool = False       # a beat arrived since the last watchdog ping
 
 
 class Supervisor:
@@ -61,7 +67,7 @@ class Supervisor:
                  launch: Callable[..., WorkerProcess] | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                  sample_memory: Callable[[int, int], MemorySample] = memorylib.sample,
-                 echo: Callable[[str], None] | None = None):
+                 echo: Callable[[str], None] | None = None, notifier: Notifier | None = None):
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.launch = launch or WorkerProcess.spawn
         self.clock, self.sleep, self.sample_memory = clock, sleep, sample_memory
@@ -85,6 +91,8 @@ class Supervisor:
         self.checkpoint_requested = False
         self._last_touch = 0.0
         self.journal = Journal(self.run_dir)
+        self.notifier = notifier or Notifier()
+        self.awake = KeepAwake(cfg.run.name, os.getpid(), self.echo) if s.keep_awake else None
 
     # ---- requests from signal handlers (they only set flags) -------------------------------------
     def install_signal_handlers(self) -> None:
@@ -105,7 +113,7 @@ class Supervisor:
             self.journal.record("state", self.attempt, self.profile_index, **{"from": self.state.value,
                                                                               "to": new.value, "reason": reason})
             self.state = new
-        self.reason = reason if reason is not None else (None if new is not State.FAILED else self.reason)
+        self.reason = reason
         self._write_state(durable=True)
 
     def _write_state(self, durable: bool) -> None:
@@ -118,6 +126,8 @@ class Supervisor:
             "attempt": self.attempt, "restarts": self.restarts,
             "memory": dataclasses.asdict(self.memory[-1]) if self.memory else None}, durable)
         self._last_touch = self.clock()
+        for name in (WORKER_LOG, SUPERVISOR_LOG, SERVICE_LOG):
+            logfiles.rotate_if_needed(self.run_dir / LOG_DIR / name, int(self.cfg.supervisor.log_max_mb * 2**20))
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -126,11 +136,12 @@ class Supervisor:
                             python=sys.executable)
         self._clean_temps()
         self._set_state(State.STARTING)
+        if self.awake:
+            self.awake.start()
         try:
             while True:
                 if self.stop_requested:
-                    self._set_state(State.STOPPED, "stopped on request")
-                    return EXIT_OK
+                    return self._end(State.STOPPED, "stopped on request", EXIT_OK)
                 watch = self._spawn()
                 failure = self._watch(watch)
                 action = self._judge(watch, failure)
@@ -140,7 +151,23 @@ class Supervisor:
         finally:
             if self.worker is not None and self.worker.poll() is None:   # an internal error: no orphans
                 self.worker.stop(self.cfg.supervisor.stop_timeout_seconds)
+            if self.awake:
+                self.awake.stop()
             self.journal.close()
+
+    def _end(self, state: State, reason: str | None, code: int) -> int:
+        """Final state: the morning report, the service manager told, the person's hook run."""
+        self._set_state(state, reason)
+        hb = read_heartbeat(self.run_dir) or {}
+        summary = report.write(self.run_dir, state.value, reason, hb.get("val_acc"))
+        self.notifier.stopping(f"{state.value}" + (f": {reason}" if reason else ""))
+        hook = {State.SUCCEEDED: self.cfg.supervisor.on_finish, State.FAILED: self.cfg.supervisor.on_failure}.get(state)
+        if hook:
+            rc = report.run_hook(hook, self.run_dir, state.value, reason)
+            self.journal.record("hook", self.attempt, self.profile_index, command=hook, exit_code=rc)
+        goodput = summary.get("goodput")
+        self.echo(f"report: {self.run_dir / 'report.md'}" + (f" (goodput {goodput:.1%})" if goodput else ""))
+        return code
 
     def _clean_temps(self) -> None:
         """Leftovers of interrupted writes in the run directory, when no worker can be writing."""
@@ -198,6 +225,9 @@ class Supervisor:
                 w.kill_deadline = None
             if now - self._last_touch >= STATE_TOUCH_SECONDS:
                 self._write_state(durable=False)
+                if self.awake:
+                    self.awake.check()
+            self._tell_service_manager(w)
             self.sleep(s.poll_seconds)
         self.worker.kill_group()   # loader processes that outlived the worker
         self._read_heartbeat(w)    # its last word: the step it died at
@@ -213,6 +243,7 @@ class Supervisor:
             w.heartbeat = hb
             if hb.get("beat") != w.last_beat:
                 w.last_beat, w.last_progress_at = hb.get("beat"), self.clock()
+                w.fresh_beat = True
             if hb.get("phase") not in BOOT_PHASES and not w.ready:
                 w.ready = True
                 self.journal.record("worker_ready", w.attempt, w.profile_index, hb.get("step"),
@@ -223,6 +254,33 @@ class Supervisor:
             if ckpt and ckpt.get("step") != w.last_checkpoint_step:
                 w.last_checkpoint_step = ckpt.get("step")
                 self.journal.record("checkpoint", w.attempt, w.profile_index, ckpt.get("step"), path=ckpt.get("path"))
+
+    def _tell_service_manager(self, w: Watch) -> None:
+        """READY after the first sanity check, STATUS lines, WATCHDOG only while healthy."""
+        if not self.notifier.active:
+            return
+        hb = w.heartbeat or {}
+        if w.ready:
+            self.notifier.ready(self._status_line(hb))
+            self.notifier.status(self._status_line(hb))
+        if self._healthy(w):
+            self.notifier.watchdog()
+
+    def _healthy(self, w: Watch) -> bool:
+        """Training: a new beat since the last ping. Booting: still within the startup timeout."""
+        if w.we_killed is not None:
+            return False
+        if w.ready and (w.heartbeat or {}).get("phase") not in BOOT_PHASES:
+            fresh, w.fresh_beat = w.fresh_beat, False
+            return fresh
+        return self.clock() - w.last_progress_at < self.cfg.supervisor.startup_timeout_seconds
+
+    def _status_line(self, hb: dict) -> str:
+        rung = self.cfg.profiles[self.profile_index].describe(self.cfg.train.effective_batch_size)
+        loss = f" loss {hb['loss']:.4f}" if isinstance(hb.get("loss"), (int, float)) else ""
+        return (f"{self.state.value}: epoch {(hb.get('epoch') or 0) + 1}/{hb.get('epochs', '?')} step "
+                f"{hb.get('step', 0)}/{hb.get('total_steps', '?')}{loss} | rung {self.profile_index + 1} ({rung})"
+                f" | restarts {self.restarts}")
 
     def _check_memory(self, w: Watch) -> None:
         reported = int((w.heartbeat or {}).get("mps_driver_allocated", 0))
@@ -274,13 +332,15 @@ class Supervisor:
         progressed = newest is not None and newest > w.start_step
         self.history.append(Attempt(w.profile_index, failure.kind, failure.detail, hb.get("step"),
                                     hb.get("epoch"), hb.get("cursor"), progressed))
-        if failure.kind not in (Kind.DONE, Kind.STOPPED):
-            evidence = (error_json_path(self.run_dir, w.attempt) if failure.kind in (Kind.EXCEPTION, Kind.OOM, Kind.CONFIG_ERROR, Kind.DISK_FULL)
-                        else fault_log_path(self.run_dir, w.attempt))
-            self.journal.record("crash", w.attempt, w.profile_index, hb.get("step"), failure=failure.kind.value,
-                                signal=failure.signal, exit_code=failure.exit_code, detail=failure.detail,
-                                epoch=hb.get("epoch"), cursor=hb.get("cursor"), memory=failure.memory,
-                                evidence=str(evidence), progressed=progressed)
+        clean = failure.kind in (Kind.DONE, Kind.STOPPED)
+        evidence = (error_json_path(self.run_dir, w.attempt) if failure.kind in ERROR_JSON_KINDS
+                    else fault_log_path(self.run_dir, w.attempt))
+        self.journal.record("exit", w.attempt, w.profile_index, hb.get("step"), failure=failure.kind.value,
+                            signal=failure.signal, exit_code=failure.exit_code, detail=failure.detail,
+                            epoch=hb.get("epoch"), cursor=hb.get("cursor"), memory=failure.memory,
+                            evidence=None if clean else str(evidence), progressed=progressed,
+                            checkpoints_written=hb.get("checkpoints_written", 0))
+        if not clean:
             self.echo(f"attempt {w.attempt} ended: {failure.kind.value} — {failure.detail}")
         action = decide(self.history, len(self.cfg.profiles), self.settings)
         if self.stop_requested and action.do in (Do.RESTART, Do.STEP_DOWN):
@@ -291,13 +351,11 @@ class Supervisor:
         """Carry out the policy's action; return the exit code when supervision is over."""
         if action.do is Do.FINISH:
             self.journal.record("finish", self.attempt, self.profile_index, model=str(self.run_dir / MODEL_FILE))
-            self._set_state(State.SUCCEEDED, None)
             self.echo(f"run succeeded: {self.run_dir / MODEL_FILE}")
-            return EXIT_OK
+            return self._end(State.SUCCEEDED, None, EXIT_OK)
         if action.do is Do.STOP:
-            self._set_state(State.STOPPED, action.reason)
-            self.echo("run stopped; resume with: trainctl resume " + str(self.run_dir))
-            return EXIT_OK
+            self.echo("run stopped; resume with: trainctl resume " + self.run_dir.name)
+            return self._end(State.STOPPED, action.reason, EXIT_OK)
         if action.do is Do.GIVE_UP:
             reason = action.reason
             if action.same_step is not None:
@@ -306,9 +364,8 @@ class Supervisor:
                     reason += f"; that step's images: {', '.join(files[:8])}{' ...' if len(files) > 8 else ''}"
             self.journal.record("give_up", self.attempt, self.profile_index, action.same_step, reason=reason,
                                 evidence=failure.evidence[-4000:])
-            self._set_state(State.FAILED, reason)
             self.echo(f"giving up: {reason}")
-            return EXIT_GAVE_UP
+            return self._end(State.FAILED, reason, EXIT_GAVE_UP)
         self.restarts += 1
         if action.do is Do.STEP_DOWN:
             self.journal.record("step_down", self.attempt, action.profile_index, **{"from": self.profile_index,

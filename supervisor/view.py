@@ -81,6 +81,11 @@ def render_status(st: dict):
         row("bad images", f"{st['bad_images']} (listed in {st['run_dir']}/bad_images.json)")
     if st.get("final_model"):
         row("model", st["final_model"])
+    summary = st.get("summary")
+    if summary and summary.get("goodput") is not None:
+        row("night", f"wall {duration(summary['wall_seconds'])}, goodput {summary['goodput']:.1%} (training "
+                     f"{duration(summary['training_seconds'])}, re-done {duration(summary['redone_seconds'])}, "
+                     f"restarts {duration(summary['restart_seconds'])}), {summary['checkpoints_written']} checkpoints")
     if st.get("report"):
         row("report", st["report"])
     if st.get("supervisor_alive"):

@@ -118,6 +118,10 @@ def kinds(events, kind):
     return [e for e in events if e["kind"] == kind]
 
 
+def crashes(events):
+    return [e for e in kinds(events, "exit") if e["data"]["failure"] not in ("done", "stopped")]
+
+
 def test_a_clean_run_succeeds_and_journals_each_transition(tmp_path, dataset):
     code, sup, world, events = run_world(tmp_path, dataset, [trains_then_finishes])
     assert code == EXIT_OK and read_state(sup.run_dir)["state"] == "succeeded"
@@ -133,7 +137,7 @@ def test_a_hang_is_detected_within_the_timeout_plus_one_poll(tmp_path, dataset):
     silent = detected["data"]["silent_seconds"]
     assert 30 <= silent <= 30 + 0.5 + 1e-9
     assert first.killed_at - (first.born + 10) <= 30 + 0.5 + ABORT_GRACE_SECONDS + 0.5
-    assert kinds(events, "crash")[0]["data"]["failure"] == "hang"
+    assert crashes(events)[0]["data"]["failure"] == "hang"
     assert code == EXIT_OK and len(world.workers) == 2
 
 
@@ -157,7 +161,7 @@ def test_soft_memory_limit_checkpoints_stops_and_steps_down(tmp_path, dataset):
                                          'memory_soft_limit = "4GB"\nmemory_hard_limit = "50GB"', before=grow)
     first = world.workers[0]
     assert first.signals == [signal.SIGTERM] and first.rc == EXIT_STOPPED   # graceful: it checkpoints
-    assert kinds(events, "crash")[0]["data"]["failure"] == "memory_limit"
+    assert crashes(events)[0]["data"]["failure"] == "memory_limit"
     step_down = kinds(events, "step_down")[0]["data"]
     assert (step_down["from"], step_down["to"]) == (0, 1)
     assert world.workers[1].profile_index == 1 and code == EXIT_OK
@@ -175,7 +179,7 @@ def test_hard_memory_limit_kills_at_once(tmp_path, dataset):
     code, sup, world, events = run_world(tmp_path, dataset, [lambda w, t: ("beat", int(t)), trains_then_finishes],
                                          'memory_soft_limit = "40GB"\nmemory_hard_limit = "50GB"', before=spike)
     assert world.workers[0].killed_at == 2.0 and world.workers[0].signals == []
-    assert kinds(events, "crash")[0]["data"]["failure"] == "memory_limit"
+    assert crashes(events)[0]["data"]["failure"] == "memory_limit"
     assert world.workers[1].profile_index == 1
 
 

@@ -37,6 +37,10 @@ def events(run_dir, kind):
     return [e for e in read_events(run_dir) if e["kind"] == kind]
 
 
+def crashes(run_dir):
+    return [e for e in events(run_dir, "exit") if e["data"]["failure"] not in ("done", "stopped")]
+
+
 def training(run_dir, attempt: int, min_step: int = 0):
     """The heartbeat of `attempt` once it trains at or past `min_step`."""
     hb = read_heartbeat(run_dir) or {}
@@ -68,15 +72,15 @@ def test_real_signals_are_classified_and_the_run_recovers_bit_identical(tmp_path
             hb = wait_for(lambda: training(run_dir, attempt, start + 4), 120, what=f"attempt {attempt} training")
             os.kill(hb["pid"], sig)
             sent.append((sig, hb["pid"]))
-            wait_for(lambda: len(events(run_dir, "crash")) == attempt, 60, what=f"the crash of attempt {attempt}")
+            wait_for(lambda: len(crashes(run_dir)) == attempt, 60, what=f"the crash of attempt {attempt}")
         out = finish(proc)
     finally:
         proc.kill()
     assert proc.returncode == 0, out
-    crashes = events(run_dir, "crash")
-    assert [(c["data"]["failure"], c["data"]["signal"]) for c in crashes] == [  # noqa: E501
+    found = crashes(run_dir)
+    assert [(c["data"]["failure"], c["data"]["signal"]) for c in found] == [  # noqa: E501
         ("killed", "SIGKILL"), ("native_crash", "SIGSEGV"), ("native_crash", "SIGABRT"), ("native_crash", "SIGBUS")], (
-        crashes, out)
+        found, out)
     assert "Fatal Python error" in (run_dir / "evidence" / "attempt-002.fault.log").read_text()
     spawns = events(run_dir, "spawn")
     assert len(spawns) == 5 and all(s["step"] for s in spawns[1:])   # each restart began from a checkpoint
@@ -90,7 +94,7 @@ def test_real_signals_are_classified_and_the_run_recovers_bit_identical(tmp_path
 def test_simulated_mps_oom_steps_down_with_the_same_effective_batch(tmp_path, dataset):
     run_dir = make_run(tmp_path, "oom", config_text("oom", dataset, replace={"epochs = 3": "epochs = 1"}))
     out = finish(start_supervisor(run_dir, faults="train_step:mps_oom@4:rung0"))
-    crash = events(run_dir, "crash")[0]["data"]
+    crash = crashes(run_dir)[0]["data"]
     assert crash["failure"] == "oom" and "MPS backend out of memory" in crash["detail"]
     assert [s["data"]["rung"]["batch_size"] for s in events(run_dir, "spawn")] == [8, 4]
     assert events(run_dir, "step_down")[0]["data"]["to"] == 1
@@ -106,8 +110,8 @@ def test_soft_memory_limit_steps_down_and_loses_no_work(tmp_path, dataset):
     out = finish(start_supervisor(run_dir, faults="train_step:leak:rung0"))
     assert read_state(run_dir)["state"] == "succeeded", out
     assert events(run_dir, "memory_soft_limit")
-    assert events(run_dir, "crash")[0]["data"]["failure"] == "memory_limit"
-    stopped_at = events(run_dir, "crash")[0]["step"]
+    assert crashes(run_dir)[0]["data"]["failure"] == "memory_limit"
+    stopped_at = crashes(run_dir)[0]["step"]
     second = events(run_dir, "spawn")[1]
     assert second["profile"] == 1 and second["step"] == stopped_at    # resumed exactly where it stopped
 
@@ -118,7 +122,7 @@ def test_hard_memory_limit_kills_and_steps_down(tmp_path, dataset):
     run_dir = make_run(tmp_path, "hard", text)
     out = finish(start_supervisor(run_dir, faults="train_step:grow_memory@4:rung0"))
     assert events(run_dir, "memory_hard_limit")
-    crash = events(run_dir, "crash")[0]["data"]
+    crash = crashes(run_dir)[0]["data"]
     assert crash["failure"] == "memory_limit" and crash["signal"] == "SIGKILL"
     assert events(run_dir, "spawn")[1]["profile"] == 1 and read_state(run_dir)["state"] == "succeeded", out
 
@@ -137,7 +141,7 @@ def test_a_stopped_worker_is_detected_as_hung_and_recovers(tmp_path, dataset):
     finally:
         proc.kill()
     assert 3 <= detected <= 3 + 2.5, detected
-    assert events(run_dir, "crash")[0]["data"]["failure"] == "hang"
+    assert crashes(run_dir)[0]["data"]["failure"] == "hang"
     assert "Fatal Python error: Aborted" in (run_dir / "evidence" / "attempt-001.fault.log").read_text()
     assert read_state(run_dir)["state"] == "succeeded", out
 
@@ -162,7 +166,7 @@ def test_one_supervisor_per_run_orphans_exit_and_a_stale_lock_does_not_block(tmp
         hb = wait_for(lambda: training(run_dir, 1, 2), 120, what="training")
         first.send_signal(signal.SIGUSR1)                  # "checkpoint now", passed on to the worker
         wait_for(lambda: [c for c in committed_checkpoints(run_dir / "checkpoints")
-                          if c.marker.get("reason") == "requested"], 30, what="the requested checkpoint")
+                          if c.marker.get("requested")], 30, what="the requested checkpoint")
         assert events(run_dir, "checkpoint_requested") and first.poll() is None
         second = subprocess.run([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)],
                                 capture_output=True, text=True, timeout=60)

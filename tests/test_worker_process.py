@@ -100,7 +100,7 @@ def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_stops(tmp_pat
         wait_for(lambda: (read_heartbeat(run_dir) or {}).get("step", 0) >= 2, 120, what="training to start")
         proc.send_signal(signal.SIGUSR1)
         ck = wait_for(lambda: [c for c in committed_checkpoints(run_dir / "checkpoints")
-                               if c.marker.get("reason") == "requested"], 60, what="the requested checkpoint")
+                               if c.marker.get("requested")], 60, what="the requested checkpoint")
         requested = ck[0].step
         wait_for(lambda: read_heartbeat(run_dir)["step"] >= requested + 3, 60, what="training to continue")
         assert proc.poll() is None

@@ -20,6 +20,7 @@ from . import tomlout
 
 DEVICES = ("cpu", "cuda", "mps", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
+FROZEN_HEADER = "# Frozen copy written by trainctl"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -103,6 +104,10 @@ class SupervisorSection:
     memory_hard_limit: str = "95%"
     same_step_limit: int = 2          # crashes at one step before that step is called poisonous
     poll_seconds: float = 1.0
+    keep_awake: bool = True           # hold a sleep inhibitor (caffeinate / systemd-inhibit) while running
+    on_finish: str = ""               # shell command run when the run succeeds
+    on_failure: str = ""              # shell command run when the run fails
+    log_max_mb: float = 20.0          # rotate logs/*.log past this size (3 old files kept)
 
 
 @dataclass(frozen=True)
@@ -307,7 +312,8 @@ def validate(c: Config, where: str = "config") -> None:
               (s.max_restarts_per_profile, s.same_step_limit), "is out of range", "use max_restarts_per_profile >= 0 and same_step_limit >= 1")
     if not s.backoff_seconds or any(b < 0 for b in s.backoff_seconds):
         _fail(where, "[supervisor] backoff_seconds", list(s.backoff_seconds), "must be a non-empty list of non-negative seconds", "use e.g. [2, 10, 60]")
-    for key in ("hang_timeout_seconds", "startup_timeout_seconds", "stop_timeout_seconds", "poll_seconds"):
+    for key in ("hang_timeout_seconds", "startup_timeout_seconds", "stop_timeout_seconds", "poll_seconds",
+                "log_max_mb"):
         if getattr(s, key) <= 0:
             _fail(where, f"[supervisor] {key}", getattr(s, key), "must be positive", "use a number of seconds above 0")
     for key in ("memory_soft_limit", "memory_hard_limit"):
@@ -373,8 +379,7 @@ def to_toml(c: Config) -> str:
     """Every effective value, absolute paths: the run directory's frozen copy."""
     doc: dict = {name: _plain(getattr(c, name)) for name in SECTIONS}
     doc["profiles"] = [_plain(p) for p in c.profiles]
-    return ("# Frozen copy written by trainctl: every effective value, paths made absolute.\n"
-            + tomlout.dumps(doc))
+    return FROZEN_HEADER + ": every effective value, paths made absolute.\n" + tomlout.dumps(doc)
 
 
 def _plain(section) -> dict:

@@ -44,6 +44,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.progress, self.history = Progress(), []
         self.micro_batches = 0
+        self.checkpoints_written = 0
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -268,13 +269,15 @@ class Trainer:
         p, started = self.progress, time.monotonic()
         self.reporter.beat(checkpointing=True, force=True)
         info = {"epoch": p.epoch, "cursor": p.cursor, "samples_seen": p.samples_seen, "reason": reason,
+                "requested": self.flags.checkpoint,   # SIGUSR1 answered (also when an epoch end came first)
                 "profile_index": self.profile_index, "attempt": self.reporter.fields["attempt"]}
         done = checkpoint.save(self.ckpt_dir, p.step, capture(self), self.cfg.checkpoint.keep_last, info,
                                on_phase=lambda phase: self.faults.hit(f"ckpt_{phase}", p.step))
         self.flags.checkpoint = False
         self.last_ckpt = (p.step, time.monotonic())
-        self.reporter.beat(checkpointing=False, force=True, last_checkpoint={
-            "step": p.step, "path": str(done.path), "time": done.marker["created"]})
+        self.checkpoints_written += 1
+        self.reporter.beat(checkpointing=False, force=True, checkpoints_written=self.checkpoints_written,
+                           last_checkpoint={"step": p.step, "path": str(done.path), "time": done.marker["created"]})
         say(f"checkpoint at step {p.step} committed ({done.marker['size'] / 2**20:.1f} MiB, "
             f"{time.monotonic() - started:.2f} s, {reason})")
 

@@ -1,0 +1,136 @@
+"""The morning report: where the night went, computed from the journal alone.
+
+Time accounting per attempt (one worker process): *startup* is the first boot of each supervisor;
+*training* runs from the worker being ready to its last committed checkpoint (to its end when it
+finished or stopped cleanly); *re-done work* is a crashed attempt's training after its last
+checkpoint; *restarts* are the backoff and the boot of the attempts that follow a crash.
+Goodput = training / supervised time.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from trainctl.worker import fsio
+from trainctl.worker.protocol import BAD_IMAGES_FILE, MODEL_FILE, REPORT_FILE, read_json
+
+from .journal import read_events
+
+CLEAN = ("done", "stopped")
+REPORT_JSON = "report.json"
+
+
+def summarize(events: list[dict]) -> dict:
+    """Figures for the report from journal events (oldest first)."""
+    lifetimes, attempts = [], {}
+    for e in events:
+        if e["kind"] == "supervisor_start":
+            lifetimes.append([e["time"], e["time"], False])
+        elif lifetimes:
+            lifetimes[-1][1] = e["time"]
+            if e["kind"] == "state" and e["data"]["to"] in ("stopped", "succeeded", "failed"):
+                lifetimes[-1][2] = True   # this supervisor reached a final state (it did not die)
+        if e["kind"] == "spawn":
+            attempts[e["attempt"]] = {"spawn": e["time"], "ready": None, "end": None, "kind": None,
+                                      "checkpoints": [], "after_crash": False, "profile": e["profile"]}
+        a = attempts.get(e["attempt"])
+        if a is None:
+            continue
+        if e["kind"] == "worker_ready":
+            a["ready"] = e["time"]
+        elif e["kind"] == "checkpoint":
+            a["checkpoints"].append(e["time"])
+        elif e["kind"] == "exit":
+            a["end"], a["kind"] = e["time"], e["data"]["failure"]
+    training = redone = restarts = startup = 0.0
+    previous_end, previous_crashed = None, False
+    for number in sorted(attempts):
+        a = attempts[number]
+        end = a["end"] or (a["checkpoints"][-1] if a["checkpoints"] else a["ready"] or a["spawn"])
+        ready = a["ready"] or end
+        boot = ready - a["spawn"]
+        if previous_crashed:
+            restarts += boot + max(0.0, a["spawn"] - (previous_end or a["spawn"]))
+        else:
+            startup += boot
+        crashed = a["kind"] not in CLEAN
+        if crashed:
+            saved = max([t for t in a["checkpoints"] if t >= ready] or [ready])
+            training += saved - ready
+            redone += end - saved
+        else:
+            training += end - ready
+        previous_end, previous_crashed = end, crashed
+    supervised = sum(b - a for a, b, _ in lifetimes)
+    exits = [e for e in events if e["kind"] == "exit"]
+    crashes = [e for e in exits if e["data"]["failure"] not in CLEAN]
+    return {
+        "wall_seconds": round(events[-1]["time"] - events[0]["time"], 1) if events else 0.0,
+        "supervised_seconds": round(supervised, 1),
+        "training_seconds": round(training, 1), "redone_seconds": round(redone, 1),
+        "restart_seconds": round(restarts, 1), "startup_seconds": round(startup, 1),
+        "goodput": round(training / supervised, 4) if supervised > 0 else None,
+        "crashes": len(crashes),
+        "supervisor_deaths": sum(1 for *_, ended in lifetimes[:-1] if not ended),
+        "crashes_by_kind_and_rung": dict(collections.Counter(
+            f"{e['data']['failure']} on rung {e['profile'] + 1}" for e in crashes)),
+        "step_downs": [{"from": e["data"]["from"] + 1, "to": e["data"]["to"] + 1, "reason": e["data"]["reason"],
+                        "at": e["time"]} for e in events if e["kind"] == "step_down"],
+        "checkpoints_written": sum(e["data"].get("checkpoints_written") or 0 for e in exits),
+    }
+
+
+def write(run_dir: Path, state: str, reason: str | None, val_acc: float | None) -> dict:
+    """Write report.md (and return the summary) for a run that just finished, failed or stopped."""
+    run_dir = Path(run_dir)
+    s = summarize(read_events(run_dir))
+    s.update(state=state, reason=reason, val_acc=val_acc,
+             bad_images=(read_json(run_dir / BAD_IMAGES_FILE) or {}).get("count", 0))
+    lines = [f"# trainctl report: {run_dir.name} — {state.upper()}", "",
+             f"- ended: {time.strftime('%Y-%m-%d %H:%M:%S')}" + (f" — {reason}" if reason else ""),
+             f"- wall time: {_hms(s['wall_seconds'])} (supervised: {_hms(s['supervised_seconds'])})",
+             f"- goodput: {_pct(s['goodput'])} — training {_hms(s['training_seconds'])}, re-done after crashes "
+             f"{_hms(s['redone_seconds'])}, restarts {_hms(s['restart_seconds'])}, start-up {_hms(s['startup_seconds'])}",
+             f"- crashes: {s['crashes']}" + (" (" + ", ".join(f"{k}: {v}" for k, v in
+                                                          s["crashes_by_kind_and_rung"].items()) + ")" if s["crashes"] else ""),
+             f"- step-downs: {len(s['step_downs'])}"]
+    if s["supervisor_deaths"]:
+        lines.insert(-1, f"- the supervisor itself died {s['supervisor_deaths']} time(s) and was started again")
+    lines += [f"  - rung {d['from']} → {d['to']} at {time.strftime('%H:%M:%S', time.localtime(d['at']))}: {d['reason']}"
+              for d in s["step_downs"]]
+    lines += [f"- checkpoints written: {s['checkpoints_written']}",
+              f"- bad images: {s['bad_images']}" + (f" (listed in {BAD_IMAGES_FILE})" if s["bad_images"] else ""),
+              f"- final validation accuracy: {_pct(val_acc)}"]
+    if state == "succeeded":
+        lines.append(f"- model: {run_dir / MODEL_FILE}")
+    fsio.atomic_write(run_dir / REPORT_FILE, "\n".join(lines) + "\n")
+    fsio.atomic_write_json(run_dir / REPORT_JSON, s)
+    return s
+
+
+def run_hook(command: str, run_dir: Path, state: str, reason: str | None, timeout: float = 120) -> int | None:
+    """Run an on_finish / on_failure command with the run's name, state and reason in its environment."""
+    env = {**os.environ, "TRAINCTL_RUN": Path(run_dir).name, "TRAINCTL_RUN_DIR": str(run_dir),
+           "TRAINCTL_STATE": state, "TRAINCTL_REASON": reason or "",
+           "TRAINCTL_REPORT": str(Path(run_dir) / REPORT_FILE)}
+    try:
+        return subprocess.run(command, shell=True, env=env, timeout=timeout, cwd=run_dir,
+                              stdin=subprocess.DEVNULL).returncode
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    return read_json(Path(run_dir) / REPORT_JSON)
+
+
+def _hms(seconds) -> str:
+    seconds = int(seconds or 0)
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
+
+
+def _pct(value) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) else "—"

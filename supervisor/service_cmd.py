@@ -1,0 +1,125 @@
+"""`trainctl service install|uninstall|run`: the command-line side of `service`."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from rich.markup import escape
+
+from trainctl.worker.config import load
+
+from . import service
+from .notify import Notifier
+from .runs import resolve
+
+
+def add_service_parser(sub) -> None:
+    p = sub.add_parser("service", help="run unattended under systemd (Linux) or launchd (macOS)")
+    ss = p.add_subparsers(dest="service_command", required=True, metavar="ACTION")
+    s = ss.add_parser("install", help="write the unit / plist for a run and start it")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("run", nargs="?", help="an existing run (name or folder)")
+    what.add_argument("--config", type=Path, help="create the run from this config (not started by hand)")
+    s.add_argument("--dry-run", action="store_true", help="print the files and commands instead")
+    s.add_argument("--manager", choices=("systemd", "launchd"), default=None, help="default: this platform's")
+    s.set_defaults(func=cmd_install)
+    s = ss.add_parser("uninstall", help="stop the run's service and remove its files")
+    s.add_argument("run")
+    s.add_argument("--dry-run", action="store_true")
+    s.add_argument("--manager", choices=("systemd", "launchd"), default=None)
+    s.set_defaults(func=cmd_uninstall)
+    s = ss.add_parser("run", help="the service's start command: start, resume, or nothing if finished")
+    s.add_argument("run")
+    s.set_defaults(func=cmd_run)
+
+
+def _console():
+    from .cli import console
+    return console
+
+
+def cmd_install(args) -> int:
+    from .cli import EXIT_OK, EXIT_REFUSED, Refused, check_can_start, check_data, freeze
+    if args.config:
+        cfg = load(args.config)
+        check_data(cfg)
+        check_can_start(cfg.run_dir)
+        run_dir = cfg.run_dir
+        if not args.dry_run:
+            freeze(run_dir, cfg)
+        elif not (run_dir / "config.toml").exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            freeze(run_dir, cfg)   # the dry run needs the frozen config to show real values
+    else:
+        run_dir = resolve(args.run)
+    manager = args.manager or service.default_manager()
+    files, commands = service.plan_install(run_dir, manager)
+    out = _console()
+    if args.dry_run:   # plain print: the exact bytes, no terminal formatting
+        for path, content in files.items():
+            print(f"# would write {path}:\n{content.decode()}")
+        for cmd in commands:
+            print("# would run: " + shlex.join(cmd))
+        return EXIT_OK
+    try:
+        service.check_available(manager)
+        for path, content in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        service.execute(commands)
+    except service.ServiceError as e:
+        raise Refused(str(e), EXIT_REFUSED) from None
+    out.print(f"installed and started the {manager} service for {escape(run_dir.name)}", highlight=False)
+    if manager == "systemd":
+        out.print("  to keep it running after you log out and start it at boot: loginctl enable-linger $USER\n"
+                  f"  its log: journalctl --user -u '{escape(service.instance(run_dir))}'", highlight=False)
+    return EXIT_OK
+
+
+def cmd_uninstall(args) -> int:
+    from .cli import EXIT_OK, EXIT_REFUSED, Refused
+    run_dir = resolve(args.run)
+    manager = args.manager or service.default_manager()
+    paths, commands = service.plan_uninstall(run_dir, manager)
+    out = _console()
+    if args.dry_run:
+        for cmd in commands:
+            print("# would run: " + shlex.join(cmd))
+        for path in paths:
+            print(f"# would remove {path}")
+        return EXIT_OK
+    try:
+        service.check_available(manager)
+        service.execute(commands)
+    except service.ServiceError as e:
+        raise Refused(str(e), EXIT_REFUSED) from None
+    for path in paths:
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+    out.print(f"removed the {manager} service of {escape(run_dir.name)} (the run folder is untouched)")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    """Idempotent: start a new run, resume an unfinished one, or do nothing for a finished one."""
+    from .cli import EXIT_FAILED, EXIT_OK, EXIT_RUNNING, console
+    from .foreground import run_foreground
+    from .supervise import EXIT_GAVE_UP
+    run_dir = resolve(args.run)
+    state = service.run_state(run_dir)
+    if state == "running":
+        console.print(f"run {escape(run_dir.name)} already has a running supervisor; not starting a second one")
+        return EXIT_RUNNING
+    if state in ("succeeded", "failed"):
+        reason = (service.runstate.read_state(run_dir) or {}).get("reason")
+        console.print(f"run {escape(run_dir.name)} already {state}" + (f" ({escape(reason)})" if reason else "")
+                      + "; nothing to do" + ("" if state == "succeeded" else ": fix it, then `trainctl resume`"),
+                      highlight=False, soft_wrap=True)
+        notifier = Notifier()   # a Type=notify unit expects READY before a clean exit
+        notifier.ready(f"{state}: nothing to do")
+        notifier.stopping(state)
+        return EXIT_OK
+    code = run_foreground(run_dir, None, console)
+    return EXIT_FAILED if code == EXIT_GAVE_UP else code

@@ -1,0 +1,39 @@
+"""The morning report's time accounting, from a hand-made journal."""
+from __future__ import annotations
+
+from trainctl.supervisor.report import summarize
+
+
+def ev(t, kind, attempt=None, profile=0, **data):
+    return {"time": float(t), "kind": kind, "attempt": attempt, "profile": profile, "step": None, "data": data}
+
+
+NIGHT = [
+    ev(0, "supervisor_start"),
+    ev(0, "spawn", 1), ev(10, "worker_ready", 1), ev(40, "checkpoint", 1), ev(70, "checkpoint", 1),
+    ev(100, "exit", 1, failure="native_crash", checkpoints_written=2),
+    ev(100, "step_down", 1, **{"from": 0, "to": 1, "reason": "oom"}),
+    ev(105, "spawn", 2, profile=1), ev(115, "worker_ready", 2, profile=1), ev(200, "checkpoint", 2, profile=1),
+    ev(210, "exit", 2, profile=1, failure="done", checkpoints_written=3),
+    ev(211, "state", 2, **{"from": "running", "to": "succeeded"}),
+]
+
+
+def test_time_is_split_into_training_redone_work_restarts_and_startup():
+    s = summarize(NIGHT)
+    assert s["startup_seconds"] == 10                    # the first boot
+    assert s["training_seconds"] == (70 - 10) + (210 - 115)
+    assert s["redone_seconds"] == 100 - 70               # after the last checkpoint before the crash
+    assert s["restart_seconds"] == (105 - 100) + (115 - 105)   # backoff + the boot after the crash
+    assert s["supervised_seconds"] == 211 and s["goodput"] == round(155 / 211, 4)
+    assert s["crashes"] == 1 and s["crashes_by_kind_and_rung"] == {"native_crash on rung 1": 1}
+    assert s["step_downs"][0]["from"] == 1 and s["step_downs"][0]["to"] == 2
+    assert s["checkpoints_written"] == 5 and s["supervisor_deaths"] == 0
+
+
+def test_a_supervisor_that_died_is_counted():
+    night = NIGHT[:5] + [ev(300, "supervisor_start"), ev(300, "spawn", 2), ev(310, "worker_ready", 2),
+                         ev(400, "exit", 2, failure="done"), ev(401, "state", 2, to="succeeded")]
+    s = summarize(night)
+    assert s["supervisor_deaths"] == 1
+    assert s["supervised_seconds"] == 70 + 101 and s["wall_seconds"] == 401
