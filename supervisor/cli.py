@@ -25,7 +25,7 @@ from trainctl.worker.protocol import CONFIG_FILE, LOG_DIR, SUPERVISOR_LOG, WORKE
 from . import runstate
 from .runs import RunNotFound, known_runs, local_runs, remember, resolve
 from .status import gather, is_run_dir
-from .supervise import EXIT_GAVE_UP, serve
+from .supervise import EXIT_GAVE_UP
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_CONFIG = 0, 1, 2, 3
 EXIT_NOT_FOUND, EXIT_RUNNING, EXIT_REFUSED, EXIT_TIMEOUT = 4, 5, 6, 7
@@ -180,6 +180,7 @@ def start_detached(run_dir: Path, profile: int | None) -> int:
     cmd = [sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)]
     if profile is not None:
         cmd += ["--profile", str(profile)]
+    (run_dir / LOG_DIR).mkdir(exist_ok=True)
     with open(run_dir / LOG_DIR / SUPERVISOR_LOG, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from trainctl.worker.protocol import ENV_SUPERVISOR_PID, LOG_DIR, WORKER_ENV, WORKER_LOG
 
 
@@ -66,3 +68,34 @@ class WorkerProcess:
             rc = self.popen.wait()
         self.kill_group()   # no stragglers
         return rc
+
+
+def orphans(run_dir: Path) -> list[psutil.Process]:
+    """Workers of this run whose parent is not this process: left behind by a supervisor that died."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "ppid"]):
+        cmd = p.info["cmdline"] or []
+        try:
+            if ("trainctl.worker" in cmd and str(run_dir) in cmd and p.pid != os.getpid()
+                    and p.info["ppid"] != os.getpid()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def settle_orphans(run_dir: Path, grace: float) -> list[tuple[int, bool]]:
+    """Give orphaned workers `grace` seconds to checkpoint and exit, then SIGKILL their groups.
+
+    Returns (pid, killed) for each. A worker that is stopped (SIGSTOP) or stuck would otherwise
+    hold the run's worker lock forever.
+    """
+    found = orphans(run_dir)
+    if not found:
+        return []
+    _, alive = psutil.wait_procs(found, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=10)
+    return [(p.pid, p in alive) for p in found]

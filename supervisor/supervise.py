@@ -20,9 +20,9 @@ import filelock
 
 from trainctl.worker import fsio
 from trainctl.worker.config import Config, parse_memory_limit
-from trainctl.worker.protocol import (CHECKPOINT_DIR, LOG_DIR, MODEL_FILE, SUPERVISOR_LOG, WORKER_LOCK,
-                                      WORKER_LOG, committed_checkpoints, error_json_path, fault_log_path,
-                                      read_error, read_heartbeat)
+from trainctl.worker.protocol import (CHECKPOINT_DIR, LOG_DIR, MODEL_FILE, ORPHAN_GRACE_SECONDS,
+                                      SUPERVISOR_LOG, WORKER_LOCK, WORKER_LOG, committed_checkpoints,
+                                      error_json_path, fault_log_path, read_error, read_heartbeat)
 
 from . import logfiles
 from . import memory as memorylib
@@ -33,7 +33,7 @@ from .journal import Journal
 from .notify import Notifier
 from .service import SERVICE_LOG
 from .policy import Action, Attempt, Do, Settings, decide
-from .process import WorkerProcess
+from .process import WorkerProcess, orphans, settle_orphans
 from .states import State, check_transition
 
 EXIT_OK = 0          # succeeded or stopped
@@ -134,6 +134,7 @@ class Supervisor:
         """Supervise until the run succeeds, stops or fails; return the supervisor's exit code."""
         self.journal.record("supervisor_start", self.attempt, self.profile_index, pid=os.getpid(),
                             python=sys.executable)
+        self._settle_orphans()
         self._clean_temps()
         self._set_state(State.STARTING)
         if self.awake:
@@ -168,6 +169,18 @@ class Supervisor:
         goodput = summary.get("goodput")
         self.echo(f"report: {self.run_dir / 'report.md'}" + (f" (goodput {goodput:.1%})" if goodput else ""))
         return code
+
+    def _settle_orphans(self) -> None:
+        """A worker left by a supervisor that died gets its grace period, then is killed."""
+        pending = orphans(self.run_dir)
+        if not pending:
+            return
+        self.echo(f"an orphaned worker of a previous supervisor is still running (pid "
+                  f"{', '.join(str(p.pid) for p in pending)}): letting it checkpoint and exit")
+        for pid, killed in settle_orphans(self.run_dir, ORPHAN_GRACE_SECONDS + 5):
+            self.journal.record("orphan", self.attempt, self.profile_index, pid=pid, killed=killed)
+            if killed:
+                self.echo(f"orphaned worker {pid} did not exit in time: killed its process group")
 
     def _clean_temps(self) -> None:
         """Leftovers of interrupted writes in the run directory, when no worker can be writing."""

@@ -112,3 +112,25 @@ def reference_run(tmp_path_factory, dataset) -> Path:
     result = run_worker(run_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir
+
+
+LONG = {"epochs = 3": "epochs = 12"}     # 72 steps: time to hit a worker mid-training
+
+
+@pytest.fixture(scope="session")
+def long_reference(tmp_path_factory, dataset) -> Path:
+    """An uninterrupted run of the LONG config."""
+    tmp = tmp_path_factory.mktemp("long-reference")
+    run_dir = make_run(tmp, "long-reference", config_text("long-reference", dataset, replace=LONG))
+    result = run_worker(run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Bit-identical model.safetensors in two run folders (torch.equal on every tensor)."""
+    import torch
+    wa, wb = weights(a / "model.safetensors"), weights(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"tensors differ: {different[:5]}"

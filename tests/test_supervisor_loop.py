@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import signal
 
-import pytest
 
 from trainctl.supervisor.classify import MemorySample
 from trainctl.supervisor.journal import read_events

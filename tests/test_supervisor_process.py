@@ -8,15 +8,12 @@ import sys
 import time
 
 import psutil
-import pytest
 
 from trainctl.supervisor.journal import read_events
 from trainctl.supervisor.runstate import read_state, supervisor_alive
 from trainctl.worker.protocol import committed_checkpoints, read_heartbeat
 
-from conftest import config_text, make_run, run_worker, wait_for, weights
-
-LONG = {"epochs = 3": "epochs = 12"}     # 72 steps: time to signal a worker mid-training
+from conftest import LONG, assert_same_weights, config_text, make_run, wait_for
 
 
 def start_supervisor(run_dir, faults: str = "") -> subprocess.Popen:
@@ -59,7 +56,7 @@ def run_processes(run_dir):
     return found
 
 
-def test_real_signals_are_classified_and_the_run_recovers_bit_identical(tmp_path, dataset):
+def test_real_signals_are_classified_and_the_run_recovers_bit_identical(tmp_path, dataset, long_reference):
     run_dir = make_run(tmp_path, "signals", config_text("signals", dataset, replace=LONG))
     proc = start_supervisor(run_dir)
     sent = []
@@ -85,10 +82,7 @@ def test_real_signals_are_classified_and_the_run_recovers_bit_identical(tmp_path
     spawns = events(run_dir, "spawn")
     assert len(spawns) == 5 and all(s["step"] for s in spawns[1:])   # each restart began from a checkpoint
     assert read_state(run_dir)["state"] == "succeeded"
-    reference = make_run(tmp_path, "uninterrupted", config_text("uninterrupted", dataset, replace=LONG))
-    assert run_worker(reference).returncode == 0
-    a, b = weights(run_dir / "model.safetensors"), weights(reference / "model.safetensors")
-    assert all((a[k] == b[k]).all() for k in a)
+    assert_same_weights(run_dir, long_reference)
 
 
 def test_simulated_mps_oom_steps_down_with_the_same_effective_batch(tmp_path, dataset):

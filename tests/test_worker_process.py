@@ -10,21 +10,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from trainctl.worker.protocol import (EXIT_CONFIG, EXIT_DONE, EXIT_STOPPED, committed_checkpoints,
                                       error_json_path, read_heartbeat)
 
-from conftest import config_text, make_run, run_worker, wait_for, weights
+from conftest import assert_same_weights, config_text, make_run, run_worker, wait_for, weights
 
 KILLED = -signal.SIGKILL
-
-
-def assert_bit_identical(a, b):
-    wa, wb = weights(a / "model.safetensors"), weights(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, f"tensors differ: {different[:5]}"
 
 
 def test_sigkill_at_random_moments_ends_bit_identical(tmp_path, dataset, reference_run):
@@ -43,7 +35,7 @@ def test_sigkill_at_random_moments_ends_bit_identical(tmp_path, dataset, referen
         assert result.returncode == KILLED, result.stdout + result.stderr
         kills += 1
     assert kills >= 3, f"only {kills} kills happened ({faults})"
-    assert_bit_identical(run_dir, reference_run)
+    assert_same_weights(run_dir, reference_run)
 
 
 def test_the_final_model_loads_into_timm_with_its_labels(reference_run):
