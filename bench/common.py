@@ -1,0 +1,62 @@
+"""Shared bench helpers: photo-like JPEGs, run folders, peak RSS of a child, machine facts."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+
+
+def photos(root: Path, count: int = 120, classes: int = 4, seed: int = 0) -> Path:
+    """JPEGs of 500–1500 px with photo-like content (smooth shapes, texture, noise), quality 90."""
+    root = Path(root)
+    if root.is_dir() and sum(1 for _ in root.rglob("*.jpg")) >= count:
+        return root
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        w, h = (int(v) for v in rng.integers(500, 1501, 2))
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        img = np.zeros((h, w, 3), np.float32)
+        for c in range(3):
+            fx, fy = rng.uniform(0.5, 6, 2) * np.pi / max(w, h)
+            phase = rng.uniform(0, 6.28)
+            img[..., c] = 110 + 80 * np.sin(x * fx + phase) * np.cos(y * fy)
+        img += rng.normal(0, 12, (h, w, 3))
+        folder = root / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"photo{i:04d}.jpg", quality=90)
+    return root
+
+
+def machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{platform.machine()}, {os.cpu_count()} cores (nproc), {mem:.0f} GiB RAM, "
+            f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
+
+
+def run_child(args: list[str], env: dict | None = None, timeout: float = 3600) -> tuple[int, str, int]:
+    """Run a child process; return (exit code, its output, its peak RSS in bytes) via wait4."""
+    import tempfile
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        out = log.read().decode(errors="replace")
+    scale = 1 if sys.platform == "darwin" else 1024   # ru_maxrss: bytes on macOS, KiB on Linux
+    return proc.returncode, out, usage.ru_maxrss * scale

@@ -1,0 +1,102 @@
+"""Data path: images per CPU-second and peak RSS of trainctl's loader vs timm's training pipeline.
+
+Same photo-sized JPEGs (500–1500 px), same output (224 px, bicubic), same augmentation kinds
+(random resized crop with timm's default scale/ratio + horizontal flip + normalisation), one
+process, one torch thread each, alternated. The figure that matters is images per CPU-second
+("per core"); each variant runs in its own process so its peak RSS is its own.
+
+    python bench/data_path.py [--images 120] [--batch 16] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT, machine, photos, run_child  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_ours(folder: Path, batch: int, batches: int) -> int:
+    import torch
+    from trainctl.worker.data import MicroBatches, train_keys
+    from trainctl.worker.folders import scan
+    from trainctl.worker.images import Recipe
+    recipe = Recipe(size=224, interpolation="bicubic", mean=MEAN, std=STD)
+    data = MicroBatches(scan(folder, (".jpg",)), recipe, seed=0, batch_size=batch, train=True)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    keys = train_keys(0, 0, 10**6, len(data.folder) // batch, batch, batch)()
+    for _ in range(batches):   # uint8 micro-batch, then float + in-place normalisation (what the worker does)
+        data[next(keys)].images.float().sub_(mean).div_(std)
+    return batches * batch
+
+
+def load_timm(folder: Path, batch: int, batches: int) -> int:
+    import timm.data
+    import torch
+    transform = timm.data.create_transform(224, is_training=True, color_jitter=None, auto_augment=None,
+                                           re_prob=0.0, interpolation="bicubic", hflip=0.5, mean=MEAN, std=STD)
+    dataset = timm.data.ImageDataset(str(folder), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0, drop_last=True,
+                                         generator=torch.Generator().manual_seed(0))
+    done = 0
+    while done < batches:
+        for x, _ in loader:
+            done += 1
+            if done == batches:
+                break
+    return batches * batch
+
+
+def child(which: str, folder: Path, batch: int, batches: int) -> None:
+    import torch
+    torch.set_num_threads(1)
+    fn = load_ours if which == "ours" else load_timm
+    fn(folder, batch, 2)   # warm-up: imports, first-call costs
+    cpu, wall = time.process_time(), time.perf_counter()
+    images = fn(folder, batch, batches)
+    print(json.dumps({"images": images, "cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall}))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--images", type=int, default=120)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batches", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--child", choices=("ours", "timm"))
+    p.add_argument("--folder", type=Path, default=OUT / "photos")
+    args = p.parse_args(argv)
+    if args.child:
+        child(args.child, args.folder, args.batch, args.batches)
+        return {}
+    folder = photos(args.folder, args.images)
+    runs = {"ours": [], "timm": []}
+    for _ in range(args.repeats):
+        for which in ("ours", "timm"):
+            code, out, rss = run_child([sys.executable, __file__, "--child", which, "--folder", str(folder),
+                                        "--batch", str(args.batch), "--batches", str(args.batches)])
+            assert code == 0, out
+            r = json.loads(out.strip().splitlines()[-1])
+            runs[which].append({"per_cpu_s": r["images"] / r["cpu"], "per_s": r["images"] / r["wall"], "rss": rss})
+    result = {w: {k: statistics.median(x[k] for x in rs) for k in ("per_cpu_s", "per_s", "rss")} for w, rs in runs.items()}
+    result["ratio_per_core"] = result["ours"]["per_cpu_s"] / result["timm"]["per_cpu_s"]
+    result["ratio_rss"] = result["ours"]["rss"] / result["timm"]["rss"]
+    print(f"data path ({machine()}): {args.batches * args.batch} images of {args.images} photos, 224 px, "
+          f"median of {args.repeats}")
+    for w in ("ours", "timm"):
+        print(f"  {w:5s} {result[w]['per_cpu_s']:7.1f} images per CPU-second  {result[w]['per_s']:7.1f} images/s  "
+              f"peak RSS {result[w]['rss'] / 2**20:6.0f} MiB")
+    print(f"  ratio per core: {result['ratio_per_core']:.2f}x (target >= 2.0), peak RSS ratio: "
+          f"{result['ratio_rss']:.2f} (target <= 1.0)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""The overnight soak, in minutes: a chaos process kills a supervised run at random moments, again and again.
+
+    python bench/soak.py --faults 200              # the RELIABILITY.md figures (~30 min on 2 cores)
+    pytest -m soak                                 # a short soak (20 faults) as a test
+
+Rounds of the same small training (one CPU rung) run under `trainctl service run` — the start command
+a service manager uses. While a round trains, faults are injected one at a time, each once the
+previous one has been recovered from: SIGKILL / SIGSEGV / SIGBUS / SIGABRT / SIGSTOP (a hang) sent to
+the worker, SIGKILL to the supervisor (restarted like systemd would), SIGKILL to both at once, and
+in-process faults at random steps (a Python exception, an out-of-memory error, memory growth past
+the hard limit). Then it checks, for every round: the run succeeded; model.safetensors is
+bit-identical to an uninterrupted reference run; every checkpoint ever seen committed verified and
+loaded; no process of the run is left; the journal accounts for every fault with the right kind.
+It prints a table (faults by kind, recoveries, work lost per fault, goodput) and exits 1 on any miss.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors.torch import load_file
+
+from trainctl.supervisor.demo_data import make_dataset
+from trainctl.supervisor.journal import read_events
+from trainctl.supervisor.runstate import read_state, supervisor_alive
+from trainctl.worker import config as configlib
+from trainctl.worker import fsio
+from trainctl.worker.protocol import committed_checkpoints, read_heartbeat
+
+CONFIG = """\
+[run]
+name = "{name}"
+runs_dir = "runs"
+seed = 3
+[model]
+name = "test_vit"
+img_size = 32
+[data]
+train_dir = "data/train"
+crop_scale = [0.5, 1.0]
+[train]
+epochs = {epochs}
+effective_batch_size = 16
+lr = 1e-3
+threads = 1
+log_every_steps = 20
+[checkpoint]
+every_steps = {every}
+every_seconds = 0
+keep_last = 3
+[supervisor]
+backoff_seconds = [0.2]
+poll_seconds = 0.2
+hang_timeout_seconds = 4
+# The soak tests recovery, not the give-up policy (which has its own tests): random faults may hit
+# one step twice, or a rung many times without a checkpoint in between.
+max_restarts_per_profile = 1000
+same_step_limit = 1000
+memory_soft_limit = ""
+memory_hard_limit = "3GB"
+keep_awake = false
+[[profiles]]
+device = "cpu"
+batch_size = 8
+"""
+# kind -> (weight, expected journal classification of the worker's exit; None = a supervisor fault)
+FAULTS = {
+    "sigkill": (25, "killed"), "sigsegv": (12, "native_crash"), "sigbus": (10, "native_crash"),
+    "sigabrt": (10, "native_crash"), "hang": (8, "hang"), "supervisor": (10, None), "both": (8, "killed"),
+    "exception": (6, "exception"), "oom": (6, "oom"), "memory": (5, "memory_limit"),
+}
+SIGNALS = {"sigkill": signal.SIGKILL, "sigsegv": signal.SIGSEGV, "sigbus": signal.SIGBUS,
+           "sigabrt": signal.SIGABRT, "hang": signal.SIGSTOP}
+IN_PROCESS = {"exception": "exception", "oom": "cpu_oom", "memory": "grow_memory"}
+
+
+def make_run(root: Path, name: str, epochs: int, every: int) -> Path:
+    path = root / f"{name}.toml"
+    path.write_text(CONFIG.format(name=name, epochs=epochs, every=every))
+    cfg = configlib.load(path)
+    cfg.run_dir.mkdir(parents=True)
+    fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
+    return cfg.run_dir
+
+
+def start_service(run_dir: Path, env: dict, log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainctl.supervisor.command", "service", "run", str(run_dir)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_processes(run_dir: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.info["cmdline"] and str(run_dir) in " ".join(p.info["cmdline"]):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+class Checkpoints:
+    """Every checkpoint ever seen committed must verify (size, sha256) and load with weights_only."""
+
+    def __init__(self):
+        self.seen: dict[tuple, bool] = {}
+
+    def check(self, run_dir: Path) -> None:
+        for c in committed_checkpoints(run_dir / "checkpoints"):
+            key = (str(run_dir), c.step, c.marker.get("sha256"))
+            if key in self.seen:
+                continue
+            try:
+                data = c.path.read_bytes()
+            except FileNotFoundError:
+                continue   # pruned between listing and reading: it was fine while it existed
+            ok = len(data) == c.marker["size"] and hashlib.sha256(data).hexdigest() == c.marker["sha256"]
+            if ok:
+                try:
+                    torch.load(c.path, map_location="cpu", weights_only=True)
+                except FileNotFoundError:
+                    continue
+                except Exception:
+                    ok = False
+            self.seen[key] = ok
+
+
+def wait(predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    return None
+
+
+def current_worker(run_dir: Path):
+    """The heartbeat of the worker the live supervisor is running now, or None."""
+    state, hb = read_state(run_dir) or {}, read_heartbeat(run_dir) or {}
+    if state.get("state") in ("running", "starting") and hb.get("attempt") == state.get("attempt") \
+            and state.get("worker_pid") == hb.get("pid") and supervisor_alive(run_dir):
+        return hb
+    return None
+
+
+def soak_round(root: Path, number: int, budget: int, rng: random.Random, epochs: int, every: int,
+               ledger: list, checkpoints: Checkpoints, log) -> Path:
+    """One training run under chaos; appends each injected fault to `ledger`."""
+    run_dir = make_run(root, f"soak-{number:03d}", epochs, every)
+    total = epochs * 6
+    kinds, weights = zip(*((k, w) for k, (w, _) in FAULTS.items()))
+    planned = [rng.choices(kinds, weights)[0] for _ in range(budget)]
+    # In-process faults are planted at random steps of this round through the worker's fault hooks.
+    steps = iter(rng.sample(range(2, total - 1), k=min(budget, total - 3)))
+    plant = [f"train_step:{IN_PROCESS[k]}@{next(steps)}:once" for k in planned if k in IN_PROCESS]
+    env = {**os.environ, "TRAINCTL_FAULTS": ",".join(plant)}
+    planted = {int(p.split("@")[1].split(":")[0]): p.split(":")[1].split("@")[0] for p in plant}
+    service = start_service(run_dir, env, log)
+    external = [k for k in planned if k not in IN_PROCESS]
+    while external and service.poll() is None:
+        hb = wait(lambda: current_worker(run_dir), 120)
+        if hb is None:
+            break
+        time.sleep(rng.uniform(0, 2.5))
+        hb = current_worker(run_dir)
+        if hb is None or hb.get("phase") in ("exporting", "done"):
+            continue
+        kind = external.pop(0)
+        worker = psutil.Process(hb["pid"])
+        entry = {"round": number, "kind": kind, "time": time.time(), "attempt": hb["attempt"],
+                 "step": hb.get("step", 0), "phase": hb.get("phase")}
+        try:
+            if kind in SIGNALS:
+                worker.send_signal(SIGNALS[kind])
+            elif kind == "supervisor":
+                service.kill()
+            else:   # both at once
+                worker.send_signal(signal.SIGKILL)
+                service.kill()
+        except psutil.Error:
+            continue
+        ledger.append(entry)
+        if kind in ("supervisor", "both"):
+            service.wait()
+            time.sleep(0.5)                               # systemd's RestartSec, shortened
+            service = start_service(run_dir, env, log)
+        # recovered = a newer attempt trains (or the run is over)
+        wait(lambda: (cw := current_worker(run_dir)) and cw["attempt"] > entry["attempt"]
+             or service.poll() is not None, 240)
+        checkpoints.check(run_dir)
+    service.wait(timeout=1800)
+    checkpoints.check(run_dir)
+    for e in read_events(run_dir, ("exit",)):              # the planted faults that fired
+        failure = e["data"]["failure"]
+        if failure in ("exception", "oom", "memory_limit") and e["step"] in planted:
+            kind = {"exception": "exception", "cpu_oom": "oom", "grow_memory": "memory"}[planted[e["step"]]]
+            ledger.append({"round": number, "kind": kind, "time": e["time"], "attempt": e["attempt"],
+                           "step": e["step"], "phase": "training"})
+    return run_dir
+
+
+def account(run_dir: Path, ledger: list, step_seconds: float) -> None:
+    """Match every fault of this round with the journal; fill in classification and work lost.
+
+    Work lost = the optimizer steps the next attempt had to do again, in steps and in seconds of
+    training (steps x the reference run's seconds per step).
+    """
+    events = read_events(run_dir)
+    exits = {e["attempt"]: e for e in events if e["kind"] == "exit"}
+    spawns = sorted((e for e in events if e["kind"] == "spawn"), key=lambda e: e["time"])
+    starts = [e["time"] for e in events if e["kind"] == "supervisor_start"]
+    for f in (f for f in ledger if f["round_dir"] == str(run_dir)):
+        expected = FAULTS[f["kind"]][1]
+        nxt = next((s for s in spawns if s["time"] > f["time"] and s["attempt"] > f["attempt"]), None)
+        f["resumed_at"] = (nxt["step"] or 0) if nxt else None
+        if expected is None:            # the supervisor died: a new one must have started
+            f["classified"] = "supervisor_restart" if any(t > f["time"] for t in starts) else None
+            f["ok"] = f["classified"] is not None
+        else:
+            ended = exits.get(f["attempt"])
+            f["classified"] = ended["data"]["failure"] if ended else ("(supervisor died)" if f["kind"] == "both" else None)
+            f["ok"] = f["classified"] == expected or (f["kind"] == "both" and f["classified"] == "(supervisor died)")
+        at = exits[f["attempt"]]["step"] if f["attempt"] in exits else f["step"]
+        f["lost_steps"] = max(0, at - f["resumed_at"]) if f["resumed_at"] is not None else 0
+        f["lost_seconds"] = round(f["lost_steps"] * step_seconds, 3)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--faults", type=int, default=200, help="faults to inject in all (default 200)")
+    parser.add_argument("--per-round", type=int, default=10, help="faults per training run")
+    parser.add_argument("--epochs", type=int, default=60, help="epochs of 6 steps per run")
+    parser.add_argument("--every", type=int, default=10, help="[checkpoint] every_steps")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--dir", type=Path, default=None, help="keep the runs here (default: a temp folder)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    root = args.dir or Path(tempfile.mkdtemp(prefix="trainctl-soak-"))
+    root.mkdir(parents=True, exist_ok=True)
+    make_dataset(root / "data", per_class_train=24, per_class_val=0, size=40, seed=1)
+    started = time.monotonic()
+    reference = make_run(root, "reference", args.epochs, args.every)
+    subprocess.run([sys.executable, "-m", "trainctl.worker", "--run-dir", str(reference)], check=True,
+                   stdout=subprocess.DEVNULL)
+    ref = load_file(str(reference / "model.safetensors"))
+    speeds = [json.loads(line)["images_per_sec"] for line in (reference / "metrics.jsonl").read_text().splitlines()
+              if '"train"' in line]
+    step_seconds = 16 / statistics.median(speeds)
+    ledger, rounds, checkpoints = [], [], Checkpoints()
+    with open(root / "soak.log", "ab") as log:
+        number = 0
+        while len(ledger) < args.faults:
+            number += 1
+            before = len(ledger)
+            run_dir = soak_round(root, number, min(args.per_round, args.faults - len(ledger)), rng,
+                                 args.epochs, args.every, ledger, checkpoints, log)
+            for f in ledger[before:]:
+                f["round_dir"] = str(run_dir)
+            account(run_dir, ledger, step_seconds)
+            got = load_file(str(run_dir / "model.safetensors")) if (run_dir / "model.safetensors").exists() else {}
+            left = wait(lambda: not run_processes(run_dir), 30)
+            summary = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").exists() else {}
+            rounds.append({"run": run_dir.name, "state": (read_state(run_dir) or {}).get("state"),
+                           "identical": bool(got) and got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref),
+                           "leftover_processes": not left, "faults": len(ledger) - before,
+                           "training": summary.get("training_seconds", 0), "supervised": summary.get("supervised_seconds", 0)})
+            print(f"round {number}: {rounds[-1]['state']}, {rounds[-1]['faults']} faults, "
+                  f"identical={rounds[-1]['identical']} ({len(ledger)}/{args.faults})", flush=True)
+    results = report(ledger, rounds, checkpoints, time.monotonic() - started, args, step_seconds)
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "faults": ledger, "rounds": rounds}, indent=1))
+    return 0 if results["passed"] else 1
+
+
+def report(ledger, rounds, checkpoints, seconds, args, step_seconds) -> dict:
+    by_kind: dict[str, list] = {}
+    for f in ledger:
+        by_kind.setdefault(f["kind"], []).append(f)
+    print(f"\n## Soak: {len(ledger)} faults in {len(rounds)} runs, {seconds / 60:.1f} min "
+          f"(every_steps = {args.every}, {step_seconds * 1000:.0f} ms per step, seed {args.seed})\n")
+    print("| fault | injected | recovered, right kind | work lost, steps (median / max) | seconds (median / max) |")
+    print("| --- | --- | --- | --- | --- |")
+    for kind in FAULTS:
+        fs = by_kind.get(kind, [])
+        if not fs:
+            continue
+        steps, secs = [f["lost_steps"] for f in fs], [f["lost_seconds"] for f in fs]
+        print(f"| {kind} | {len(fs)} | {sum(f['ok'] for f in fs)} | {statistics.median(steps):g} / {max(steps)} | "
+              f"{statistics.median(secs):.2f} / {max(secs):.2f} |")
+    steps, secs = [f["lost_steps"] for f in ledger], [f["lost_seconds"] for f in ledger]
+    training = sum(r["training"] for r in rounds)
+    supervised = sum(r["supervised"] for r in rounds)
+    results = {
+        "faults": len(ledger), "recovered": sum(f["ok"] for f in ledger), "runs": len(rounds),
+        "runs_succeeded": sum(r["state"] == "succeeded" for r in rounds),
+        "runs_bit_identical": sum(r["identical"] for r in rounds),
+        "runs_with_leftover_processes": sum(r["leftover_processes"] for r in rounds),
+        "checkpoints_verified": len(checkpoints.seen), "checkpoints_unloadable": sum(not ok for ok in checkpoints.seen.values()),
+        "lost_steps_median": statistics.median(steps) if steps else 0, "lost_steps_max": max(steps, default=0),
+        "lost_seconds_median": round(statistics.median(secs), 2) if secs else 0,
+        "lost_seconds_max": round(max(secs, default=0), 2),
+        "goodput": round(training / supervised, 4) if supervised else None,
+        "minutes": round(seconds / 60, 1), "step_seconds": round(step_seconds, 4),
+    }
+    results["passed"] = (results["recovered"] == results["faults"] and results["runs_succeeded"] == results["runs"]
+                         and results["runs_bit_identical"] == results["runs"]
+                         and results["runs_with_leftover_processes"] == 0 and results["checkpoints_unloadable"] == 0
+                         and results["lost_steps_max"] <= args.every)
+    print(f"\n- all faults recovered with the right classification: {results['recovered']}/{results['faults']}")
+    print(f"- runs succeeded: {results['runs_succeeded']}/{results['runs']}, bit-identical to the reference: "
+          f"{results['runs_bit_identical']}/{results['runs']}, with processes left behind: "
+          f"{results['runs_with_leftover_processes']}")
+    print(f"- committed checkpoints verified and loaded: {results['checkpoints_verified']}, unloadable: "
+          f"{results['checkpoints_unloadable']}")
+    print(f"- work lost per fault: median {results['lost_steps_median']:g} steps / {results['lost_seconds_median']} s, "
+          f"max {results['lost_steps_max']} steps / {results['lost_seconds_max']} s (promise: <= {args.every} steps)")
+    print(f"- goodput over all runs: {results['goodput']:.1%}" if results["goodput"] else "- goodput: n/a")
+    print(f"- {'PASSED' if results['passed'] else 'FAILED'}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
