@@ -17,27 +17,32 @@ from trainctl.worker.protocol import ENV_SUPERVISOR_PID, LOG_DIR, WORKER_ENV, WO
 class WorkerProcess:
     """A running (or finished) worker. Its pid is also its process-group id."""
 
-    def __init__(self, popen: subprocess.Popen):
+    def __init__(self, popen: subprocess.Popen, run_dir: Path | None = None):
         self.popen = popen
         self.pid = popen.pid
+        self.run_dir = run_dir or Path(popen.args[popen.args.index("--run-dir") + 1])
 
     @classmethod
-    def spawn(cls, run_dir: Path, profile_index: int, attempt: int, describe: str) -> "WorkerProcess":
+    def spawn(cls, run_dir: Path, profile_index: int, attempt: int, describe: str) -> WorkerProcess:
         """Start ``python -m trainctl.worker`` in a new session, its output appended to logs/worker.log."""
-        log_dir = Path(run_dir) / LOG_DIR
-        log_dir.mkdir(exist_ok=True)
-        env = {**os.environ, **WORKER_ENV, ENV_SUPERVISOR_PID: str(os.getpid())}
-        with open(log_dir / WORKER_LOG, "ab") as log:
-            log.write(f"\n=== attempt {attempt}, rung {profile_index} ({describe}), "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
-            log.flush()
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir),
-                 "--profile", str(profile_index), "--attempt", str(attempt)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,   # its own group: one signal reaches DataLoader workers too
-                env=env, close_fds=True)
-        return cls(popen)
+        _log_header(run_dir, f"attempt {attempt}, rung {profile_index} ({describe})")
+        return cls(_popen(run_dir, ["--profile", str(profile_index), "--attempt", str(attempt)],
+                          subprocess.DEVNULL))
+
+    @classmethod
+    def spawn_standby(cls, run_dir: Path) -> WorkerProcess:
+        """A worker that imports torch and timm now and waits on its stdin to take over (see `go`)."""
+        return cls(_popen(run_dir, ["--standby"], subprocess.PIPE))
+
+    def go(self, profile_index: int, attempt: int, describe: str) -> bool:
+        """Make a warm standby the worker of `attempt`; False if it is no longer there."""
+        _log_header(self.run_dir, f"attempt {attempt}, rung {profile_index} ({describe}), warm standby {self.pid}")
+        try:
+            self.popen.stdin.write(f"GO {profile_index} {attempt}\n".encode())
+            self.popen.stdin.close()
+        except (BrokenPipeError, OSError):
+            return False
+        return self.popen.poll() is None
 
     def poll(self) -> int | None:
         return self.popen.poll()
@@ -59,6 +64,14 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             return None
 
+    def release(self) -> None:
+        """Let a standby go: EOF on its stdin ends it; kill it if it lingers."""
+        with contextlib.suppress(OSError):
+            self.popen.stdin.close()
+        if self.wait(5) is None:
+            self.kill_group()
+            self.popen.wait()
+
     def stop(self, timeout: float) -> int:
         """SIGTERM (checkpoint and exit), wait until `timeout`, then SIGKILL the group; always reaps."""
         self.signal(signal.SIGTERM)
@@ -68,6 +81,24 @@ class WorkerProcess:
             rc = self.popen.wait()
         self.kill_group()   # no stragglers
         return rc
+
+
+def _log_header(run_dir: Path, what: str) -> None:
+    log_dir = Path(run_dir) / LOG_DIR
+    log_dir.mkdir(exist_ok=True)
+    with open(log_dir / WORKER_LOG, "ab") as log:
+        log.write(f"\n=== {what}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
+
+
+def _popen(run_dir: Path, args: list[str], stdin) -> subprocess.Popen:
+    env = {**os.environ, **WORKER_ENV, ENV_SUPERVISOR_PID: str(os.getpid())}
+    (Path(run_dir) / LOG_DIR).mkdir(exist_ok=True)
+    with open(Path(run_dir) / LOG_DIR / WORKER_LOG, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir), *args],
+            stdin=stdin, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,   # its own group: one signal reaches DataLoader workers too
+            env=env, close_fds=True)
 
 
 def orphans(run_dir: Path) -> list[psutil.Process]:

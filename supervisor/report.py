@@ -4,7 +4,9 @@ Time accounting per attempt (one worker process): *startup* is the first boot of
 *training* runs from the worker being ready to its last committed checkpoint (to its end when it
 finished or stopped cleanly); *re-done work* is a crashed attempt's training after its last
 checkpoint; *restarts* are the backoff and the boot of the attempts that follow a crash.
-Goodput = training / supervised time.
+Time the training thread spent blocked on checkpoints is not training. Goodput = (supervised time
+− re-done work − restarts − checkpoint blocking) / supervised time: the share of the time under
+supervision that was not lost to faults or checkpoints.
 """
 from __future__ import annotations
 
@@ -66,13 +68,16 @@ def summarize(events: list[dict]) -> dict:
         previous_end, previous_crashed = end, crashed
     supervised = sum(b - a for a, b, _ in lifetimes)
     exits = [e for e in events if e["kind"] == "exit"]
+    blocked = sum(e["data"].get("checkpoint_blocked_seconds") or 0.0 for e in exits)
+    training = max(0.0, training - blocked)
     crashes = [e for e in exits if e["data"]["failure"] not in CLEAN]
     return {
         "wall_seconds": round(events[-1]["time"] - events[0]["time"], 1) if events else 0.0,
         "supervised_seconds": round(supervised, 1),
         "training_seconds": round(training, 1), "redone_seconds": round(redone, 1),
         "restart_seconds": round(restarts, 1), "startup_seconds": round(startup, 1),
-        "goodput": round(training / supervised, 4) if supervised > 0 else None,
+        "checkpoint_blocked_seconds": round(blocked, 1),
+        "goodput": round((supervised - redone - restarts - blocked) / supervised, 4) if supervised > 0 else None,
         "crashes": len(crashes),
         "supervisor_deaths": sum(1 for *_, ended in lifetimes[:-1] if not ended),
         "crashes_by_kind_and_rung": dict(collections.Counter(
@@ -93,7 +98,8 @@ def write(run_dir: Path, state: str, reason: str | None, val_acc: float | None) 
              f"- ended: {time.strftime('%Y-%m-%d %H:%M:%S')}" + (f" — {reason}" if reason else ""),
              f"- wall time: {_hms(s['wall_seconds'])} (supervised: {_hms(s['supervised_seconds'])})",
              f"- goodput: {_pct(s['goodput'])} — training {_hms(s['training_seconds'])}, re-done after crashes "
-             f"{_hms(s['redone_seconds'])}, restarts {_hms(s['restart_seconds'])}, start-up {_hms(s['startup_seconds'])}",
+             f"{_hms(s['redone_seconds'])}, restarts {_hms(s['restart_seconds'])}, start-up {_hms(s['startup_seconds'])}, "
+             f"blocked on checkpoints {s['checkpoint_blocked_seconds']:.1f}s",
              f"- crashes: {s['crashes']}" + (" (" + ", ".join(f"{k}: {v}" for k, v in
                                                           s["crashes_by_kind_and_rung"].items()) + ")" if s["crashes"] else ""),
              f"- step-downs: {len(s['step_downs'])}"]

@@ -41,15 +41,19 @@ def run_processes(run_dir):
     return found
 
 
-def test_a_kill_at_every_point_of_a_checkpoint_write_loses_at_most_one_interval(tmp_path, dataset, reference_run):
+@pytest.mark.parametrize("background", [True, False], ids=["async", "sync"])
+def test_a_kill_at_every_point_of_a_checkpoint_write_loses_at_most_one_interval(tmp_path, dataset, reference_run,
+                                                                                background):
     """SIGKILL before the write, mid-write, written-not-synced, synced-not-renamed, renamed-not-dir-synced,
-    committed-not-marked and just after the marker; plus a Python exception and an OOM error — one rung,
-    so the end must be bit-identical to the run that never crashed."""
-    faults = {"ckpt_begin": 3, "ckpt_bytes": 6, "ckpt_written": 9, "ckpt_synced": 12, "ckpt_renamed": 15,
-              "ckpt_committed": 18, "ckpt_marked": 9}
-    spec = [f"{point}:sigkill@{step}:once" for point, step in faults.items()]
+    committed-not-marked and just after the marker (each attempt dies at the next point of its first
+    checkpoint write); plus a Python exception and an OOM error — one rung, so the end must be
+    bit-identical to the run that never crashed."""
+    points = ["ckpt_begin", "ckpt_bytes", "ckpt_written", "ckpt_synced", "ckpt_renamed", "ckpt_committed",
+              "ckpt_marked"]
+    spec = [f"{point}:sigkill:once" for point in points]
     spec += ["train_step:exception@4:once", "train_step:cpu_oom@13:once"]
-    text = config_text("phases", dataset, replace={**ONE_RUNG, "max_restarts_per_profile = 3": "max_restarts_per_profile = 20"},
+    text = config_text("phases", dataset, replace={**ONE_RUNG, "max_restarts_per_profile = 3": "max_restarts_per_profile = 20",
+                                                   "keep_last = 2": f"keep_last = 2\nasync_write = {str(background).lower()}"},
                        supervisor_extra="same_step_limit = 20")
     run_dir = make_run(tmp_path, "phases", text)
     env = {**os.environ, "TRAINCTL_FAULTS": ",".join(spec)}

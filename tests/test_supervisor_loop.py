@@ -7,7 +7,8 @@ import signal
 from trainctl.supervisor.classify import MemorySample
 from trainctl.supervisor.journal import read_events
 from trainctl.supervisor.runstate import read_state
-from trainctl.supervisor.supervise import ABORT_GRACE_SECONDS, EXIT_GAVE_UP, EXIT_OK, Supervisor
+from trainctl.supervisor.supervise import EXIT_GAVE_UP, EXIT_OK, Supervisor
+from trainctl.supervisor.watch import ABORT_GRACE_SECONDS
 from trainctl.worker import fsio
 from trainctl.worker.config import load
 from trainctl.worker.protocol import EXIT_DONE, EXIT_EXCEPTION, EXIT_STOPPED, HEARTBEAT_FILE
@@ -72,6 +73,10 @@ class FakeWorker:
 
     def signal(self, sig):
         self.signals.append(sig)
+
+    def wait(self, timeout):
+        self.world.sleep(timeout)
+        return self.rc
 
     def kill_group(self):
         if self.rc is None:
@@ -222,6 +227,7 @@ def test_stop_asks_the_worker_then_kills_it_at_the_deadline(tmp_path, dataset):
             original(seconds)
             if world.now >= 4:
                 sup.request_stop()
+        world.sleep = sleep
         sup.sleep = sleep
 
     code, sup, world, events = run_world(tmp_path, dataset, [hang], "stop_timeout_seconds = 20", before=stop_at_4)

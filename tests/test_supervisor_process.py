@@ -183,3 +183,25 @@ def test_one_supervisor_per_run_orphans_exit_and_a_stale_lock_does_not_block(tmp
     out = finish(third)
     assert third.returncode == 0 and read_state(run_dir)["state"] == "succeeded", out
     assert events(run_dir, "spawn")[-1]["step"] == newest.step
+
+
+def test_a_warm_standby_takes_over_and_leaves_with_the_supervisor(tmp_path, dataset, long_reference):
+    text = config_text("warm", dataset, replace=LONG, supervisor_extra="warm_standby = true")
+    run_dir = make_run(tmp_path, "warm", text)
+    proc = start_supervisor(run_dir)
+    try:
+        hb = wait_for(lambda: training(run_dir, 1, 4), 120, what="training")
+        standby = wait_for(lambda: [p for p in run_processes(run_dir) if "--standby" in p.cmdline()], 30,
+                           what="the standby")[0]
+        os.kill(hb["pid"], signal.SIGKILL)
+        second = wait_for(lambda: [e for e in events(run_dir, "spawn") if e["attempt"] == 2], 60, what="attempt 2")[0]
+        assert second["data"]["pid"] == standby.pid            # the warm worker took over
+        wait_for(lambda: training(run_dir, 2, second["step"] + 1), 60, what="attempt 2 training")
+        timings = read_heartbeat(run_dir)["timings"]
+        assert "go" in timings and timings["go"] - timings["imported"] > 0   # imported long before the crash
+        out = finish(proc)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and read_state(run_dir)["state"] == "succeeded", out
+    assert_same_weights(run_dir, long_reference)
+    wait_for(lambda: not run_processes(run_dir), 15, what="the last standby to leave with the supervisor")

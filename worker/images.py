@@ -49,21 +49,23 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 def load_train(path: str, recipe: Recipe, rng: np.random.Generator) -> Image.Image:
     """Random-resized-crop + horizontal flip, as in timm's training transform."""
     img = _open(path, recipe.max_pixels)
-    width, height = _oriented_size(img)
+    orientation = _orientation(img)
+    width, height = _oriented_size(img, orientation)
     top, left, h, w = _crop_params(width, height, recipe, rng)
     flip = rng.random() < recipe.hflip
-    out = _crop_resize(img, (left, top, left + w, top + h), recipe)
+    out = _crop_resize(img, orientation, (left, top, left + w, top + h), recipe)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
 
 
 def load_eval(path: str, recipe: Recipe) -> Image.Image:
     """Resize the short side to size / crop_pct and take the centre crop, as timm's eval transform."""
     img = _open(path, recipe.max_pixels)
-    width, height = _oriented_size(img)
+    orientation = _orientation(img)
+    width, height = _oriented_size(img, orientation)
     scale_size = math.floor(recipe.size / recipe.crop_pct)
     side = recipe.size * min(width, height) / scale_size   # the crop's side in source pixels
     left, top = (width - side) / 2, (height - side) / 2
-    return _crop_resize(img, (left, top, left + side, top + side), recipe)
+    return _crop_resize(img, orientation, (left, top, left + side, top + side), recipe)
 
 
 def _open(path: str, max_pixels: int) -> Image.Image:
@@ -90,8 +92,12 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
-    orientation = img.getexif().get(0x0112, 1)
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored); only JPEG/TIFF/WebP/PNG carry one."""
+    return img.getexif().get(0x0112, 1) if "exif" in img.info or img.format in ("JPEG", "TIFF") else 1
+
+
+def _oriented_size(img: Image.Image, orientation: int) -> tuple[int, int]:
     return (img.height, img.width) if orientation in _TRANSPOSED else (img.width, img.height)
 
 
@@ -116,16 +122,17 @@ def _crop_params(width: int, height: int, r: Recipe, rng: np.random.Generator) -
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _crop_resize(img: Image.Image, box: tuple[float, float, float, float], r: Recipe) -> Image.Image:
+def _crop_resize(img: Image.Image, orientation: int, box: tuple[float, float, float, float], r: Recipe) -> Image.Image:
     """Decode (at reduced scale if the crop allows), orient, convert to RGB, crop and resize in one go."""
     box_w, box_h = box[2] - box[0], box[3] - box[1]
     reduction = min(box_w, box_h) / r.size
-    oriented_w = _oriented_size(img)[0]
+    oriented_w = _oriented_size(img, orientation)[0]
     try:
         if reduction >= 2 and img.format == "JPEG":
             img.draft("RGB", (math.ceil(img.width / reduction), math.ceil(img.height / reduction)))
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if orientation != 1:   # exif_transpose copies even when there is nothing to do
+            img = ImageOps.exif_transpose(img)
         img = _to_rgb(img, r.fill)
     except Exception as e:   # truncated data, corrupt streams
         raise BadImage(_reason(e)) from None

@@ -28,10 +28,13 @@ def parse_args(argv):
     parser.add_argument("--attempt", type=int, default=0, help="attempt number, names the evidence files")
     parser.add_argument("--describe-step", nargs=2, type=int, metavar=("EPOCH", "CURSOR"),
                         help="print the files of the optimizer step at (epoch, sample cursor) and exit")
+    parser.add_argument("--standby", action="store_true",
+                        help="import torch and timm, then wait for 'GO PROFILE ATTEMPT' on stdin (warm standby)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    timings = {"process_start": time.time()}
     args = parse_args(argv)
     run_dir = args.run_dir.resolve()
     if args.describe_step:
@@ -40,8 +43,8 @@ def main(argv=None) -> int:
     for key, value in WORKER_ENV.items():   # when run by hand, not by the supervisor
         os.environ.setdefault(key, value)
     (run_dir / EVIDENCE_DIR).mkdir(parents=True, exist_ok=True)
-    fault_file = open(fault_log_path(run_dir, args.attempt), "a")
-    faulthandler.enable(file=fault_file, all_threads=True)
+    if not args.standby:
+        faulthandler.enable(file=open(fault_log_path(run_dir, args.attempt), "a"), all_threads=True)
 
     import filelock
     from .config import ConfigError, load
@@ -51,9 +54,17 @@ def main(argv=None) -> int:
     from .report import Reporter, say
     from .signals import Flags, watch_parent
     from .train import Trainer   # imports torch and timm: the slow part of booting
+    timings["imported"] = time.time()
 
+    if args.standby:   # warm: the imports are done; a crash elsewhere makes this the next worker
+        line = sys.stdin.readline().split()
+        if len(line) != 3 or line[0] != "GO":
+            return 0   # the supervisor went away or let the standby go
+        args.profile, args.attempt = int(line[1]), int(line[2])
+        timings["go"] = time.time()
+        faulthandler.enable(file=open(fault_log_path(run_dir, args.attempt), "a"), all_threads=True)
     reporter = Reporter(run_dir, args.attempt, args.profile)
-    reporter.beat("booting", force=True)   # the first heartbeat: "the worker came up"
+    reporter.beat("booting", force=True, timings=timings)   # the first heartbeat: "the worker came up"
     flags = Flags()
     flags.install()
     if os.environ.get(ENV_SUPERVISOR_PID):

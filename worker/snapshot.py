@@ -1,6 +1,7 @@
 """What a checkpoint holds and how it is put back: everything exact resume needs, device-independent."""
 from __future__ import annotations
 
+import copy as copylib
 import dataclasses
 import hashlib
 import json
@@ -23,14 +24,15 @@ class Progress:
     samples_seen: int = 0
 
 
-def to_cpu(obj):
-    """Tensors moved to the CPU (CPU tensors are kept as they are, not copied)."""
+def to_cpu(obj, copy: bool = False):
+    """Tensors moved to the CPU; with `copy`, CPU tensors are cloned too (a snapshot training cannot change)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu")
+        t = obj.detach()
+        return t.clone() if copy and t.device.type == "cpu" else t.to("cpu")
     if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
+        return {k: to_cpu(v, copy) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
+        return type(obj)(to_cpu(v, copy) for v in obj)
     return obj
 
 
@@ -38,14 +40,14 @@ def config_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def capture(t) -> dict:
-    """The checkpoint payload for trainer `t` (loadable with weights_only=True)."""
+def capture(t, copy: bool = False) -> dict:
+    """The checkpoint payload for trainer `t` (loadable with weights_only=True); `copy` for async writes."""
     np_state = np.random.get_state(legacy=False)
     return {
         "format": FORMAT,
-        "model": to_cpu(t.model.state_dict()),
-        "optimizer": to_cpu(t.optimizer.state_dict()),
-        "scheduler": t.scheduler.state_dict(),
+        "model": to_cpu(t.model.state_dict(), copy),
+        "optimizer": to_cpu(t.optimizer.state_dict(), copy),
+        "scheduler": copylib.deepcopy(t.scheduler.state_dict()),
         "scaler": t.scaler.state_dict() if t.scaler is not None else None,
         "progress": dataclasses.asdict(t.progress),
         "rng": {"python": random.getstate(),

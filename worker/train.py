@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, data, export, folders, fsio
+from .checkpointing import Checkpointing
 from . import device as devicelib
 from .config import Config, ConfigError, identity
 from .model import build_model, build_optimizer, build_scheduler, recipe_for
 from .protocol import CHECKPOINT_DIR, EXIT_DONE, EXIT_STOPPED
 from .report import Reporter, say
-from .snapshot import Progress, capture, check_identity, restore
+from .snapshot import Progress, check_identity, restore
 
 
 class SanityCheckFailed(RuntimeError):
@@ -44,7 +45,6 @@ class Trainer:
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.progress, self.history = Progress(), []
         self.micro_batches = 0
-        self.checkpoints_written = 0
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -71,6 +71,7 @@ class Trainer:
         for name in fsio.remove_stale_temps(self.ckpt_dir):   # we hold the worker lock: nobody writes these
             say(f"removed {name}, the remains of a checkpoint write that was interrupted")
         state, found, skipped = checkpoint.load_latest(self.ckpt_dir)
+        self._timing("checkpoint_loaded")
         for name, why in skipped:
             say(f"skipping checkpoint {name}: {why}")
         if state is not None:
@@ -79,6 +80,7 @@ class Trainer:
         self.model = build_model(cfg, len(self.train_set.classes), load_weights=state is None)
         self.recipe = recipe_for(cfg, self.model)
         self.model.to(self.device)
+        self._timing("model_built")
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps,
                                          round(cfg.train.warmup_epochs * self.steps_per_epoch))
@@ -87,7 +89,7 @@ class Trainer:
             restore(self, state)
             say(f"resumed from {found.path.name}: epoch {self.progress.epoch + 1}, step {self.progress.step}, "
                 f"sample {self.progress.cursor} of the epoch")
-        self.last_ckpt = (self.progress.step, time.monotonic())
+        self.ckpt = Checkpointing(self, background=cfg.checkpoint.async_write)
         self.mean = torch.tensor(self.recipe.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.recipe.std, device=self.device).view(1, 3, 1, 1) * 255
         self.train_data = data.MicroBatches(self.train_set, self.recipe, cfg.run.seed, profile.batch_size, True)
@@ -97,6 +99,10 @@ class Trainer:
                            grad_accum=self.accum, effective_batch_size=cfg.train.effective_batch_size,
                            skipped_checkpoints=skipped, force=True,
                            **self._position())
+
+    def _timing(self, event: str) -> None:
+        """Wall-clock moments of this process's start-up (bench/recovery.py splits recovery time with them)."""
+        self.reporter.fields.setdefault("timings", {})[event] = time.time()
 
     def _position(self) -> dict:
         p = self.progress
@@ -139,6 +145,7 @@ class Trainer:
         if not math.isfinite(value) or not grads_ok:
             raise SanityCheckFailed(f"pre-training sanity check failed at step {p.step}: loss {value}, "
                                     f"gradients {'finite' if grads_ok else 'not finite'}")
+        self._timing("sanity_done")
         params = sum(q.numel() for q in self.model.parameters())
         say(f"sanity check passed: loss {value:.4f} | seed {self.cfg.run.seed} | device {self.device} | "
             f"model {self.cfg.model.name} ({params / 1e6:.2f}M params) | {len(self.train_set)} images, "
@@ -160,6 +167,8 @@ class Trainer:
             started = time.monotonic()
             loss, correct, n_valid = self._step(batches)
             p.step, p.cursor, p.samples_seen = p.step + 1, p.cursor + E, p.samples_seen + E
+            if "first_step" not in self.reporter.fields.get("timings", {}):
+                self._timing("first_step")
             ips = E / max(time.monotonic() - started, 1e-9)
             window.update(loss=window["loss"] + loss, correct=window["correct"] + correct,
                           valid=window["valid"] + n_valid, steps=window["steps"] + 1)
@@ -173,8 +182,9 @@ class Trainer:
                 self._end_epoch()
             elif self.flags.stop:
                 return self._stop()
-            elif self._checkpoint_due():
-                self.save_checkpoint("requested" if self.flags.checkpoint else "interval")
+            else:
+                self.ckpt.after_step()
+        self.ckpt.finish()
         export.write(self)
         return EXIT_DONE
 
@@ -226,14 +236,6 @@ class Trainer:
         say(f"step {p.step}/{self.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
             f"acc {record['acc']:.3f} lr {record['lr']:.2e} {record['images_per_sec']:.1f} img/s")
 
-    def _checkpoint_due(self) -> bool:
-        k, (step, when) = self.cfg.checkpoint, self.last_ckpt
-        if self.flags.checkpoint:
-            return True
-        if k.every_steps and self.progress.step - step >= k.every_steps:
-            return True
-        return bool(k.every_seconds) and time.monotonic() - when >= k.every_seconds
-
     def _end_epoch(self) -> None:
         p = self.progress
         finished = p.epoch + 1
@@ -244,7 +246,7 @@ class Trainer:
             self.reporter.beat(val_acc=acc)
             say(f"epoch {finished}/{self.cfg.train.epochs} validation: top-1 {acc:.3f}, loss {loss:.4f}")
         p.epoch, p.cursor = finished, 0
-        self.save_checkpoint("epoch")
+        self.ckpt.snapshot("epoch")
 
     def validate(self) -> tuple[float, float]:
         """Top-1 accuracy and mean loss on the validation folder (bad images excluded)."""
@@ -265,24 +267,7 @@ class Trainer:
         self.reporter.beat("training", force=True)
         return correct / max(valid, 1), loss_sum / max(valid, 1)
 
-    def save_checkpoint(self, reason: str) -> None:
-        p, started = self.progress, time.monotonic()
-        self.reporter.beat(checkpointing=True, force=True)
-        info = {"epoch": p.epoch, "cursor": p.cursor, "samples_seen": p.samples_seen, "reason": reason,
-                "requested": self.flags.checkpoint,   # SIGUSR1 answered (also when an epoch end came first)
-                "profile_index": self.profile_index, "attempt": self.reporter.fields["attempt"]}
-        done = checkpoint.save(self.ckpt_dir, p.step, capture(self), self.cfg.checkpoint.keep_last, info,
-                               on_phase=lambda phase: self.faults.hit(f"ckpt_{phase}", p.step))
-        self.flags.checkpoint = False
-        self.last_ckpt = (p.step, time.monotonic())
-        self.checkpoints_written += 1
-        self.reporter.beat(checkpointing=False, force=True, checkpoints_written=self.checkpoints_written,
-                           last_checkpoint={"step": p.step, "path": str(done.path), "time": done.marker["created"]})
-        say(f"checkpoint at step {p.step} committed ({done.marker['size'] / 2**20:.1f} MiB, "
-            f"{time.monotonic() - started:.2f} s, {reason})")
-
     def _stop(self) -> int:
-        if self.last_ckpt[0] != self.progress.step:
-            self.save_checkpoint("stop")
+        self.ckpt.stop()
         say(f"stopped at step {self.progress.step} ({self.flags.stop_reason})")
         return EXIT_STOPPED

@@ -1,0 +1,83 @@
+"""Peak RSS of the worker training an EVA02-Base-size model on the CPU vs a plain loop on timm's pipeline.
+
+Batch 1 and 2 (accumulation 1), a few steps on photo-sized JPEGs at 224 px, same threads; each in
+its own process, peak RSS from the kernel (wait4). The data path must not be what runs out of memory.
+The worker's epoch-end checkpoint is included: with `async_write = true` its in-memory snapshot
+(a copy of model + optimizer state) is part of the peak; with `false` there is no copy.
+
+    python bench/peak_rss.py [--model eva02_base_patch14_224] [--steps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT, machine, photos, run_child  # noqa: E402
+
+from trainctl.worker import config as configlib  # noqa: E402
+from trainctl.worker import fsio  # noqa: E402
+
+CONFIG = """\
+[run]
+name = "rss-{batch}"
+runs_dir = "{runs}"
+[model]
+name = "{model}"
+[data]
+train_dir = "{data}"
+[train]
+epochs = 1
+effective_batch_size = {batch}
+lr = 1e-4
+threads = 2
+[checkpoint]
+every_steps = 0
+every_seconds = 0
+async_write = {async_write}
+[[profiles]]
+device = "cpu"
+batch_size = {batch}
+"""
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="eva02_base_patch14_224")
+    p.add_argument("--steps", type=int, default=3)
+    args = p.parse_args(argv)
+    folder = photos(OUT / "photos", 120)
+    throughput = str(Path(__file__).resolve().parent / "throughput.py")
+    result = {}
+    for batch in (1, 2):
+        root = Path(tempfile.mkdtemp(prefix="trainctl-rss-"))
+        subset = root / "data"
+        for f in sorted(folder.rglob("*.jpg"))[: args.steps * batch]:
+            (subset / f.parent.name).mkdir(parents=True, exist_ok=True)
+            (subset / f.parent.name / f.name).symlink_to(f)
+        result[batch] = {}
+        for async_write in ("false", "true"):
+            path = root / f"run-{async_write}.toml"
+            path.write_text(CONFIG.format(batch=batch, runs=root / f"runs-{async_write}", model=args.model,
+                                          data=subset, async_write=async_write))
+            cfg = configlib.load(path)
+            cfg.run_dir.mkdir(parents=True)
+            fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
+            code, out, peak = run_child([sys.executable, "-m", "trainctl.worker", "--run-dir", str(cfg.run_dir)])
+            assert code == 0, out
+            result[batch][f"trainctl async_write={async_write}"] = peak
+        code, out, plain = run_child([sys.executable, throughput, "--child", "--model", args.model, "--batch",
+                                      str(batch), "--steps", str(args.steps + 4), "--threads", "2"])
+        assert code == 0, out
+        result[batch]["plain timm loop"] = plain
+    print(f"peak RSS training {args.model} on the CPU ({machine()}):")
+    for batch, r in result.items():
+        base = r["plain timm loop"]
+        print(f"  batch {batch}: " + ", ".join(f"{k} {v / 2**30:.2f} GiB ({v / base:.2f}x)" for k, v in r.items()))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Recovery time (MTTR): from a worker's SIGKILL to the first optimizer step after the restore.
+
+A tiny model (test_vit, 32 px) trains under a real supervisor with the default backoff; the worker is
+SIGKILLed N times and each recovery is split into: detection, backoff, process start, imports, data
+scan + checkpoint load, model build, sanity check, first step — cold (a new Python process) and warm
+(`warm_standby = true`: a standby worker has already imported torch and timm).
+
+    python bench/recovery.py [--kills 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+from trainctl.supervisor.demo_data import make_dataset
+from trainctl.supervisor.journal import read_events
+from trainctl.supervisor.runstate import read_state
+from trainctl.worker import config as configlib
+from trainctl.worker import fsio
+from trainctl.worker.protocol import read_heartbeat
+
+CONFIG = """\
+[run]
+name = "{name}"
+runs_dir = "runs"
+[model]
+name = "test_vit"
+img_size = 32
+[data]
+train_dir = "data/train"
+[train]
+epochs = 100000
+effective_batch_size = 16
+lr = 1e-3
+threads = 1
+log_every_steps = 1000
+[checkpoint]
+every_steps = 20
+keep_last = 2
+[supervisor]
+warm_standby = {warm}
+keep_awake = false
+[[profiles]]
+device = "cpu"
+batch_size = 8
+"""
+PARTS = ("detection", "backoff", "process start", "imports", "data + checkpoint load", "model build",
+         "sanity check", "first step")
+
+
+def make_run(root: Path, name: str, warm: bool) -> Path:
+    path = root / f"{name}.toml"
+    path.write_text(CONFIG.format(name=name, warm=str(warm).lower()))
+    cfg = configlib.load(path)
+    cfg.run_dir.mkdir(parents=True)
+    fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
+    return cfg.run_dir
+
+
+def wait(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise TimeoutError
+
+
+def training(run_dir: Path, attempt: int):
+    hb = read_heartbeat(run_dir) or {}
+    ok = hb.get("attempt") == attempt and "first_step" in hb.get("timings", {})
+    return hb if ok else None
+
+
+def measure(root: Path, warm: bool, kills: int) -> list[dict]:
+    run_dir = make_run(root, "warm" if warm else "cold", warm)
+    sup = subprocess.Popen([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = []
+    try:
+        for attempt in range(1, kills + 1):
+            hb = wait(lambda: training(run_dir, attempt))
+            time.sleep(8 if warm else 2)    # warm: let the standby finish its own imports first
+            hb = read_heartbeat(run_dir)
+            killed = time.time()
+            os.kill(hb["pid"], signal.SIGKILL)
+            nxt = wait(lambda: training(run_dir, attempt + 1))
+            t = nxt["timings"]
+            events = read_events(run_dir)
+            ended = next(e["time"] for e in events if e["kind"] == "exit" and e["attempt"] == attempt)
+            spawned = next(e["time"] for e in events if e["kind"] == "spawn" and e["attempt"] == attempt + 1)
+            started = t.get("go", t["imported"])
+            parts = {"detection": ended - killed, "backoff": spawned - ended,
+                     "process start": (t["go"] - spawned) if "go" in t else (t["process_start"] - spawned),
+                     "imports": 0.0 if "go" in t else t["imported"] - t["process_start"],
+                     "data + checkpoint load": t["checkpoint_loaded"] - started,
+                     "model build": t["model_built"] - t["checkpoint_loaded"],
+                     "sanity check": t["sanity_done"] - t["model_built"],
+                     "first step": t["first_step"] - t["sanity_done"]}
+            parts["total"] = t["first_step"] - killed
+            out.append(parts)
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        sup.wait(timeout=120)
+    assert read_state(run_dir)["state"] == "stopped"
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--kills", type=int, default=5)
+    args = p.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="trainctl-mttr-"))
+    make_dataset(root / "data", per_class_train=24, per_class_val=0, size=40, seed=1)
+    result = {}
+    for warm in (False, True):
+        runs = measure(root, warm, args.kills)
+        result["warm" if warm else "cold"] = {k: statistics.median(r[k] for r in runs) for k in (*PARTS, "total")}
+    print(f"recovery time after SIGKILL ({machine()}), median of {args.kills}, default backoff:")
+    print(f"  {'part':24s} {'cold':>8s} {'warm':>8s}")
+    for k in (*PARTS, "total"):
+        print(f"  {k:24s} {result['cold'][k]:7.2f}s {result['warm'][k]:7.2f}s")
+    print("  target: total <= 2 s (warm)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

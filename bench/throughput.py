@@ -1,0 +1,135 @@
+"""Training throughput: trainctl supervised vs the same worker run directly vs a plain loop on timm's pipeline.
+
+Same model, batch, torch threads and photo-sized JPEGs; steady-state images/s measured from step
+timestamps (the first steps are skipped), runs alternated and repeated.
+
+    python bench/throughput.py [--model mobilenetv3_small_100] [--steps 40] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT, machine, photos  # noqa: E402
+
+CONFIG = """\
+[run]
+name = "{name}"
+runs_dir = "{runs}"
+[model]
+name = "{model}"
+[data]
+train_dir = "{data}"
+[train]
+epochs = 1
+effective_batch_size = {batch}
+lr = 1e-3
+threads = {threads}
+log_every_steps = 1
+[checkpoint]
+every_steps = 0
+every_seconds = 0
+[supervisor]
+keep_awake = false
+[[profiles]]
+device = "cpu"
+batch_size = {batch}
+"""
+SKIP = 3   # warm-up steps left out of the measurement
+
+
+def plain_loop(model_name: str, folder: Path, batch: int, steps: int, threads: int) -> float:
+    """What a user writes with timm alone; returns steady-state images/s."""
+    import timm
+    import timm.data
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False, num_classes=4)
+    cfg = timm.data.resolve_data_config(model=model)
+    transform = timm.data.create_transform(**cfg, is_training=True, color_jitter=None, auto_augment=None, re_prob=0.0)
+    loader = torch.utils.data.DataLoader(timm.data.ImageDataset(str(folder), transform=transform), batch_size=batch,
+                                         shuffle=True, drop_last=True, num_workers=0,
+                                         generator=torch.Generator().manual_seed(0))
+    optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+    times = []
+    while len(times) < steps:
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter())
+            if len(times) == steps:
+                break
+    return (len(times) - SKIP - 1) * batch / (times[-1] - times[SKIP])
+
+
+def trainctl_run(model: str, folder: Path, batch: int, steps: int, threads: int, supervised: bool) -> float:
+    from trainctl.worker import config as configlib
+    from trainctl.worker import fsio
+    root = Path(tempfile.mkdtemp(prefix="trainctl-tput-"))
+    # one epoch of exactly `steps` steps: a subset folder of steps * batch images
+    subset = root / "data"
+    files = sorted(folder.rglob("*.jpg"))[: steps * batch]
+    for f in files:
+        (subset / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (subset / f.parent.name / f.name).symlink_to(f)
+    path = root / "run.toml"
+    path.write_text(CONFIG.format(name="tput", runs=root / "runs", model=model, data=subset, batch=batch,
+                                  threads=threads))
+    cfg = configlib.load(path)
+    cfg.run_dir.mkdir(parents=True)
+    fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
+    cmd = ([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(cfg.run_dir)] if supervised else
+           [sys.executable, "-m", "trainctl.worker", "--run-dir", str(cfg.run_dir)])
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lines = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [x["time"] for x in lines if x.get("kind") == "train"]
+    return (len(times) - SKIP - 1) * batch / (times[-1] - times[SKIP])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="mobilenetv3_small_100")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--child", action="store_true")
+    args = p.parse_args(argv)
+    folder = photos(OUT / "photos", max(120, args.steps * args.batch))
+    if args.child:
+        print(plain_loop(args.model, folder, args.batch, args.steps, args.threads))
+        return {}
+    runs = {"plain timm loop": [], "trainctl worker, direct": [], "trainctl supervised": []}
+    for _ in range(args.repeats):
+        out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--batch", str(args.batch),
+                              "--steps", str(args.steps), "--threads", str(args.threads)],
+                             capture_output=True, text=True, check=True).stdout
+        runs["plain timm loop"].append(float(out.strip().splitlines()[-1]))
+        runs["trainctl worker, direct"].append(trainctl_run(args.model, folder, args.batch, args.steps, args.threads, False))
+        runs["trainctl supervised"].append(trainctl_run(args.model, folder, args.batch, args.steps, args.threads, True))
+    result = {k: statistics.median(v) for k, v in runs.items()}
+    print(f"training throughput, {args.model}, batch {args.batch}, {args.threads} threads, photos ({machine()}), "
+          f"median of {args.repeats}:")
+    for k, v in result.items():
+        print(f"  {k:26s} {v:7.1f} images/s")
+    result["supervised_vs_plain"] = result["trainctl supervised"] / result["plain timm loop"]
+    result["supervised_vs_direct"] = result["trainctl supervised"] / result["trainctl worker, direct"]
+    print(f"  supervised / plain timm loop: {result['supervised_vs_plain']:.2f}x (target >= 1.0); "
+          f"supervised / direct: {result['supervised_vs_direct']:.3f}x (target >= 0.98)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""When to checkpoint, and the promise: no crash loses more than `every_steps` optimizer steps.
+
+Snapshots are taken early by the number of steps the previous write took ("lead"), so the write
+commits about when the interval ends; a step never starts while the newest committed checkpoint is
+`every_steps` behind — then training waits for the write in flight (or writes one) first. Time-based
+checkpoints (`every_seconds`) follow the same lead, without the hard wait.
+"""
+from __future__ import annotations
+
+import time
+
+from .ckptwriter import Writer
+from .protocol import Committed
+from .report import say
+from .snapshot import capture
+
+
+class Checkpointing:
+    def __init__(self, trainer, background: bool):
+        self.t = trainer
+        k = trainer.cfg.checkpoint
+        self.every_steps, self.every_seconds = k.every_steps, k.every_seconds
+        self.writer = Writer(trainer.ckpt_dir, k.keep_last, background=background,
+                             on_phase=lambda phase, step: trainer.faults.hit(f"ckpt_{phase}", step))
+        self.committed_step = trainer.progress.step   # a fresh start is step 0: reproducible from the seed
+        self.snapshot_step: int | None = None
+        self.snapshot_time = time.monotonic()
+        self.lead_steps, self.lead_seconds = 0, 0.0
+        self.blocked_seconds, self.written = 0.0, 0
+
+    @property
+    def step(self) -> int:
+        return self.t.progress.step
+
+    def after_step(self) -> None:
+        """Collect a finished write, snapshot if due, and hold the line on the promise."""
+        self._collect(self.writer.poll())
+        if self._due():
+            self.snapshot("requested" if self.t.flags.checkpoint else "interval")
+        if self.every_steps and self.step - self.committed_step >= self.every_steps:
+            started = time.monotonic()
+            self._collect(self.writer.wait())
+            if self.step - self.committed_step >= self.every_steps:   # nothing newer was in flight
+                self.snapshot("interval")
+                self._collect(self.writer.wait())
+            self.blocked_seconds += time.monotonic() - started
+
+    def _due(self) -> bool:
+        if self.writer.busy or self.snapshot_step == self.step:
+            return False
+        if self.t.flags.checkpoint:
+            return True
+        if self.every_steps and self.step - self.committed_step >= self.every_steps - self.lead_steps:
+            return True
+        return bool(self.every_seconds) and time.monotonic() - self.snapshot_time >= self.every_seconds - self.lead_seconds
+
+    def snapshot(self, reason: str) -> None:
+        """Copy the state to memory and hand it to the writer (waits only for a write still in flight)."""
+        started = time.monotonic()
+        self._collect(self.writer.wait())
+        p = self.t.progress
+        info = {"epoch": p.epoch, "cursor": p.cursor, "samples_seen": p.samples_seen, "reason": reason,
+                "requested": self.t.flags.checkpoint,   # SIGUSR1 answered (also when an epoch end came first)
+                "profile_index": self.t.profile_index, "attempt": self.t.reporter.fields["attempt"]}
+        self.writer.submit(p.step, capture(self.t, copy=self.writer.background), info)
+        self.t.flags.checkpoint = False
+        self.snapshot_step, self.snapshot_time = p.step, time.monotonic()
+        self.blocked_seconds += self.snapshot_time - started
+        self.t.reporter.beat(checkpoint_blocked_seconds=round(self.blocked_seconds, 3))
+        if not self.writer.background:
+            self._collect(self.writer.poll())
+
+    def finish(self) -> None:
+        """Wait for the write in flight to commit (before exporting or exiting)."""
+        self._collect(self.writer.wait())
+
+    def stop(self) -> None:
+        """Make the current step durable before a requested stop."""
+        self.finish()
+        if self.committed_step != self.step:
+            self.snapshot("stop")
+            self.finish()
+
+    def _collect(self, done: Committed | None) -> None:
+        if done is None:
+            return
+        self.committed_step = done.step
+        self.written += 1
+        # The next snapshot starts this much earlier, so that it commits about when it is due.
+        self.lead_steps = min(max(self.every_steps - 1, 0), self.step - done.step + 1)
+        self.lead_seconds = self.writer.write_seconds
+        self.t.reporter.beat(force=True, checkpoints_written=self.written,
+                             last_checkpoint={"step": done.step, "path": str(done.path), "time": done.marker["created"]})
+        say(f"checkpoint at step {done.step} committed ({done.marker['size'] / 2**20:.1f} MiB, written in "
+            f"{self.writer.write_seconds:.2f} s, {done.marker.get('reason')})")

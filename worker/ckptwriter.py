@@ -1,0 +1,72 @@
+"""Asynchronous checkpoints: the training thread snapshots the state to memory; one background thread
+serialises, writes, fsyncs and commits it (the commit rules of `checkpoint.save`, unchanged).
+
+Never two writes at once: a new snapshot waits for the write in flight. The training loop keeps the
+promise "no crash loses more than `every_steps` optimizer steps" by never starting a step while the
+newest *committed* checkpoint is `every_steps` behind (see `Trainer._checkpoint_policy`).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import checkpoint
+from .protocol import Committed
+
+
+class Writer:
+    def __init__(self, folder: Path, keep_last: int, on_phase: Callable[[str, int], None], background: bool = True):
+        self.folder, self.keep_last, self.on_phase, self.background = Path(folder), keep_last, on_phase, background
+        self._thread: threading.Thread | None = None
+        self._done: Committed | None = None
+        self._error: BaseException | None = None
+        self.in_flight: int | None = None       # step of the snapshot being written
+        self.write_seconds = 0.0                 # duration of the last completed write
+
+    def submit(self, step: int, state: dict, info: dict) -> None:
+        """Write `state` (already a private copy) as the checkpoint of `step`; waits for the previous write."""
+        self.wait()
+        self.in_flight = step
+        if not self.background:
+            self._write(step, state, info)
+            return
+        self._thread = threading.Thread(target=self._write, args=(step, state, info), name="trainctl-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def _write(self, step: int, state: dict, info: dict) -> None:
+        started = time.monotonic()
+        try:
+            self._done = checkpoint.save(self.folder, step, state, self.keep_last, info,
+                                         on_phase=lambda phase: self.on_phase(phase, step))
+        except BaseException as e:   # handed to the training thread, which decides what it means
+            self._error = e
+        self.write_seconds = time.monotonic() - started
+
+    def poll(self) -> Committed | None:
+        """The checkpoint committed since the last call, if any (raises the write's error, if it failed)."""
+        if self._thread is not None and self._thread.is_alive():
+            return None
+        return self._collect()
+
+    def wait(self) -> Committed | None:
+        """Block until the write in flight is committed (or failed)."""
+        if self._thread is not None:
+            self._thread.join()
+        return self._collect()
+
+    def _collect(self) -> Committed | None:
+        self._thread = None
+        if self._error is not None:
+            error, self._error, self.in_flight = self._error, None, None
+            raise error
+        done, self._done = self._done, None
+        if done is not None:
+            self.in_flight = None
+        return done
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight is not None
