@@ -67,6 +67,12 @@ class Writer:
             self.in_flight = None
         return done
 
+    def drain(self) -> None:
+        """Before the process exits on an error: let the write in flight finish (a daemon thread
+        still inside torch.save when the interpreter shuts down can crash the process)."""
+        if self._thread is not None:
+            self._thread.join()
+
     @property
     def busy(self) -> bool:
         return self.in_flight is not None

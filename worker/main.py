@@ -96,6 +96,8 @@ def main(argv=None) -> int:
             return report_error(run_dir, args.attempt, "oom", e, EXIT_OOM, trainer)
         return report_error(run_dir, args.attempt, "exception", e, EXIT_EXCEPTION, trainer)
     finally:
+        if getattr(trainer, "ckpt", None) is not None:
+            trainer.ckpt.writer.drain()
         lock.release()
 
 
