@@ -247,7 +247,8 @@ def test_service_start_is_idempotent_keeps_the_machine_awake_and_reports(tmp_pat
 
 
 def test_disk_full_fails_with_its_own_reason_and_keeps_the_previous_checkpoint(tmp_path, dataset):
-    text = config_text("full", dataset, supervisor_extra=f"on_failure = \"echo $TRAINCTL_REASON > {tmp_path / 'why'}\"")
+    text = config_text("full", dataset, supervisor_extra=f"on_failure = \"echo $TRAINCTL_REASON > {tmp_path / 'why'}\"",
+                       replace={"keep_last = 2": "keep_last = 2\nasync_write = false"})   # checkpoints at 3, 6, 9
     run_dir = make_run(tmp_path, "full", text)
     env = {**os.environ, "TRAINCTL_FAULTS": "ckpt_bytes:enospc@9"}
     result = subprocess.run([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)], env=env,

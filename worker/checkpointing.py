@@ -7,6 +7,7 @@ checkpoints (`every_seconds`) follow the same lead, without the hard wait.
 """
 from __future__ import annotations
 
+import math
 import time
 
 from .ckptwriter import Writer
@@ -27,6 +28,8 @@ class Checkpointing:
         self.snapshot_time = time.monotonic()
         self.lead_steps, self.lead_seconds = 0, 0.0
         self.blocked_seconds, self.written = 0.0, 0
+        self.step_seconds = 0.0            # moving average of one optimizer step
+        self._last_step_at = time.monotonic()
 
     @property
     def step(self) -> int:
@@ -34,6 +37,9 @@ class Checkpointing:
 
     def after_step(self) -> None:
         """Collect a finished write, snapshot if due, and hold the line on the promise."""
+        now = time.monotonic()
+        took, self._last_step_at = now - self._last_step_at, now
+        self.step_seconds = took if not self.step_seconds else 0.9 * self.step_seconds + 0.1 * took
         self._collect(self.writer.poll())
         if self._due():
             self.snapshot("requested" if self.t.flags.checkpoint else "interval")
@@ -86,9 +92,11 @@ class Checkpointing:
             return
         self.committed_step = done.step
         self.written += 1
-        # The next snapshot starts this much earlier, so that it commits about when it is due.
-        self.lead_steps = min(max(self.every_steps - 1, 0), self.step - done.step + 1)
-        self.lead_seconds = self.writer.write_seconds
+        # A background write overlaps training: the next snapshot starts as many steps early as the
+        # last write took, so that it commits about when it is due.
+        if self.writer.background and self.step_seconds:
+            self.lead_steps = min(max(self.every_steps - 1, 0), math.ceil(self.writer.write_seconds / self.step_seconds))
+            self.lead_seconds = self.writer.write_seconds
         self.t.reporter.beat(force=True, checkpoints_written=self.written,
                              last_checkpoint={"step": done.step, "path": str(done.path), "time": done.marker["created"]})
         say(f"checkpoint at step {done.step} committed ({done.marker['size'] / 2**20:.1f} MiB, written in "
