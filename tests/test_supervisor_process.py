@@ -44,6 +44,11 @@ def training(run_dir, attempt: int, min_step: int = 0):
     return hb if hb.get("attempt") == attempt and hb.get("phase") == "training" and hb.get("step", 0) >= min_step else None
 
 
+def newest_checkpoint_step(run_dir) -> int:
+    found = committed_checkpoints(run_dir / "checkpoints")
+    return found[-1].step if found else 0
+
+
 def run_processes(run_dir):
     """Processes whose command line names this run (workers, supervisors, loader processes)."""
     found = []
@@ -65,7 +70,8 @@ def test_real_signals_are_classified_and_the_run_recovers_bit_identical(tmp_path
             spawn = wait_for(lambda: [e for e in events(run_dir, "spawn") if e["attempt"] == attempt], 60,
                              what=f"attempt {attempt} to start")[0]
             start = spawn["step"] or 0
-            # past a new checkpoint (every 3 steps), so each attempt makes real progress before it dies
+            # past a newly committed checkpoint (writes are in the background), so each attempt makes progress
+            wait_for(lambda: newest_checkpoint_step(run_dir) > start, 120, what=f"a checkpoint from attempt {attempt}")
             hb = wait_for(lambda: training(run_dir, attempt, start + 4), 120, what=f"attempt {attempt} training")
             os.kill(hb["pid"], sig)
             sent.append((sig, hb["pid"]))

@@ -48,16 +48,18 @@ def test_the_final_model_loads_into_timm_with_its_labels(reference_run):
 
 
 def test_switching_rung_mid_epoch_matches_up_to_summation_order(tmp_path, dataset, reference_run):
-    """Batch 8 x accum 2 until step 15, then batch 4 x accum 4 from that checkpoint to the end."""
+    """Batch 8 x accum 2 until killed at step 16, then batch 4 x accum 4 from the newest checkpoint to the end."""
     run_dir = make_run(tmp_path, "switch", config_text("switch", dataset))
     assert run_worker(run_dir, 0, 1, faults="train_step:sigkill@16:once").returncode == KILLED
-    assert committed_checkpoints(run_dir / "checkpoints")[-1].step == 15
+    # A background write may start a step early to be durable on time; never more than every_steps (3) behind.
+    newest = committed_checkpoints(run_dir / "checkpoints")[-1].step
+    assert 16 - 3 <= newest <= 15
     result = run_worker(run_dir, 1, 2)
     assert result.returncode == EXIT_DONE, result.stdout + result.stderr
     assert "batch 4 x accum 4" in result.stdout
     wa, wb = weights(run_dir / "model.safetensors"), weights(reference_run / "model.safetensors")
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    print(f"max abs weight difference after 3 steps on the other rung: {diff:.3e}")
+    print(f"max abs weight difference after {18 - newest} steps on the other rung: {diff:.3e}")
     assert diff < 1e-5
 
 

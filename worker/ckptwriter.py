@@ -3,7 +3,7 @@ serialises, writes, fsyncs and commits it (the commit rules of `checkpoint.save`
 
 Never two writes at once: a new snapshot waits for the write in flight. The training loop keeps the
 promise "no crash loses more than `every_steps` optimizer steps" by never starting a step while the
-newest *committed* checkpoint is `every_steps` behind (see `Trainer._checkpoint_policy`).
+newest *committed* checkpoint is `every_steps` behind (see `checkpointing.Checkpointing`).
 """
 from __future__ import annotations
 
