@@ -1,4 +1,4 @@
-"""Shared bench helpers: photo-like JPEGs, run folders, peak RSS of a child, machine facts."""
+"""Shared bench helpers: photo-like JPEGs, tiny supervised runs, peak RSS of a child, machine facts."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,53 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
+
+# A tiny model that trains "forever" on one CPU rung; each bench adds its checkpoint/supervisor keys.
+TINY = """\
+[run]
+name = "{name}"
+runs_dir = "runs"
+[model]
+name = "test_vit"
+img_size = 32
+[data]
+train_dir = "data/train"
+[train]
+epochs = 100000
+effective_batch_size = 16
+lr = 1e-3
+threads = 1
+log_every_steps = 1000
+[checkpoint]
+{checkpoint}
+[supervisor]
+keep_awake = false
+{supervisor}
+[[profiles]]
+device = "cpu"
+batch_size = 8
+"""
+
+
+def tiny_run(root: Path, name: str, checkpoint: str = "", supervisor: str = "") -> Path:
+    """A run folder with its frozen config, as `trainctl start` makes it, over a small synthetic dataset."""
+    from trainctl.supervisor.demo_data import make_dataset
+    from trainctl.worker import config as configlib
+    from trainctl.worker import fsio
+    root = Path(root)
+    if not (root / "data").exists():
+        make_dataset(root / "data", per_class_train=24, per_class_val=0, size=40, seed=1)
+    path = root / f"{name}.toml"
+    path.write_text(TINY.format(name=name, checkpoint=checkpoint, supervisor=supervisor))
+    cfg = configlib.load(path)
+    cfg.run_dir.mkdir(parents=True)
+    fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
+    return cfg.run_dir
+
+
+def start_supervisor(run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def photos(root: Path, count: int = 120, classes: int = 4, seed: int = 0) -> Path:

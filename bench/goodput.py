@@ -11,49 +11,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import machine, start_supervisor, tiny_run  # noqa: E402
 
-from trainctl.supervisor.demo_data import make_dataset
 from trainctl.supervisor.journal import read_events
 from trainctl.supervisor.report import summarize
-from trainctl.worker import config as configlib
-from trainctl.worker import fsio
 from trainctl.worker.protocol import read_heartbeat
-
-CONFIG = """\
-[run]
-name = "goodput"
-runs_dir = "runs"
-[model]
-name = "test_vit"
-img_size = 32
-[data]
-train_dir = "data/train"
-[train]
-epochs = 100000
-effective_batch_size = 16
-lr = 1e-3
-threads = 1
-log_every_steps = 1000
-[checkpoint]
-every_steps = 0
-every_seconds = {interval}
-keep_last = 2
-[supervisor]
-warm_standby = {warm}
-keep_awake = false
-[[profiles]]
-device = "cpu"
-batch_size = 8
-"""
-
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
@@ -63,21 +31,16 @@ def main(argv=None) -> dict:
     p.add_argument("--cold", action="store_true", help="without the warm standby")
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="trainctl-goodput-"))
-    make_dataset(root / "data", per_class_train=24, per_class_val=0, size=40, seed=1)
-    path = root / "run.toml"
-    path.write_text(CONFIG.format(interval=args.interval, warm=str(not args.cold).lower()))
-    cfg = configlib.load(path)
-    cfg.run_dir.mkdir(parents=True)
-    fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
-    sup = subprocess.Popen([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(cfg.run_dir)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tiny_run(root, "goodput", checkpoint=f"every_steps = 0\nevery_seconds = {args.interval}\nkeep_last = 2",
+                       supervisor=f"warm_standby = {str(not args.cold).lower()}")
+    sup = start_supervisor(run_dir)
     end = time.monotonic() + args.minutes * 60
     next_kill, kills = time.monotonic() + args.every, 0
     try:
         while time.monotonic() < end:
             time.sleep(0.2)
             if time.monotonic() >= next_kill:
-                hb = read_heartbeat(cfg.run_dir) or {}
+                hb = read_heartbeat(run_dir) or {}
                 if hb.get("pid") and hb.get("phase") == "training":
                     os.kill(hb["pid"], signal.SIGKILL)
                     kills += 1
@@ -85,7 +48,7 @@ def main(argv=None) -> dict:
     finally:
         sup.send_signal(signal.SIGTERM)
         sup.wait(timeout=300)
-    s = summarize(read_events(cfg.run_dir))
+    s = summarize(read_events(run_dir))
     print(f"goodput with a SIGKILL every {args.every:g} s for {args.minutes:g} min ({kills} kills, checkpoint every "
           f"{args.interval:g} s, {'cold' if args.cold else 'warm standby'}; {machine()}):")
     print(f"  supervised {s['supervised_seconds']:.0f} s: training {s['training_seconds']:.1f} s, re-done "

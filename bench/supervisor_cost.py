@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,37 +17,9 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import machine, start_supervisor, tiny_run  # noqa: E402
 
-from trainctl.supervisor.demo_data import make_dataset
-from trainctl.worker import config as configlib
-from trainctl.worker import fsio
 from trainctl.worker.protocol import read_heartbeat
-
-CONFIG = """\
-[run]
-name = "cost"
-runs_dir = "runs"
-[model]
-name = "test_vit"
-img_size = 32
-[data]
-train_dir = "data/train"
-[train]
-epochs = 100000
-effective_batch_size = 16
-lr = 1e-3
-threads = 1
-[checkpoint]
-every_steps = 50
-[supervisor]
-poll_seconds = {poll}
-keep_awake = false
-[[profiles]]
-device = "cpu"
-batch_size = 8
-"""
-
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
@@ -56,17 +27,11 @@ def main(argv=None) -> dict:
     p.add_argument("--poll", type=float, default=1.0)
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="trainctl-cost-"))
-    make_dataset(root / "data", per_class_train=24, per_class_val=0, size=40, seed=1)
-    path = root / "run.toml"
-    path.write_text(CONFIG.format(poll=args.poll))
-    cfg = configlib.load(path)
-    cfg.run_dir.mkdir(parents=True)
-    fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
-    sup = subprocess.Popen([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(cfg.run_dir)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tiny_run(root, "cost", checkpoint="every_steps = 50", supervisor=f"poll_seconds = {args.poll}")
+    sup = start_supervisor(run_dir)
     proc = psutil.Process(sup.pid)
     try:
-        while (read_heartbeat(cfg.run_dir) or {}).get("phase") != "training":
+        while (read_heartbeat(run_dir) or {}).get("phase") != "training":
             time.sleep(0.2)
         startup = proc.cpu_times()
         t0, rss = time.monotonic(), []

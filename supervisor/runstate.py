@@ -18,11 +18,16 @@ class AlreadyRunning(RuntimeError):
     """Another supervisor holds this run."""
 
 
-def acquire(run_dir: Path, timeout: float = 0.0) -> filelock.FileLock:
+# `supervisor_alive` probes by taking the lock for an instant; a start that tries at that instant must
+# not be refused, so it waits this long for a holder to go (a real supervisor holds it for the run).
+PROBE_WAIT_SECONDS = 2.0
+
+
+def acquire(run_dir: Path, timeout: float = PROBE_WAIT_SECONDS) -> filelock.FileLock:
     """Take the run's supervisor lock or raise AlreadyRunning naming the holder's pid."""
     lock = filelock.FileLock(Path(run_dir) / SUPERVISOR_LOCK)
     try:
-        lock.acquire(timeout=timeout)
+        lock.acquire(timeout=timeout, poll_interval=0.01)
     except filelock.Timeout:
         pid = (read_state(run_dir) or {}).get("supervisor_pid")
         raise AlreadyRunning(f"run {Path(run_dir).name} already has a supervisor running"

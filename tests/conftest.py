@@ -7,9 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from trainctl.supervisor.demo_data import make_dataset
+from trainctl.supervisor.journal import read_events
 from trainctl.worker import config as configlib
 from trainctl.worker import fsio
 
@@ -134,3 +136,20 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not different, f"tensors differ: {different[:5]}"
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    """The run's journal events of one kind, oldest first."""
+    return [e for e in read_events(run_dir) if e["kind"] == kind]
+
+
+def run_processes(run_dir: Path) -> list[psutil.Process]:
+    """Processes whose command line names this run (workers, supervisors, loader processes)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.info["cmdline"] and str(run_dir) in " ".join(p.info["cmdline"]):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found

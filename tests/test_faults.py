@@ -11,34 +11,17 @@ import subprocess
 import sys
 
 import numpy as np
-import psutil
 import pytest
 from PIL import Image
 
-from trainctl.supervisor.journal import read_events
 from trainctl.supervisor.runstate import read_state
 from trainctl.worker.protocol import (EXIT_CONFIG, EXIT_DISK_FULL, EXIT_DONE, committed_checkpoints,
                                       error_json_path, read_heartbeat)
 
-from conftest import LONG, assert_same_weights, config_text, make_run, run_worker, wait_for
+from conftest import LONG, assert_same_weights, config_text, events, make_run, run_processes, run_worker, wait_for
 
 ONE_RUNG = {'[[profiles]]\ndevice = "cpu"\nbatch_size = 4\n': ""}   # the ladder: batch 8 only
 EVERY = 3                                                              # [checkpoint] every_steps
-
-
-def events(run_dir, kind):
-    return [e for e in read_events(run_dir) if e["kind"] == kind]
-
-
-def run_processes(run_dir):
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.info["cmdline"] and str(run_dir) in " ".join(p.info["cmdline"]):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
 
 
 @pytest.mark.parametrize("background", [True, False], ids=["async", "sync"])

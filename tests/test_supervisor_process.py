@@ -9,11 +9,10 @@ import time
 
 import psutil
 
-from trainctl.supervisor.journal import read_events
 from trainctl.supervisor.runstate import read_state, supervisor_alive
 from trainctl.worker.protocol import committed_checkpoints, read_heartbeat
 
-from conftest import LONG, assert_same_weights, config_text, make_run, wait_for
+from conftest import LONG, assert_same_weights, config_text, events, make_run, run_processes, wait_for
 
 
 def start_supervisor(run_dir, faults: str = "") -> subprocess.Popen:
@@ -30,10 +29,6 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     return out
 
 
-def events(run_dir, kind):
-    return [e for e in read_events(run_dir) if e["kind"] == kind]
-
-
 def crashes(run_dir):
     return [e for e in events(run_dir, "exit") if e["data"]["failure"] not in ("done", "stopped")]
 
@@ -47,18 +42,6 @@ def training(run_dir, attempt: int, min_step: int = 0):
 def newest_checkpoint_step(run_dir) -> int:
     found = committed_checkpoints(run_dir / "checkpoints")
     return found[-1].step if found else 0
-
-
-def run_processes(run_dir):
-    """Processes whose command line names this run (workers, supervisors, loader processes)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.info["cmdline"] and str(run_dir) in " ".join(p.info["cmdline"]):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
 
 
 def test_real_signals_are_classified_and_the_run_recovers_bit_identical(tmp_path, dataset, long_reference):
