@@ -63,14 +63,15 @@ keep_last = 3
 [supervisor]
 backoff_seconds = [0.2]
 poll_seconds = 0.2
-hang_timeout_seconds = 4
+hang_timeout_seconds = 6
 # The soak tests recovery, not the give-up policy (which has its own tests): random faults may hit
 # one step twice, or a rung many times without a checkpoint in between.
 max_restarts_per_profile = 1000
 same_step_limit = 1000
 memory_soft_limit = ""
-# Memory growth (200 MB/s from ~1 GB) must reach this before the 4 s hang timeout fires.
-memory_hard_limit = "1.5GB"
+# A growing worker stops beating: growth (~160 MB/s from ~0.8 GB; normal peak 0.93 GB) must reach
+# this well before the 6 s hang timeout fires, or it is (rightly) called a hang.
+memory_hard_limit = "1.2GB"
 keep_awake = false
 [[profiles]]
 device = "cpu"
@@ -206,10 +207,13 @@ def soak_round(root: Path, number: int, budget: int, rng: random.Random, epochs:
         checkpoints.check(run_dir)
     service.wait(timeout=1800)
     checkpoints.check(run_dir)
-    for e in read_events(run_dir, ("exit",)):              # the planted faults that fired
-        failure = e["data"]["failure"]
-        if failure in ("exception", "oom", "memory_limit") and e["step"] in planted:
-            kind = {"exception": "exception", "cpu_oom": "oom", "grow_memory": "memory"}[planted[e["step"]]]
+    # The planted faults that fired: every failed exit at a planted step that no external fault explains,
+    # whatever it was classified as (`account` then checks the classification).
+    external_attempts = {f["attempt"] for f in ledger if f["round"] == number}
+    for e in read_events(run_dir, ("exit",)):
+        if e["data"]["failure"] not in ("done", "stopped") and e["step"] in planted \
+                and e["attempt"] not in external_attempts:
+            kind = {"exception": "exception", "cpu_oom": "oom", "grow_memory": "memory"}[planted.pop(e["step"])]
             ledger.append({"round": number, "kind": kind, "time": e["time"], "attempt": e["attempt"],
                            "step": e["step"], "phase": "training"})
     return run_dir
