@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, machine  # noqa: E402
 
 import timm  # noqa: E402
+import timm.optim  # noqa: E402
+import timm.scheduler  # noqa: E402
 import torch  # noqa: E402
 
 from trainctl.worker.ckptwriter import Writer  # noqa: E402

@@ -118,3 +118,14 @@ def test_large_jpegs_decode_at_reduced_scale(files, monkeypatch):
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     load_eval(str(files["big"]), RECIPE)
     assert seen and max(seen[0]) < 1200
+
+
+@pytest.mark.parametrize("width,height", [(617, 502), (1001, 999), (517, 1333)])
+def test_reduced_scale_crops_of_odd_sized_photos_stay_inside_the_image(tmp_path, width, height):
+    """Found by bench/data_path.py: the decoder rounds each side of a reduced image up on its own, and a
+    crop box scaled by one factor ran past the edge ("box can't exceed original image size")."""
+    path = tmp_path / "odd.jpg"
+    photo(width, height).save(path, quality=90)
+    recipe = Recipe(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))   # timm's crop scale (0.08, 1)
+    for i in range(300):
+        assert load_train(str(path), recipe, sample_rng(0, 0, i)).size == (224, 224)

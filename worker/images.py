@@ -126,7 +126,7 @@ def _crop_resize(img: Image.Image, orientation: int, box: tuple[float, float, fl
     """Decode (at reduced scale if the crop allows), orient, convert to RGB, crop and resize in one go."""
     box_w, box_h = box[2] - box[0], box[3] - box[1]
     reduction = min(box_w, box_h) / r.size
-    oriented_w = _oriented_size(img, orientation)[0]
+    oriented_w, oriented_h = _oriented_size(img, orientation)
     try:
         if reduction >= 2 and img.format == "JPEG":
             img.draft("RGB", (math.ceil(img.width / reduction), math.ceil(img.height / reduction)))
@@ -136,8 +136,10 @@ def _crop_resize(img: Image.Image, orientation: int, box: tuple[float, float, fl
         img = _to_rgb(img, r.fill)
     except Exception as e:   # truncated data, corrupt streams
         raise BadImage(_reason(e)) from None
-    s = img.width / oriented_w           # draft scale (1, 1/2, 1/4 or 1/8)
-    scaled = (box[0] * s, box[1] * s, box[2] * s, box[3] * s)
+    # Draft scale (1, 1/2, 1/4 or 1/8), per axis: the decoder rounds each side up on its own, and a
+    # box past the edge by a rounding error is an error in Pillow, so clamp it too.
+    sx, sy = img.width / oriented_w, img.height / oriented_h
+    scaled = (max(0.0, box[0] * sx), max(0.0, box[1] * sy), min(img.width, box[2] * sx), min(img.height, box[3] * sy))
     return img.resize((r.size, r.size), RESAMPLE.get(r.interpolation, Image.BICUBIC), box=scaled)
 
 
