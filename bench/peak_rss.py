@@ -2,8 +2,8 @@
 
 Batch 1 and 2 (accumulation 1), a few steps on photo-sized JPEGs at 224 px, same threads; each in
 its own process, peak RSS from the kernel (wait4). The data path must not be what runs out of memory.
-The worker's epoch-end checkpoint is included: with `async_write = true` its in-memory snapshot
-(a copy of model + optimizer state) is part of the peak; with `false` there is no copy.
+The worker's epoch-end checkpoint is included, written both ways (`async_write` true and false);
+on the CPU neither copies the model and optimizer state.
 
     python bench/peak_rss.py [--model eva02_base_patch14_224] [--steps 3]
 """

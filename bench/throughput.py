@@ -49,6 +49,7 @@ def plain_loop(model_name: str, folder: Path, batch: int, steps: int, threads: i
     """What a user writes with timm alone; returns steady-state images/s."""
     import timm
     import timm.data
+    import timm.optim
     import torch
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
+import time
+import zlib
 
 import pytest
 import torch
 
 from trainctl.worker import checkpoint, fsio
+from trainctl.worker.ckptwriter import Writer
 from trainctl.worker.protocol import checkpoint_path, committed_checkpoints, marker_path
 
 
@@ -24,7 +28,7 @@ def save(folder, step, keep=3, **kw):
 def test_commit_marker_records_size_and_checksum(tmp_path):
     done = save(tmp_path, 5)
     marker = json.loads(marker_path(done.path).read_text())
-    assert marker["step"] == 5 and marker["size"] == done.path.stat().st_size and len(marker["sha256"]) == 64
+    assert marker["step"] == 5 and marker["size"] == done.path.stat().st_size and len(marker["crc32"]) == 8
     loaded, found, skipped = checkpoint.load_latest(tmp_path)
     assert found.step == 5 and torch.equal(loaded["model"]["w"], state(5)["model"]["w"]) and skipped == []
 
@@ -138,3 +142,49 @@ def test_stale_temps_are_ours_only(tmp_path):
     (tmp_path / "step-000000001.pt").write_bytes(b"no marker: reported, not deleted")
     assert fsio.remove_stale_temps(tmp_path) == [".step-000000009.pt.tmp-123"]
     assert sorted(os.listdir(tmp_path)) == ["step-000000001.pt", "users-notes.txt"]
+
+
+def test_large_tensors_are_checksummed_in_parallel_and_the_checksum_still_matches(tmp_path):
+    big = torch.arange(3 << 20, dtype=torch.float32)   # 12 MiB: written in chunks above PARALLEL_BYTES
+    done = checkpoint.save(tmp_path, 1, {"w": big, "small": torch.ones(3)}, keep_last=1, info={})
+    assert checkpoint.verify(done) is None
+    assert done.marker["crc32"] == f"{zlib.crc32(done.path.read_bytes()):08x}"
+
+
+def test_a_background_write_of_live_tensors_holds_the_update_until_they_are_read(tmp_path):
+    """The writer reads the live weights; `wait_released` must hold the optimizer step until it has.
+
+    The write is slowed down after its first tensor; the "optimizer step" (an in-place add to the
+    second tensor) waits for `wait_released`. Were it let through early, the checkpoint would hold
+    the updated second tensor."""
+    first, second = torch.zeros(1 << 20), torch.zeros(1 << 20)
+    slowed = []
+
+    def on_phase(phase, step):
+        if phase == "bytes" and not slowed:
+            slowed.append(phase)
+            time.sleep(0.5)
+
+    writer = Writer(tmp_path, keep_last=1, on_phase=on_phase, background=True)
+    writer.submit(1, {"first": first, "second": second}, {}, shares_training_memory=True)
+    writer.wait_released()
+    second.add_(1.0)          # the optimizer step
+    done = writer.wait()
+    saved = torch.load(done.path, weights_only=True)
+    assert slowed, "the write was never slowed: the test did not exercise the race"
+    assert torch.equal(saved["second"], torch.zeros(1 << 20))
+    assert torch.equal(saved["first"], torch.zeros(1 << 20))
+
+
+def test_markers_written_with_sha256_still_verify(tmp_path):
+    done = save(tmp_path, 3)
+    marker = dict(done.marker)
+    del marker["crc32"]
+    marker["sha256"] = hashlib.sha256(done.path.read_bytes()).hexdigest()
+    marker_path(done.path).write_text(json.dumps(marker))
+    (c,) = committed_checkpoints(tmp_path)
+    assert checkpoint.verify(c) is None
+    marker["sha256"] = "0" * 64
+    marker_path(done.path).write_text(json.dumps(marker))
+    (c,) = committed_checkpoints(tmp_path)
+    assert "checksum mismatch" in checkpoint.verify(c)

@@ -108,13 +108,13 @@ def test_no_space_mid_write_keeps_the_previous_checkpoint(tmp_path, dataset):
     """A real write failure from the kernel (RLIMIT_FSIZE → EFBIG) in the middle of a checkpoint."""
     run_dir = make_run(tmp_path, "nospace", config_text("nospace", dataset))
     assert run_worker(run_dir, faults="train_step:sigkill@8").returncode == -signal.SIGKILL
-    before = [(c.step, c.marker["sha256"]) for c in committed_checkpoints(run_dir / "checkpoints")]
+    before = [(c.step, c.marker["crc32"]) for c in committed_checkpoints(run_dir / "checkpoints")]
     assert len(before) == 2                                  # keep_last = 2
     result = run_worker(run_dir, attempt=2, preexec_fn=_file_size_limit(1 << 20))
     assert result.returncode == EXIT_DISK_FULL, result.stdout + result.stderr
     error = json.loads(error_json_path(run_dir, 2).read_text())
     assert error["kind"] == "disk_full" and "File too large" in error["message"]
-    assert [(c.step, c.marker["sha256"]) for c in committed_checkpoints(run_dir / "checkpoints")] == before
+    assert [(c.step, c.marker["crc32"]) for c in committed_checkpoints(run_dir / "checkpoints")] == before
     assert not [p for p in (run_dir / "checkpoints").iterdir() if ".tmp-" in p.name]
     assert run_worker(run_dir, attempt=3).returncode == EXIT_DONE   # space back: it carries on
 

@@ -13,7 +13,7 @@ import time
 from .ckptwriter import Writer
 from .protocol import Committed
 from .report import say
-from .snapshot import capture
+from .snapshot import capture, shares_training_memory
 
 
 class Checkpointing:
@@ -51,6 +51,12 @@ class Checkpointing:
                 self._collect(self.writer.wait())
             self.blocked_seconds += time.monotonic() - started
 
+    def before_update(self) -> None:
+        """Before the optimizer changes the weights: a background write must have read them."""
+        started = time.monotonic()
+        self.writer.wait_released()
+        self.blocked_seconds += time.monotonic() - started
+
     def _due(self) -> bool:
         if self.writer.busy or self.snapshot_step == self.step:
             return False
@@ -68,7 +74,9 @@ class Checkpointing:
         info = {"epoch": p.epoch, "cursor": p.cursor, "samples_seen": p.samples_seen, "reason": reason,
                 "requested": self.t.flags.checkpoint,   # SIGUSR1 answered (also when an epoch end came first)
                 "profile_index": self.t.profile_index, "attempt": self.t.reporter.fields["attempt"]}
-        self.writer.submit(p.step, capture(self.t, copy=self.writer.background), info)
+        background = self.writer.background
+        self.writer.submit(p.step, capture(self.t, background), info,
+                           shares_training_memory=background and shares_training_memory(self.t))
         self.t.flags.checkpoint = False
         self.snapshot_step, self.snapshot_time = p.step, time.monotonic()
         self.blocked_seconds += self.snapshot_time - started

@@ -1,5 +1,10 @@
-"""Asynchronous checkpoints: the training thread snapshots the state to memory; one background thread
-serialises, writes, fsyncs and commits it (the commit rules of `checkpoint.save`, unchanged).
+"""Asynchronous checkpoints: the training thread captures the state; one background thread serialises,
+writes, fsyncs and commits it (the commit rules of `checkpoint.save`, unchanged).
+
+On the CPU the capture shares the live parameters and optimizer state instead of copying them (no
+state-sized copy of memory, no copy time): the writer reads them while training runs its next forward
+and backward passes, and `wait_released` holds the next optimizer step until torch.save has read them
+all. On another device the capture is already a private CPU copy and nothing waits.
 
 Never two writes at once: a new snapshot waits for the write in flight. The training loop keeps the
 promise "no crash loses more than `every_steps` optimizer steps" by never starting a step while the
@@ -7,6 +12,9 @@ newest *committed* checkpoint is `every_steps` behind (see `checkpointing.Checkp
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +22,8 @@ from typing import Callable
 
 from . import checkpoint
 from .protocol import Committed
+
+WRITER_NICE = 10
 
 
 class Writer:
@@ -24,26 +34,46 @@ class Writer:
         self._error: BaseException | None = None
         self.in_flight: int | None = None       # step of the snapshot being written
         self.write_seconds = 0.0                 # duration of the last completed write
+        self._released = threading.Event()      # the writer no longer reads the live training state
+        self._released.set()
 
-    def submit(self, step: int, state: dict, info: dict) -> None:
-        """Write `state` (already a private copy) as the checkpoint of `step`; waits for the previous write."""
+    def submit(self, step: int, state: dict, info: dict, shares_training_memory: bool = False) -> None:
+        """Write `state` as the checkpoint of `step`; waits for the previous write. With
+        `shares_training_memory`, `state` points into tensors that training must not change until
+        `wait_released` returns."""
         self.wait()
         self.in_flight = step
         if not self.background:
             self._write(step, state, info)
             return
-        self._thread = threading.Thread(target=self._write, args=(step, state, info), name="trainctl-checkpoint",
-                                        daemon=True)
+        if shares_training_memory:
+            self._released.clear()
+        self._thread = threading.Thread(target=self._write_behind, args=(step, state, info),
+                                        name="trainctl-checkpoint", daemon=True)
         self._thread.start()
 
     def _write(self, step: int, state: dict, info: dict) -> None:
         started = time.monotonic()
+
+        def phase(name: str) -> None:
+            if name == "written":   # torch.save has returned: every tensor has been read
+                self._released.set()
+            self.on_phase(name, step)
         try:
-            self._done = checkpoint.save(self.folder, step, state, self.keep_last, info,
-                                         on_phase=lambda phase: self.on_phase(phase, step))
+            self._done = checkpoint.save(self.folder, step, state, self.keep_last, info, on_phase=phase)
         except BaseException as e:   # handed to the training thread, which decides what it means
             self._error = e
+        finally:
+            self._released.set()
         self.write_seconds = time.monotonic() - started
+
+    def _write_behind(self, step: int, state: dict, info: dict) -> None:
+        _yield_to_training()
+        self._write(step, state, info)
+
+    def wait_released(self) -> None:
+        """Block until the write in flight no longer reads the live training state."""
+        self._released.wait()
 
     def poll(self) -> Committed | None:
         """The checkpoint committed since the last call, if any (raises the write's error, if it failed)."""
@@ -76,3 +106,12 @@ class Writer:
     @property
     def busy(self) -> bool:
         return self.in_flight is not None
+
+
+def _yield_to_training() -> None:
+    """Lower this thread's priority (and that of the threads it starts): where cores are few, a writer
+    at equal priority preempts torch's compute threads, and each parallel region then waits for its
+    slowest thread. Linux only, where each thread has its own nice value."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)

@@ -104,7 +104,7 @@ def read_error(run_dir: Path, attempt: int) -> dict | None:
 
 
 # Checkpoint files: "step-000001234.pt" is committed once "step-000001234.json" (its marker, with
-# size and sha256) exists; the marker is written only after the data file is durable.
+# size and CRC-32) exists; the marker is written only after the data file is durable.
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 
 

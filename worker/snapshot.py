@@ -24,29 +24,44 @@ class Progress:
     samples_seen: int = 0
 
 
-def to_cpu(obj, copy: bool = False):
-    """Tensors moved to the CPU; with `copy`, CPU tensors are cloned too (a snapshot training cannot change)."""
+def to_cpu(obj):
+    """Tensors moved to the CPU (a copy for tensors on another device; CPU tensors are shared, not copied)."""
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        return t.clone() if copy and t.device.type == "cpu" else t.to("cpu")
+        return obj.detach().to("cpu")
     if isinstance(obj, dict):
-        return {k: to_cpu(v, copy) for k, v in obj.items()}
+        return {k: to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v, copy) for v in obj)
+        return type(obj)(to_cpu(v) for v in obj)
     return obj
+
+
+def shares_training_memory(t) -> bool:
+    """True when a captured payload still points into the live training state (training on the CPU)."""
+    return t.device.type == "cpu"
 
 
 def config_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def capture(t, copy: bool = False) -> dict:
-    """The checkpoint payload for trainer `t` (loadable with weights_only=True); `copy` for async writes."""
+def capture(t, background: bool = False) -> dict:
+    """The checkpoint payload for trainer `t` (loadable with weights_only=True).
+
+    Nothing state-sized is copied on the CPU: parameters and optimizer state stay shared with training.
+    For a background write that is safe because training leaves them alone until its next optimizer
+    step, and `Checkpointing.before_update` makes that step wait until the writer has read them. Model
+    buffers can change in a forward pass (BatchNorm statistics), so a background capture clones them.
+    """
     np_state = np.random.get_state(legacy=False)
+    model = to_cpu(t.model.state_dict())
+    if background and shares_training_memory(t):
+        for name, _ in t.model.named_buffers():
+            if name in model:
+                model[name] = model[name].clone()
     return {
         "format": FORMAT,
-        "model": to_cpu(t.model.state_dict(), copy),
-        "optimizer": to_cpu(t.optimizer.state_dict(), copy),
+        "model": model,
+        "optimizer": to_cpu(t.optimizer.state_dict()),
         "scheduler": copylib.deepcopy(t.scheduler.state_dict()),
         "scaler": t.scaler.state_dict() if t.scaler is not None else None,
         "progress": dataclasses.asdict(t.progress),

@@ -207,6 +207,7 @@ class Trainer:
             devicelib.after_micro_batch(self.profile, self.device, self.micro_batches)
             self.reporter.beat()
         grads = [q.grad for q in self.model.parameters() if q.grad is not None]
+        self.ckpt.before_update()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if n_valid and grads:
