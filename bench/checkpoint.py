@@ -4,9 +4,8 @@ Side by side, alternated, each right after a real optimizer step (forward + back
 micro-batches of `--batch` random images, then AdamW): a plain synchronous `torch.save` + fsync (what
 a training loop usually does); trainctl's synchronous commit (hash, fsync, rename, directory fsync,
 marker); trainctl's background commit (the writer reads the live weights while the next step's
-forward and backward passes run; the next optimizer update waits until it has read them; the writer
-thread runs at a lower priority than training); and, for the writer's own speed, the same background
-write with training waiting for it.
+forward and backward passes run; the next optimizer update waits until it has read them); and, for
+the writer's own speed, the same background write with training waiting for it.
 
 For each: the time the training thread is blocked (for the background write: capture, plus any wait
 before the next update), how much longer the next step took than a step with no write in flight (two
@@ -146,7 +145,7 @@ def main(argv=None) -> dict:
     result["alone_commit_share_of_disk"] = size / result["background writer alone"]["durable"] / disk
     print(f"  targets: blocked <= 10% of plain (got {result['blocked_ratio']:.1%}); commit >= 50% of the disk "
           f"(writer alone {result['alone_commit_share_of_disk']:.0%}, sync {result['sync_commit_share_of_disk']:.0%}; "
-          f"{result['commit_share_of_disk']:.0%} beside training, where the writer runs at a lower priority)")
+          f"{result['commit_share_of_disk']:.0%} beside training)")
     shutil.rmtree(args.dir, ignore_errors=True)
     return result
 

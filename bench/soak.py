@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 from trainctl.supervisor.demo_data import make_dataset
 from trainctl.supervisor.journal import read_events
+from trainctl.supervisor.process import run_processes
 from trainctl.supervisor.runstate import read_state, supervisor_alive
 from trainctl.worker import config as configlib
 from trainctl.worker import fsio
@@ -101,16 +102,6 @@ def start_service(run_dir: Path, env: dict, log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "trainctl.supervisor.command", "service", "run", str(run_dir)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
 
-
-def run_processes(run_dir: Path) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.info["cmdline"] and str(run_dir) in " ".join(p.info["cmdline"]):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
 
 
 class Checkpoints:

@@ -101,6 +101,19 @@ def _popen(run_dir: Path, args: list[str], stdin) -> subprocess.Popen:
             env=env, close_fds=True)
 
 
+def run_processes(run_dir: Path) -> list[psutil.Process]:
+    """Every process whose command line names this run (supervisors, workers, loader processes);
+    what tests and the soak check is empty once a run is over."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.info["cmdline"] and str(run_dir) in " ".join(p.info["cmdline"]):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
 def orphans(run_dir: Path) -> list[psutil.Process]:
     """Workers of this run whose parent is not this process: left behind by a supervisor that died."""
     found = []

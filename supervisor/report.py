@@ -1,9 +1,9 @@
 """The morning report: where the night went, computed from the journal alone.
 
 Time accounting per attempt (one worker process): *startup* is the first boot of each supervisor;
-*training* runs from the worker being ready to its last committed checkpoint (to its end when it
-finished or stopped cleanly); *re-done work* is a crashed attempt's training after its last
-checkpoint; *restarts* are the backoff and the boot of the attempts that follow a crash.
+*training* runs from the worker being ready to the moment its last committed checkpoint was taken
+(to its end when it finished or stopped cleanly); *re-done work* is a crashed attempt's training
+after that moment; *restarts* are the backoff and the boot of the attempts that follow a crash.
 Time the training thread spent blocked on checkpoints is not training. Goodput = (supervised time
 − re-done work − restarts − checkpoint blocking) / supervised time: the share of the time under
 supervision that was not lost to faults or checkpoints.
@@ -44,7 +44,9 @@ def summarize(events: list[dict]) -> dict:
         if e["kind"] == "worker_ready":
             a["ready"] = e["time"]
         elif e["kind"] == "checkpoint":
-            a["checkpoints"].append(e["time"])
+            # When training stood at that step, not when the supervisor noticed the commit (it may notice
+            # only after the crash, and the work between the two is re-done).
+            a["checkpoints"].append(e["data"].get("taken") or e["time"])
         elif e["kind"] == "exit":
             a["end"], a["kind"] = e["time"], e["data"]["failure"]
     training = redone = restarts = startup = 0.0

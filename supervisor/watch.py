@@ -93,7 +93,8 @@ class WatchMixin:
             ckpt = hb.get("last_checkpoint")
             if ckpt and ckpt.get("step") != w.last_checkpoint_step:
                 w.last_checkpoint_step = ckpt.get("step")
-                self.journal.record("checkpoint", w.attempt, w.profile_index, ckpt.get("step"), path=ckpt.get("path"))
+                self.journal.record("checkpoint", w.attempt, w.profile_index, ckpt.get("step"), path=ckpt.get("path"),
+                                    taken=ckpt.get("taken"))
 
     def _tell_service_manager(self, w: Watch) -> None:
         """READY after the first sanity check, STATUS lines, WATCHDOG only while healthy."""

@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from trainctl.supervisor.demo_data import make_dataset
@@ -143,13 +142,3 @@ def events(run_dir: Path, kind: str) -> list[dict]:
     return [e for e in read_events(run_dir) if e["kind"] == kind]
 
 
-def run_processes(run_dir: Path) -> list[psutil.Process]:
-    """Processes whose command line names this run (workers, supervisors, loader processes)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.info["cmdline"] and str(run_dir) in " ".join(p.info["cmdline"]):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from trainctl.supervisor.process import run_processes
 from trainctl.supervisor.runstate import read_state
 from trainctl.worker.protocol import (EXIT_CONFIG, EXIT_DISK_FULL, EXIT_DONE, committed_checkpoints,
                                       error_json_path, read_heartbeat)
 
-from conftest import LONG, assert_same_weights, config_text, events, make_run, run_processes, run_worker, wait_for
+from conftest import LONG, assert_same_weights, config_text, events, make_run, run_worker, wait_for
 
 ONE_RUNG = {'[[profiles]]\ndevice = "cpu"\nbatch_size = 4\n': ""}   # the ladder: batch 8 only
 EVERY = 3                                                              # [checkpoint] every_steps

@@ -37,3 +37,15 @@ def test_a_supervisor_that_died_is_counted():
     s = summarize(night)
     assert s["supervisor_deaths"] == 1
     assert s["supervised_seconds"] == 70 + 101 and s["wall_seconds"] == 401
+
+
+def test_work_is_redone_from_when_the_checkpoint_was_taken_not_when_the_supervisor_saw_it():
+    # The supervisor noticed the last commit only when it read the crashed worker's last heartbeat
+    # (t=100), but training stood at that step at t=92: 8 s of work are done again.
+    night = [ev(0, "supervisor_start"), ev(0, "spawn", 1), ev(10, "worker_ready", 1),
+             ev(40, "checkpoint", 1, taken=39.5), ev(100, "checkpoint", 1, taken=92.0),
+             ev(100, "exit", 1, failure="killed"), ev(101, "spawn", 2), ev(102, "worker_ready", 2),
+             ev(150, "exit", 2, failure="done"), ev(151, "state", 2, to="succeeded")]
+    s = summarize(night)
+    assert s["redone_seconds"] == 100 - 92
+    assert s["training_seconds"] == (92 - 10) + (150 - 102)

@@ -9,10 +9,11 @@ import time
 
 import psutil
 
+from trainctl.supervisor.process import run_processes
 from trainctl.supervisor.runstate import read_state, supervisor_alive
 from trainctl.worker.protocol import committed_checkpoints, read_heartbeat
 
-from conftest import LONG, assert_same_weights, config_text, events, make_run, run_processes, wait_for
+from conftest import LONG, assert_same_weights, config_text, events, make_run, wait_for
 
 
 def start_supervisor(run_dir, faults: str = "") -> subprocess.Popen:

@@ -72,6 +72,7 @@ class Checkpointing:
         self._collect(self.writer.wait())
         p = self.t.progress
         info = {"epoch": p.epoch, "cursor": p.cursor, "samples_seen": p.samples_seen, "reason": reason,
+                "taken": time.time(),   # when training stood at this step: re-done work after a crash counts from here
                 "requested": self.t.flags.checkpoint,   # SIGUSR1 answered (also when an epoch end came first)
                 "profile_index": self.t.profile_index, "attempt": self.t.reporter.fields["attempt"]}
         background = self.writer.background
@@ -106,6 +107,7 @@ class Checkpointing:
             self.lead_steps = min(max(self.every_steps - 1, 0), math.ceil(self.writer.write_seconds / self.step_seconds))
             self.lead_seconds = self.writer.write_seconds
         self.t.reporter.beat(force=True, checkpoints_written=self.written,
-                             last_checkpoint={"step": done.step, "path": str(done.path), "time": done.marker["created"]})
+                             last_checkpoint={"step": done.step, "path": str(done.path), "time": done.marker["created"],
+                                              "taken": done.marker.get("taken")})
         say(f"checkpoint at step {done.step} committed ({done.marker['size'] / 2**20:.1f} MiB, written in "
             f"{self.writer.write_seconds:.2f} s, {done.marker.get('reason')})")

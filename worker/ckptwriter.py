@@ -12,9 +12,6 @@ newest *committed* checkpoint is `every_steps` behind (see `checkpointing.Checkp
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,8 +19,6 @@ from typing import Callable
 
 from . import checkpoint
 from .protocol import Committed
-
-WRITER_NICE = 10
 
 
 class Writer:
@@ -48,8 +43,8 @@ class Writer:
             return
         if shares_training_memory:
             self._released.clear()
-        self._thread = threading.Thread(target=self._write_behind, args=(step, state, info),
-                                        name="trainctl-checkpoint", daemon=True)
+        self._thread = threading.Thread(target=self._write, args=(step, state, info), name="trainctl-checkpoint",
+                                        daemon=True)
         self._thread.start()
 
     def _write(self, step: int, state: dict, info: dict) -> None:
@@ -66,10 +61,6 @@ class Writer:
         finally:
             self._released.set()
         self.write_seconds = time.monotonic() - started
-
-    def _write_behind(self, step: int, state: dict, info: dict) -> None:
-        _yield_to_training()
-        self._write(step, state, info)
 
     def wait_released(self) -> None:
         """Block until the write in flight no longer reads the live training state."""
@@ -107,11 +98,3 @@ class Writer:
     def busy(self) -> bool:
         return self.in_flight is not None
 
-
-def _yield_to_training() -> None:
-    """Lower this thread's priority (and that of the threads it starts): where cores are few, a writer
-    at equal priority preempts torch's compute threads, and each parallel region then waits for its
-    slowest thread. Linux only, where each thread has its own nice value."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
