@@ -13,6 +13,7 @@ cores shared by training and writer), and the time until the checkpoint is durab
 fsync'd sequential write speed (`dd ... conv=fsync`) is the physical limit.
 
     python bench/checkpoint.py [--repeats 3] [--batch 2] [--accum 4] [--model eva02_base_patch14_224]
+    python bench/checkpoint.py --writeback-sweep [--repeats 4]   # how often to start writeback (chosen: 16 MiB)
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import timm.optim  # noqa: E402
 import timm.scheduler  # noqa: E402
 import torch  # noqa: E402
 
+from trainctl.worker import checkpoint as checkpointlib  # noqa: E402
 from trainctl.worker.ckptwriter import Writer  # noqa: E402
 from trainctl.worker.config import Profile  # noqa: E402
 from trainctl.worker.snapshot import Progress, capture  # noqa: E402
@@ -99,6 +101,28 @@ def disk_speed(folder: Path, mib: int) -> float:
     return int(m.group(1)) / float(m.group(2))
 
 
+def writeback_sweep(t, folder: Path, size: int, repeats: int) -> dict:
+    """A synchronous commit with early writeback every N MiB (0 = only the final fsync), alternated."""
+    choices = [0, 8, 16, 32, 64]
+    times = {mib: [] for mib in choices}
+    speeds = []
+    for r in range(repeats):
+        speeds.append(disk_speed(folder, max(256, size // 2**20)))
+        for mib in choices:
+            checkpointlib._HashingWriter.WRITEBACK_BYTES = mib << 20
+            started = time.perf_counter()
+            checkpointlib.save(folder, r, capture(t), 1, {})
+            times[mib].append(time.perf_counter() - started)
+    disk = statistics.median(speeds)
+    print(f"early writeback sweep, {size / 2**30:.2f} GiB, median of {repeats} ({machine()}); "
+          f"disk fsync'd write (dd conv=fsync): {disk / 2**20:.0f} MiB/s")
+    for mib, ts in times.items():
+        took = statistics.median(ts)
+        print(f"  writeback every {mib:2d} MiB{' (off)' if not mib else '      '}  commit {took:5.2f} s  "
+              f"{size / took / 2**20:6.0f} MiB/s ({size / took / disk:4.0%} of the disk)")
+    return {mib: statistics.median(ts) for mib, ts in times.items()}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)
@@ -106,6 +130,7 @@ def main(argv=None) -> dict:
     p.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--model", default="eva02_base_patch14_224")
     p.add_argument("--dir", type=Path, default=OUT / "ckpt")
+    p.add_argument("--writeback-sweep", action="store_true")
     args = p.parse_args(argv)
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
@@ -115,6 +140,8 @@ def main(argv=None) -> dict:
     size = sum(v.numel() * v.element_size() for v in t.model.state_dict().values()) + sum(
         v.numel() * v.element_size() for s in t.optimizer.state_dict()["state"].values() for v in s.values()
         if isinstance(v, torch.Tensor))
+    if args.writeback_sweep:
+        return writeback_sweep(t, args.dir, size, args.repeats)
     runs = {"plain torch.save + fsync": [], "trainctl sync": [], "trainctl background": [],
             "background writer alone": []}
     speeds, steps = [], []

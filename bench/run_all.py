@@ -1,6 +1,6 @@
 """Every benchmark in one run, then one table of results against their targets.
 
-    python bench/run_all.py            # the settings bench/RESULTS.md reports (~40 min on 2 cores)
+    python bench/run_all.py            # the settings bench/RESULTS.md reports (~45 min on 2 cores)
     python bench/run_all.py --quick    # fewer repeats, shorter goodput runs (~12 min): a smoke test
 
 Each benchmark also runs alone: python bench/<name>.py --help.

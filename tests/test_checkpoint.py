@@ -188,3 +188,32 @@ def test_markers_written_with_sha256_still_verify(tmp_path):
     marker_path(done.path).write_text(json.dumps(marker))
     (c,) = committed_checkpoints(tmp_path)
     assert "checksum mismatch" in checkpoint.verify(c)
+
+
+def test_a_write_by_name_that_fails_leaves_the_target_untouched(tmp_path):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"previous")
+
+    def fail(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError):
+        fsio.atomic_write_by_name(target, fail)
+    assert target.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    fsio.atomic_write_by_name(target, lambda tmp: tmp.write_bytes(b"new"))
+    assert target.read_bytes() == b"new"
+
+
+def test_export_copies_only_tensors_that_share_storage(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from trainctl.worker.export import _exportable
+    w = torch.randn(4, 4)
+    state = {"embed": w, "head": w, "row": w[1], "own": torch.ones(3)}   # tied weights, a view
+    out = _exportable(state)
+    assert out["embed"].data_ptr() == w.data_ptr()                 # no copy of what stands alone
+    assert out["own"].data_ptr() == state["own"].data_ptr()
+    assert out["head"].data_ptr() != w.data_ptr()                  # the tied copy is its own
+    save_file(out, str(tmp_path / "m.safetensors"))                # safetensors refuses shared storage
+    loaded = load_file(str(tmp_path / "m.safetensors"))
+    assert all(torch.equal(loaded[k], state[k]) for k in state)

@@ -97,4 +97,3 @@ class Writer:
     @property
     def busy(self) -> bool:
         return self.in_flight is not None
-

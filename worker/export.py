@@ -1,7 +1,7 @@
 """The finished model: ``model.safetensors`` (timm state_dict) and ``labels.json``, written atomically."""
 from __future__ import annotations
 
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 
 from . import fsio
 from .protocol import LABELS_FILE, MODEL_FILE
@@ -11,14 +11,28 @@ from .report import say
 def write(t) -> None:
     """Export trainer `t`'s weights, loadable with safetensors.torch.load_file into timm.create_model."""
     t.reporter.beat("exporting", force=True)
-    # Cloned and contiguous: safetensors refuses tensors that share storage.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in t.model.state_dict().items()}
+    # Training is over and its last checkpoint is committed: free the optimizer's moments (twice the
+    # model's size with AdamW) so that the export is not the night's memory peak.
+    t.optimizer.state.clear()
     metadata = {"model": t.cfg.model.name, "num_classes": str(len(t.train_set.classes)),
                 "img_size": str(t.recipe.size), "step": str(t.progress.step)}
-    fsio.atomic_write(t.run_dir / MODEL_FILE, safetensors_bytes(tensors, metadata=metadata))
+    path = t.run_dir / MODEL_FILE
+    fsio.atomic_write_by_name(path, lambda tmp: save_file(_exportable(t.model.state_dict()), str(tmp), metadata=metadata))
     classes = list(t.train_set.classes)
     fsio.atomic_write_json(t.run_dir / LABELS_FILE, {
         "classes": classes, "index_to_class": {str(i): c for i, c in enumerate(classes)}})
     final = t.history[-1]["val_acc"] if t.history else None
-    t.reporter.beat("done", force=True, final_model=str(t.run_dir / MODEL_FILE), val_acc=final)
-    say(f"finished: {t.run_dir / MODEL_FILE}" + (f" (validation top-1 {final:.3f})" if final is not None else ""))
+    t.reporter.beat("done", force=True, final_model=str(path), val_acc=final)
+    say(f"finished: {path}" + (f" (validation top-1 {final:.3f})" if final is not None else ""))
+
+
+def _exportable(state: dict) -> dict:
+    """CPU, contiguous tensors; a copy only where two entries share storage (tied weights), which
+    safetensors refuses — not a copy of the whole model."""
+    out, seen = {}, set()
+    for name, v in state.items():
+        t = v.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.device.type)
+        out[name] = t.clone() if key in seen else t
+        seen.add(key)
+    return out

@@ -79,6 +79,26 @@ def atomic_writer(path: Path, durable: bool = True,
     phase("committed")
 
 
+def atomic_write_by_name(path: Path, write: Callable[[Path], None]) -> None:
+    """`atomic_writer` for a library that writes to a file name itself (safetensors): `write(tmp)`,
+    then fsync, rename onto `path`, fsync the directory; on failure `path` is untouched."""
+    path = Path(path)
+    tmp = temp_name_for(path)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            fsync_file(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
 def atomic_write(path: Path, data: bytes | str, durable: bool = True) -> None:
     """Atomically replace `path` with `data`."""
     if isinstance(data, str):
