@@ -63,7 +63,7 @@ class _HashingWriter(io.RawIOBase):
     also does not crowd the page cache on a memory-tight machine.
     """
     PARALLEL_BYTES = 1 << 20
-    WRITEBACK_BYTES = 16 << 20   # measured best of 8, 16, 32, 64 MiB (bench/RESULTS.md)
+    WRITEBACK_BYTES = 16 << 20   # 8–64 MiB all help about equally (bench/RESULTS.md, --writeback-sweep)
 
     def __init__(self, f, on_bytes: Callable[[int], None], pool: ThreadPoolExecutor):
         self.f, self.crc, self.size, self.on_bytes, self.pool = f, _Crc32(), 0, on_bytes, pool
