@@ -65,6 +65,9 @@ keep_last = 3
 backoff_seconds = [0.2]
 poll_seconds = 0.2
 hang_timeout_seconds = 6
+# A SIGSTOP may land while a worker boots (it takes ~4 s here); the default 900 s allowance for a slow
+# boot (a big folder scan, a first model load) would stall the soak for 15 minutes.
+startup_timeout_seconds = 30
 # The soak tests recovery, not the give-up policy (which has its own tests): random faults may hit
 # one step twice, or a rung many times without a checkpoint in between.
 max_restarts_per_profile = 1000
