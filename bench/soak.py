@@ -106,7 +106,6 @@ def start_service(run_dir: Path, env: dict, log) -> subprocess.Popen:
                             env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-
 class Checkpoints:
     """Every checkpoint ever seen committed must verify (size, CRC-32) and load with weights_only."""
 

@@ -32,7 +32,7 @@ def _exportable(state: dict) -> dict:
     out, seen = {}, set()
     for name, v in state.items():
         t = v.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.device.type)
-        out[name] = t.clone() if key in seen else t
-        seen.add(key)
+        storage = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if storage in seen else t
+        seen.add(storage)
     return out

@@ -48,26 +48,12 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path, durable: bool = True,
-                  on_phase: Callable[[str], None] | None = None) -> Iterator:
-    """Yield a binary file; on clean exit it atomically replaces `path`.
-
-    `durable=False` skips the fsyncs (heartbeats: atomic but not worth a disk flush).
-    `on_phase` is called with "written", "synced", "renamed", "committed" (fault-injection hook).
-    The file gets the usual umask-based mode, not a temp file's 0600.
-    """
-    path = Path(path)
+def _replacing(path: Path, durable: bool, phase: Callable[[str], None]) -> Iterator[Path]:
+    """Yield the temporary name to fill; on clean exit rename it onto `path` and fsync the directory.
+    On failure the temporary file is removed and `path` is untouched."""
     tmp = temp_name_for(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    phase = on_phase or (lambda _name: None)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            phase("written")
-            if durable:
-                fsync_file(f.fileno())
-            phase("synced")
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -79,24 +65,37 @@ def atomic_writer(path: Path, durable: bool = True,
     phase("committed")
 
 
+@contextlib.contextmanager
+def atomic_writer(path: Path, durable: bool = True,
+                  on_phase: Callable[[str], None] | None = None) -> Iterator:
+    """Yield a binary file; on clean exit it atomically replaces `path`.
+
+    `durable=False` skips the fsyncs (heartbeats: atomic but not worth a disk flush).
+    `on_phase` is called with "written", "synced", "renamed", "committed" (fault-injection hook).
+    The file gets the usual umask-based mode, not a temp file's 0600.
+    """
+    phase = on_phase or (lambda _name: None)
+    with _replacing(Path(path), durable, phase) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            phase("written")
+            if durable:
+                fsync_file(f.fileno())
+            phase("synced")
+
+
 def atomic_write_by_name(path: Path, write: Callable[[Path], None]) -> None:
     """`atomic_writer` for a library that writes to a file name itself (safetensors): `write(tmp)`,
     then fsync, rename onto `path`, fsync the directory; on failure `path` is untouched."""
-    path = Path(path)
-    tmp = temp_name_for(path)
-    try:
+    with _replacing(Path(path), True, lambda _name: None) as tmp:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             fsync_file(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def atomic_write(path: Path, data: bytes | str, durable: bool = True) -> None:
