@@ -5,12 +5,16 @@ Same photo-sized JPEGs (500–1500 px), same output (224 px, bicubic), same augm
 process, one torch thread each, alternated. The figure that matters is images per CPU-second
 ("per core"); each variant runs in its own process so its peak RSS is its own.
 
-    python bench/data_path.py [--images 120] [--batch 16] [--repeats 3]
+A third child measures the floor under both: decoding the whole file with Pillow, at full and at
+1/8 DCT scale, per image (the entropy decoding of every block is paid at any scale).
+
+    python bench/data_path.py [--images 120] [--batch 16] [--batches N] [--repeats 3] [--compare-with CHECKOUT]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -54,9 +58,30 @@ def load_timm(folder: Path, batch: int, batches: int) -> int:
     return batches * batch
 
 
+def decode_floor(folder: Path) -> dict:
+    """CPU ms per image to decode whole files (bytes already in memory): full scale and 1/8 scale."""
+    import io
+
+    from PIL import Image
+    files = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))]
+    result = {}
+    for name, scale in (("full", 1), ("eighth", 8)):
+        cpu = time.process_time()
+        for data in files:
+            img = Image.open(io.BytesIO(data))
+            if scale > 1:
+                img.draft("RGB", (img.width // scale, img.height // scale))
+            img.load()
+        result[name] = (time.process_time() - cpu) / len(files) * 1000
+    return result
+
+
 def child(which: str, folder: Path, batch: int, batches: int) -> None:
     import torch
     torch.set_num_threads(1)
+    if which == "floor":
+        print(json.dumps(decode_floor(folder)))
+        return
     fn = load_ours if which == "ours" else load_timm
     fn(folder, batch, 2)   # warm-up: imports, first-call costs
     cpu, wall = time.process_time(), time.perf_counter()
@@ -68,34 +93,65 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=120)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--batches", type=int, default=15)
+    p.add_argument("--batches", type=int, help="default: the whole folder once, so both decode the same photos")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--child", choices=("ours", "timm"))
+    p.add_argument("--child", choices=("ours", "timm", "floor"))
     p.add_argument("--folder", type=Path, default=OUT / "photos")
+    p.add_argument("--compare-with", type=Path, metavar="CHECKOUT",
+                   help="also run the loader of another trainctl checkout (e.g. a `git worktree` of an older commit)")
     args = p.parse_args(argv)
     if args.child:
         child(args.child, args.folder, args.batch, args.batches)
         return {}
     folder = photos(args.folder, args.images)
-    runs = {"ours": [], "timm": []}
-    for _ in range(args.repeats):
-        for which in ("ours", "timm"):
-            code, out, rss = run_child([sys.executable, __file__, "--child", which, "--folder", str(folder),
-                                        "--batch", str(args.batch), "--batches", str(args.batches)])
+    count = sum(1 for _ in folder.rglob("*.jpg"))
+    args.batches = args.batches or count // args.batch
+    variants = {"ours": ("ours", None), "timm": ("timm", None)}
+    if args.compare_with:
+        variants["other"] = ("ours", _import_path(args.compare_with.resolve()))
+    runs = {w: [] for w in variants}
+    for repeat in range(args.repeats):
+        order = list(variants)[repeat % len(variants):] + list(variants)[:repeat % len(variants)]   # rotate: no fixed slot
+        for which in order:
+            loader, pythonpath = variants[which]
+            env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+            code, out, rss = run_child([sys.executable, __file__, "--child", loader, "--folder", str(folder),
+                                        "--batch", str(args.batch), "--batches", str(args.batches)], env=env)
             assert code == 0, out
             r = json.loads(out.strip().splitlines()[-1])
             runs[which].append({"per_cpu_s": r["images"] / r["cpu"], "per_s": r["images"] / r["wall"], "rss": rss})
     result = {w: {k: statistics.median(x[k] for x in rs) for k in ("per_cpu_s", "per_s", "rss")} for w, rs in runs.items()}
     result["ratio_per_core"] = result["ours"]["per_cpu_s"] / result["timm"]["per_cpu_s"]
     result["ratio_rss"] = result["ours"]["rss"] / result["timm"]["rss"]
-    print(f"data path ({machine()}): {args.batches * args.batch} images of {args.images} photos, 224 px, "
+    code, out, _ = run_child([sys.executable, __file__, "--child", "floor", "--folder", str(folder)])
+    assert code == 0, out
+    result["decode_ms"] = json.loads(out.strip().splitlines()[-1])
+    print(f"data path ({machine()}): {args.batches * args.batch} images drawn from {count} photos, 224 px, "
           f"median of {args.repeats}")
-    for w in ("ours", "timm"):
+    for w in variants:
         print(f"  {w:5s} {result[w]['per_cpu_s']:7.1f} images per CPU-second  {result[w]['per_s']:7.1f} images/s  "
               f"peak RSS {result[w]['rss'] / 2**20:6.0f} MiB")
     print(f"  ratio per core: {result['ratio_per_core']:.2f}x (target >= 2.0), peak RSS ratio: "
           f"{result['ratio_rss']:.2f} (target <= 1.0)")
+    for a, b in (("ours", "timm"), ("ours", "other")):
+        if b in runs:   # each repeat runs the variants back to back: their ratio cancels slow drifts of the machine
+            paired = [x["per_cpu_s"] / y["per_cpu_s"] for x, y in zip(runs[a], runs[b])]
+            result[f"paired_{a}_{b}"] = statistics.median(paired)
+            print(f"  {a} / {b}, paired per repeat: median {statistics.median(paired):.2f}x, "
+                  f"range {min(paired):.2f}-{max(paired):.2f} ({', '.join(f'{x:.2f}' for x in paired)})")
+    timm_ms = 1000 / result["timm"]["per_cpu_s"]
+    floor = result["decode_ms"]
+    print(f"  floor: decoding a whole file costs {floor['full']:.1f} ms at full scale, {floor['eighth']:.1f} ms at 1/8 "
+          f"scale; timm's pipeline {timm_ms:.1f} ms and ours {1000 / result['ours']['per_cpu_s']:.1f} ms per image")
     return result
+
+
+def _import_path(checkout: Path) -> str:
+    """A folder in which `import trainctl` finds `checkout` (the repository root is the package)."""
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="trainctl-compare-"))
+    (folder / "trainctl").symlink_to(checkout, target_is_directory=True)
+    return str(folder)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     def row(what, value, target, ok):
         rows.append((what, value, target, "yes" if ok else "NO"))
 
-    d = data_path.main(["--repeats", "1" if q else "3"])
+    d = data_path.main(["--repeats", "1" if q else "5"])
     row("data path: images per CPU-second vs timm", f"{d['ratio_per_core']:.2f}x", ">= 2.0x", d["ratio_per_core"] >= 2.0)
     row("data path: peak RSS vs timm", f"{d['ratio_rss']:.2f}x", "<= 1.0x", d["ratio_rss"] <= 1.0)
     t = throughput.main(["--repeats", "1" if q else "3"])

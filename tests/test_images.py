@@ -129,3 +129,83 @@ def test_reduced_scale_crops_of_odd_sized_photos_stay_inside_the_image(tmp_path,
     recipe = Recipe(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))   # timm's crop scale (0.08, 1)
     for i in range(300):
         assert load_train(str(path), recipe, sample_rng(0, 0, i)).size == (224, 224)
+
+
+@pytest.mark.parametrize("kind", ["4:4:4", "4:2:2", "4:2:0", "L", "CMYK"])
+def test_decoding_only_down_to_the_crop_is_bit_identical_to_a_full_decode(tmp_path, monkeypatch, kind):
+    """Every EXIF orientation (a cut removes the stored bottom, which some show on top or on the left),
+    reduced DCT scales 1 to 1/8, the widest resize filter: the cut decode must not change one byte."""
+    from trainctl.worker import jpeg_rows
+    paths = []
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        paths.append(tmp_path / f"o{orientation}.jpg")
+        img = photo(797, 601, seed=orientation)
+        if kind in ("L", "CMYK"):
+            img.convert(kind).save(paths[-1], quality=90, exif=exif)
+        else:
+            img.save(paths[-1], quality=90, subsampling=kind, exif=exif)
+    recipes = [Recipe(size=32, crop_scale=(0.08, 1.0)), Recipe(size=40, crop_scale=(0.08, 1.0), interpolation="lanczos")]
+
+    def decode_all():
+        return [load_train(str(p), r, sample_rng(0, 0, i)).tobytes() for p in paths for r in recipes for i in range(12)] + \
+               [load_eval(str(p), r).tobytes() for p in paths for r in recipes]
+
+    cuts, real_cut = [], jpeg_rows.cut
+    monkeypatch.setattr(jpeg_rows, "cut", lambda data, frame, rows: cuts.append(rows) or real_cut(data, frame, rows))
+    got = decode_all()
+    monkeypatch.setattr(jpeg_rows, "sequential_frame", lambda data: None)   # every file decoded whole
+    want = decode_all()
+    assert len(cuts) > len(got) // 3   # the comparison is not vacuous: many decodes were cut
+    assert [i for i, (a, b) in enumerate(zip(got, want)) if a != b] == []
+
+
+def test_only_sequential_single_scan_jpegs_are_cut(tmp_path):
+    from trainctl.worker import jpeg_rows
+    img = photo(120, 90)
+    img.save(tmp_path / "baseline.jpg", quality=90)
+    img.save(tmp_path / "progressive.jpg", quality=90, progressive=True)
+    img.convert("L").save(tmp_path / "gray.jpg", quality=90)
+    img.save(tmp_path / "fine.jpg", quality=90, subsampling=0)
+    frame = jpeg_rows.sequential_frame((tmp_path / "baseline.jpg").read_bytes())
+    assert frame is not None and frame.height == 90 and frame.mcu_rows == 16
+    assert jpeg_rows.sequential_frame((tmp_path / "gray.jpg").read_bytes()).mcu_rows == 8
+    assert jpeg_rows.sequential_frame((tmp_path / "fine.jpg").read_bytes()).mcu_rows == 8
+    assert jpeg_rows.sequential_frame((tmp_path / "progressive.jpg").read_bytes()) is None
+    assert jpeg_rows.sequential_frame(b"\xff\xd8 not a jpeg") is None
+    data = (tmp_path / "baseline.jpg").read_bytes()
+    top = Image.open(__import__("io").BytesIO(jpeg_rows.cut(data, frame, 32)))
+    assert top.size == (120, 32)
+    assert np.array_equal(np.asarray(top)[:16], np.asarray(Image.open(tmp_path / "baseline.jpg"))[:16])
+
+
+def test_a_truncated_file_is_bad_even_when_the_crop_lies_in_its_intact_top(tmp_path):
+    path = tmp_path / "half.jpg"
+    photo(800, 600).save(tmp_path / "whole.jpg", quality=90)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    top_crops = Recipe(size=32, crop_scale=(0.08, 0.1))
+    for i in range(20):
+        with pytest.raises(BadImage, match="truncated"):
+            load_train(str(path), top_crops, sample_rng(0, 0, i))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_resampling_in_stored_orientation_matches_orienting_the_photo_first(tmp_path, orientation):
+    """The crop is drawn in displayed pixels and resampled in stored ones: a wrong mapping would crop the
+    wrong place. Compared with the plain way (orient the decoded photo, then crop and resize), at full
+    decoding scale."""
+    from PIL import ImageOps
+    from trainctl.worker.images import _crop_params
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "o.jpg"
+    photo(300, 200, seed=orientation).save(path, quality=95, exif=exif)
+    recipe = Recipe(size=128, crop_scale=(0.08, 1.0), hflip=0.0)   # < 2x reduction: no reduced-scale decode
+    shown = ImageOps.exif_transpose(Image.open(path).convert("RGB"))
+    for i in range(20):
+        top, left, h, w = _crop_params(shown.width, shown.height, recipe, sample_rng(0, 0, i))
+        want = np.asarray(shown.resize((128, 128), Image.BICUBIC, box=(left, top, left + w, top + h))).astype(int)
+        got = np.asarray(load_train(str(path), recipe, sample_rng(0, 0, i))).astype(int)
+        assert np.abs(got - want).max() <= 1, i   # equal here (Pillow 13); a misplaced crop is off by tens

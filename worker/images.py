@@ -2,20 +2,28 @@
 
 All randomness comes from the generator passed in, which the caller derives from
 (seed, epoch, sample index): the result never depends on batch size, workers or restarts.
-JPEGs are decoded at a reduced DCT scale (``draft``) whenever the crop allows it.
+JPEGs are decoded at a reduced DCT scale (``draft``) whenever the crop allows it, and only down
+to the last row the crop needs (jpeg_rows); the result is bit-identical to a full decode's.
 """
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from . import jpeg_rows
 
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 _TRANSPOSED = {5, 6, 7, 8}   # EXIF orientations that swap width and height
+# How each EXIF orientation turns the stored image into the displayed one (as ImageOps.exif_transpose).
+_ORIENT = {2: Image.FLIP_LEFT_RIGHT, 3: Image.ROTATE_180, 4: Image.FLIP_TOP_BOTTOM, 5: Image.TRANSPOSE,
+           6: Image.ROTATE_270, 7: Image.TRANSVERSE, 8: Image.ROTATE_90}
+_FILTER_REACH = 3            # input pixels either side of an output pixel per unit of scale (Lanczos: 3)
 
 
 class BadImage(Exception):
@@ -48,32 +56,35 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 def load_train(path: str, recipe: Recipe, rng: np.random.Generator) -> Image.Image:
     """Random-resized-crop + horizontal flip, as in timm's training transform."""
-    img = _open(path, recipe.max_pixels)
+    img, data = _open(path, recipe.max_pixels)
     orientation = _orientation(img)
     width, height = _oriented_size(img, orientation)
     top, left, h, w = _crop_params(width, height, recipe, rng)
     flip = rng.random() < recipe.hflip
-    out = _crop_resize(img, orientation, (left, top, left + w, top + h), recipe)
+    out = _crop_resize(img, data, orientation, (left, top, left + w, top + h), recipe)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
 
 
 def load_eval(path: str, recipe: Recipe) -> Image.Image:
     """Resize the short side to size / crop_pct and take the centre crop, as timm's eval transform."""
-    img = _open(path, recipe.max_pixels)
+    img, data = _open(path, recipe.max_pixels)
     orientation = _orientation(img)
     width, height = _oriented_size(img, orientation)
     scale_size = math.floor(recipe.size / recipe.crop_pct)
     side = recipe.size * min(width, height) / scale_size   # the crop's side in source pixels
     left, top = (width - side) / 2, (height - side) / 2
-    return _crop_resize(img, orientation, (left, top, left + side, top + side), recipe)
+    return _crop_resize(img, data, orientation, (left, top, left + side, top + side), recipe)
 
 
-def _open(path: str, max_pixels: int) -> Image.Image:
+def _open(path: str, max_pixels: int) -> tuple[Image.Image, bytes]:
+    """The image (header read, pixels not yet decoded) and the file's bytes."""
     try:
+        with open(path, "rb") as f:   # one read; the bytes are needed again for a cut decode
+            data = f.read()
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = max_pixels
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise BadImage(f"larger than [data] max_image_pixels = {max_pixels} ({e.args[0].split('.')[0]})") from None
     except FileNotFoundError:
@@ -82,7 +93,7 @@ def _open(path: str, max_pixels: int) -> Image.Image:
         raise BadImage(_reason(e)) from None
     if img.width < 1 or img.height < 1:
         raise BadImage(f"empty image ({img.width}x{img.height})")
-    return img
+    return img, data
 
 
 def _reason(e: Exception) -> str:
@@ -122,25 +133,70 @@ def _crop_params(width: int, height: int, r: Recipe, rng: np.random.Generator) -
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _crop_resize(img: Image.Image, orientation: int, box: tuple[float, float, float, float], r: Recipe) -> Image.Image:
-    """Decode (at reduced scale if the crop allows), orient, convert to RGB, crop and resize in one go."""
-    box_w, box_h = box[2] - box[0], box[3] - box[1]
-    reduction = min(box_w, box_h) / r.size
-    oriented_w, oriented_h = _oriented_size(img, orientation)
+def _crop_resize(img: Image.Image, data: bytes, orientation: int, box: tuple[float, float, float, float],
+                 r: Recipe) -> Image.Image:
+    """Decode (at reduced scale, and only down to the crop where the file allows), convert to RGB, crop
+    and resize in one go, then orient the small result.
+
+    `box` is in displayed (EXIF-oriented) pixels. Resampling happens in stored orientation, so a cut decode
+    changes nothing but the image's height, which Pillow's resampling does not depend on: the result is
+    bit-identical to a full decode's (tests/test_images.py). Orienting 224 px instead of the whole photo is
+    cheaper too."""
+    width, height = img.size   # stored, full resolution
+    stored = _stored_box(box, orientation, width, height)
+    scale = _dct_scale(min(box[2] - box[0], box[3] - box[1]) / r.size) if img.format == "JPEG" else 1
     try:
-        if reduction >= 2 and img.format == "JPEG":
-            img.draft("RGB", (math.ceil(img.width / reduction), math.ceil(img.height / reduction)))
+        if scale > 1:
+            img.draft("RGB", (img.width // scale, img.height // scale))
+        # The decoder rounds each side of a reduced image up on its own: scale per axis.
+        sx, sy = img.width / width, img.height / height
+        img = _cut_below(img, data, stored[3], max(box[2] - box[0], box[3] - box[1]), scale, r)
         img.load()
-        if orientation != 1:   # exif_transpose copies even when there is nothing to do
-            img = ImageOps.exif_transpose(img)
         img = _to_rgb(img, r.fill)
     except Exception as e:   # truncated data, corrupt streams
         raise BadImage(_reason(e)) from None
-    # Draft scale (1, 1/2, 1/4 or 1/8), per axis: the decoder rounds each side up on its own, and a
-    # box past the edge by a rounding error is an error in Pillow, so clamp it too.
-    sx, sy = img.width / oriented_w, img.height / oriented_h
-    scaled = (max(0.0, box[0] * sx), max(0.0, box[1] * sy), min(img.width, box[2] * sx), min(img.height, box[3] * sy))
-    return img.resize((r.size, r.size), RESAMPLE.get(r.interpolation, Image.BICUBIC), box=scaled)
+    # A box past the edge by a rounding error is an error in Pillow: clamp it.
+    scaled = (max(0.0, stored[0] * sx), max(0.0, stored[1] * sy),
+              min(img.width, stored[2] * sx), min(img.height, stored[3] * sy))
+    out = img.resize((r.size, r.size), RESAMPLE.get(r.interpolation, Image.BICUBIC), box=scaled)
+    return out.transpose(_ORIENT[orientation]) if orientation in _ORIENT else out
+
+
+def _stored_box(box: tuple[float, float, float, float], orientation: int, width: int,
+                height: int) -> tuple[float, float, float, float]:
+    """A box in displayed pixels → the same region in stored pixels (`width` x `height` as stored)."""
+    left, top, right, bottom = box
+    return {2: (width - right, top, width - left, bottom),
+            3: (width - right, height - bottom, width - left, height - top),
+            4: (left, height - bottom, right, height - top),
+            5: (top, left, bottom, right),
+            6: (top, height - right, bottom, height - left),
+            7: (width - bottom, height - right, width - top, height - left),
+            8: (width - bottom, left, width - top, right)}.get(orientation, box)
+
+
+def _dct_scale(reduction: float) -> int:
+    """The JPEG decoder's smallest scale (1/8, 1/4, 1/2) that keeps the crop at least `size` pixels wide."""
+    return next((s for s in (8, 4, 2) if reduction >= s), 1)
+
+
+def _cut_below(img: Image.Image, data: bytes, bottom: float, side: float, scale: int, r: Recipe) -> Image.Image:
+    """The same JPEG declared only down to stored row `bottom` plus a margin (see jpeg_rows), or `img`.
+
+    The margin: the resize filter's reach below the box (`side`: the box's longer side, in full-resolution
+    pixels) and one MCU row for the decoder's chroma upsampling, so the rows the resize reads are the same."""
+    frame = jpeg_rows.sequential_frame(data) if img.format == "JPEG" else None
+    if frame is None:
+        return img
+    reach = _FILTER_REACH * max(1.0, side / scale / r.size) + 1   # in decoded pixels
+    rows = math.ceil(bottom + reach * scale) + frame.mcu_rows
+    rows = -(-rows // frame.mcu_rows) * frame.mcu_rows
+    if rows >= frame.height:
+        return img
+    cut = Image.open(io.BytesIO(jpeg_rows.cut(data, frame, rows)))
+    if scale > 1:
+        cut.draft("RGB", (cut.width // scale, cut.height // scale))
+    return cut
 
 
 def _to_rgb(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
