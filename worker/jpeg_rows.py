@@ -40,10 +40,10 @@ def sequential_frame(data: bytes) -> Frame | None:
             return None
         if marker in _SOF_SEQUENTIAL and i + 10 <= len(data):
             height, components = int.from_bytes(data[i + 5:i + 7], "big"), data[i + 9]
-            sampling = data[i + 10:i + 10 + 3 * components]
-            if height == 0 or len(sampling) < 3 * components:   # 0: height given later (DNL)
-                return None
-            frame = Frame(height, i + 5, 8 * max(sampling[k + 1] & 0x0F for k in range(0, len(sampling), 3)))
+            vertical = [v & 0x0F for v in data[i + 11:i + 10 + 3 * components:3]]   # each component's factor
+            if height == 0 or not vertical or len(vertical) != components or not all(1 <= v <= 4 for v in vertical):
+                return None   # height 0: given later (DNL); the rest: malformed, left to the decoder
+            frame = Frame(height, i + 5, 8 * max(vertical))
         if marker == _SOS:
             whole = frame is not None and i + 4 < len(data) and data[i + 4] == components
             return frame if whole and data.rfind(_EOI) > i else None
