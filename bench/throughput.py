@@ -113,13 +113,19 @@ def main(argv=None) -> dict:
         print(plain_loop(args.model, folder, args.batch, args.steps, args.threads))
         return {}
     runs = {"plain timm loop": [], "trainctl worker, direct": [], "trainctl supervised": []}
-    for _ in range(args.repeats):
+    def plain() -> float:
         out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--batch", str(args.batch),
                               "--steps", str(args.steps), "--threads", str(args.threads)],
                              capture_output=True, text=True, check=True).stdout
-        runs["plain timm loop"].append(float(out.strip().splitlines()[-1]))
-        runs["trainctl worker, direct"].append(trainctl_run(args.model, folder, args.batch, args.steps, args.threads, False))
-        runs["trainctl supervised"].append(trainctl_run(args.model, folder, args.batch, args.steps, args.threads, True))
+        return float(out.strip().splitlines()[-1])
+
+    variants = {"plain timm loop": plain,
+                "trainctl worker, direct": lambda: trainctl_run(args.model, folder, args.batch, args.steps, args.threads, False),
+                "trainctl supervised": lambda: trainctl_run(args.model, folder, args.batch, args.steps, args.threads, True)}
+    for repeat in range(args.repeats):
+        names = list(variants)
+        for name in names[repeat % 3:] + names[:repeat % 3]:   # rotate: no variant always runs first
+            runs[name].append(variants[name]())
     result = {k: statistics.median(v) for k, v in runs.items()}
     print(f"training throughput, {args.model}, batch {args.batch}, {args.threads} threads, photos ({machine()}), "
           f"median of {args.repeats}:")
