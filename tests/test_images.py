@@ -176,11 +176,11 @@ def test_only_sequential_single_scan_jpegs_are_cut(tmp_path):
     assert jpeg_rows.sequential_frame((tmp_path / "fine.jpg").read_bytes()).mcu_rows == 8
     assert jpeg_rows.sequential_frame((tmp_path / "progressive.jpg").read_bytes()) is None
     assert jpeg_rows.sequential_frame(b"\xff\xd8 not a jpeg") is None
-    assert jpeg_rows.sequential_frame(data := (tmp_path / "baseline.jpg").read_bytes()[:-2]) is None   # no end marker
-    broken = bytearray(data + b"\xff\xd9")
-    broken[frame.height_at + 5 + 1] = 0x10   # first component's vertical sampling factor 0: malformed
-    assert jpeg_rows.sequential_frame(bytes(broken)) is None
     data = (tmp_path / "baseline.jpg").read_bytes()
+    assert jpeg_rows.sequential_frame(data[:-2]) is None   # no end-of-image marker: a truncated file
+    broken = bytearray(data)
+    broken[frame.height_at + 6] = 0x10   # the first component's sampling: horizontal 1, vertical 0 (malformed)
+    assert jpeg_rows.sequential_frame(bytes(broken)) is None
     top = Image.open(io.BytesIO(jpeg_rows.cut(data, frame, 32)))
     assert top.size == (120, 32)
     assert np.array_equal(np.asarray(top)[:16], np.asarray(Image.open(tmp_path / "baseline.jpg"))[:16])
