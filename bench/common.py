@@ -83,6 +83,12 @@ def photos(root: Path, count: int = 120, classes: int = 4, seed: int = 0) -> Pat
     return root
 
 
+def rotated(items: list, repeat: int) -> list:
+    """`items` starting at position `repeat` (mod len): alternated variants take turns at running first."""
+    k = repeat % len(items)
+    return items[k:] + items[:k]
+
+
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{platform.machine()}, {os.cpu_count()} cores (nproc), {mem:.0f} GiB RAM, "

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine, photos, run_child  # noqa: E402
+from common import OUT, machine, photos, rotated, run_child  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -111,8 +111,7 @@ def main(argv=None) -> dict:
         variants["other"] = ("ours", _import_path(args.compare_with.resolve()))
     runs = {w: [] for w in variants}
     for repeat in range(args.repeats):
-        order = list(variants)[repeat % len(variants):] + list(variants)[:repeat % len(variants)]   # rotate: no fixed slot
-        for which in order:
+        for which in rotated(list(variants), repeat):
             loader, pythonpath = variants[which]
             env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
             code, out, rss = run_child([sys.executable, __file__, "--child", loader, "--folder", str(folder),

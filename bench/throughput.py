@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine, photos  # noqa: E402
+from common import OUT, machine, photos, rotated  # noqa: E402
 
 CONFIG = """\
 [run]
@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
     if args.child:
         print(plain_loop(args.model, folder, args.batch, args.steps, args.threads))
         return {}
-    runs = {"plain timm loop": [], "trainctl worker, direct": [], "trainctl supervised": []}
+
     def plain() -> float:
         out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--batch", str(args.batch),
                               "--steps", str(args.steps), "--threads", str(args.threads)],
@@ -122,9 +122,9 @@ def main(argv=None) -> dict:
     variants = {"plain timm loop": plain,
                 "trainctl worker, direct": lambda: trainctl_run(args.model, folder, args.batch, args.steps, args.threads, False),
                 "trainctl supervised": lambda: trainctl_run(args.model, folder, args.batch, args.steps, args.threads, True)}
+    runs = {name: [] for name in variants}
     for repeat in range(args.repeats):
-        names = list(variants)
-        for name in names[repeat % 3:] + names[:repeat % 3]:   # rotate: no variant always runs first
+        for name in rotated(list(variants), repeat):
             runs[name].append(variants[name]())
     result = {k: statistics.median(v) for k, v in runs.items()}
     print(f"training throughput, {args.model}, batch {args.batch}, {args.threads} threads, photos ({machine()}), "
