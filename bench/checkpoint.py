@@ -12,7 +12,7 @@ before the next update), how much longer the next step took than a step with no 
 cores shared by training and writer), and the time until the checkpoint is durable. The disk's own
 fsync'd sequential write speed (`dd ... conv=fsync`) is the physical limit.
 
-    python bench/checkpoint.py [--repeats 3] [--batch 2] [--accum 4] [--model eva02_base_patch14_224]
+    python bench/checkpoint.py [--repeats 3] [--batch 2] [--accum 4] [--model eva02_base_patch14_224] [--device cpu]
     python bench/checkpoint.py --writeback-sweep [--repeats 4]   # how often to start writeback (chosen: 16 MiB)
 """
 from __future__ import annotations
@@ -39,15 +39,15 @@ import torch  # noqa: E402
 from trainctl.worker import checkpoint as checkpointlib  # noqa: E402
 from trainctl.worker.ckptwriter import Writer  # noqa: E402
 from trainctl.worker.config import Profile  # noqa: E402
-from trainctl.worker.snapshot import Progress, capture  # noqa: E402
+from trainctl.worker.snapshot import Progress, capture, shares_training_memory  # noqa: E402
 
 
-def trainer_state(model_name: str) -> SimpleNamespace:
-    model = timm.create_model(model_name, pretrained=False, num_classes=100)
+def trainer_state(model_name: str, device: str) -> SimpleNamespace:
+    model = timm.create_model(model_name, pretrained=False, num_classes=100).to(device)
     optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05)
     scheduler, _ = timm.scheduler.create_scheduler_v2(optimizer, num_epochs=100, updates_per_epoch=1, step_on_epochs=False)
     return SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler, scaler=None,
-                           progress=Progress(), device=torch.device("cpu"), profile=Profile(batch_size=1, device="cpu"),
+                           progress=Progress(), device=torch.device(device), profile=Profile(batch_size=1, device=device),
                            profile_index=0, identity={"model": model_name}, history=[])
 
 
@@ -55,12 +55,15 @@ def train_step(t, batch: int, accum: int, before_update=lambda: None) -> float:
     """One optimizer step over `accum` micro-batches; returns its wall time."""
     started = time.perf_counter()
     for _ in range(accum):
-        x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 100, (batch,))
+        x = torch.randn(batch, 3, 224, 224, device=t.device)
+        y = torch.randint(0, 100, (batch,), device=t.device)
         torch.nn.functional.cross_entropy(t.model(x), y).backward()
     before_update()
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.progress.step += 1
+    if t.device.type == "cuda":
+        torch.cuda.synchronize()   # the step's kernels are queued, not done, when step() returns
     return time.perf_counter() - started
 
 
@@ -77,7 +80,8 @@ def plain_save(t, folder: Path, args) -> dict:
 def ours(t, folder: Path, args, background: bool, alone: bool = False) -> dict:
     writer = Writer(folder, keep_last=1, on_phase=lambda phase, s: None, background=background)
     started = time.perf_counter()
-    writer.submit(t.progress.step, capture(t, background), {"epoch": 0}, shares_training_memory=background)
+    writer.submit(t.progress.step, capture(t, background), {"epoch": 0},
+                  shares_training_memory=background and shares_training_memory(t))
     blocked = time.perf_counter() - started
     waited = []
 
@@ -131,11 +135,12 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="eva02_base_patch14_224")
     p.add_argument("--dir", type=Path, default=OUT / "ckpt")
     p.add_argument("--writeback-sweep", action="store_true")
+    p.add_argument("--device", default="cpu", help="where the model trains (cpu, cuda)")
     args = p.parse_args(argv)
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
     torch.manual_seed(0)
-    t = trainer_state(args.model)
+    t = trainer_state(args.model, args.device)
     train_step(t, args.batch, args.accum)   # AdamW state (exp_avg, exp_avg_sq) now exists for every parameter
     size = sum(v.numel() * v.element_size() for v in t.model.state_dict().values()) + sum(
         v.numel() * v.element_size() for s in t.optimizer.state_dict()["state"].values() for v in s.values()
@@ -156,7 +161,7 @@ def main(argv=None) -> dict:
             f.unlink()
     disk, step = statistics.median(speeds), statistics.median(steps)
     result = {"state_bytes": size, "disk_bytes_per_s": disk, "step_seconds": step}
-    print(f"checkpoint of {args.model} + AdamW state: {size / 2**30:.2f} GiB ({machine()}), median of "
+    print(f"checkpoint of {args.model} + AdamW state on {args.device}: {size / 2**30:.2f} GiB ({machine()}), median of "
           f"{args.repeats}; a step = {args.accum} x batch {args.batch}, {step:.2f} s with no write in flight; "
           f"disk fsync'd write (dd conv=fsync): {disk / 2**20:.0f} MiB/s")
     base = statistics.median(r["blocked"] for r in runs["plain torch.save + fsync"])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 
-# A tiny model that trains "forever" on one CPU rung; each bench adds its checkpoint/supervisor keys.
+# A tiny model that trains "forever" on one rung (CPU unless told); each bench adds its checkpoint/supervisor keys.
 TINY = """\
 [run]
 name = "{name}"
@@ -36,12 +37,12 @@ log_every_steps = 1000
 keep_awake = false
 {supervisor}
 [[profiles]]
-device = "cpu"
+device = "{device}"
 batch_size = 8
 """
 
 
-def tiny_run(root: Path, name: str, checkpoint: str = "", supervisor: str = "") -> Path:
+def tiny_run(root: Path, name: str, checkpoint: str = "", supervisor: str = "", device: str = "cpu") -> Path:
     """A run folder with its frozen config, as `trainctl start` makes it, over a small synthetic dataset."""
     from trainctl.supervisor.demo_data import make_dataset
     from trainctl.worker import config as configlib
@@ -50,7 +51,7 @@ def tiny_run(root: Path, name: str, checkpoint: str = "", supervisor: str = "") 
     if not (root / "data").exists():
         make_dataset(root / "data", per_class_train=24, per_class_val=0, size=40, seed=1)
     path = root / f"{name}.toml"
-    path.write_text(TINY.format(name=name, checkpoint=checkpoint, supervisor=supervisor))
+    path.write_text(TINY.format(name=name, checkpoint=checkpoint, supervisor=supervisor, device=device))
     cfg = configlib.load(path)
     cfg.run_dir.mkdir(parents=True)
     fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
@@ -63,24 +64,38 @@ def start_supervisor(run_dir: Path) -> subprocess.Popen:
 
 
 def photos(root: Path, count: int = 120, classes: int = 4, seed: int = 0) -> Path:
-    """JPEGs of 500–1500 px with photo-like content (smooth shapes, texture, noise), quality 90."""
+    """JPEGs of 500–1500 px with photo-like content (smooth shapes, texture, noise), quality 90.
+
+    Each photo is a pure function of (seed, index), so they are drawn in parallel, on every core."""
+    from concurrent.futures import ProcessPoolExecutor
     root = Path(root)
-    if root.is_dir() and sum(1 for _ in root.rglob("*.jpg")) >= count:
-        return root
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        w, h = (int(v) for v in rng.integers(500, 1501, 2))
-        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-        img = np.zeros((h, w, 3), np.float32)
-        for c in range(3):
-            fx, fy = rng.uniform(0.5, 6, 2) * np.pi / max(w, h)
-            phase = rng.uniform(0, 6.28)
-            img[..., c] = 110 + 80 * np.sin(x * fx + phase) * np.cos(y * fy)
-        img += rng.normal(0, 12, (h, w, 3))
-        folder = root / f"class{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"photo{i:04d}.jpg", quality=90)
+    missing = [i for i in range(count) if not _photo_path(root, i, classes).exists()]
+    if missing:
+        with ProcessPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(_photo, [(root, i, classes, seed) for i in missing], chunksize=4))
     return root
+
+
+def _photo_path(root: Path, i: int, classes: int) -> Path:
+    return root / f"class{i % classes}" / f"photo{i:04d}.jpg"
+
+
+def _photo(job: tuple[Path, int, int, int]) -> None:
+    root, i, classes, seed = job
+    rng = np.random.default_rng([seed, i])
+    w, h = (int(v) for v in rng.integers(500, 1501, 2))
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        fx, fy = rng.uniform(0.5, 6, 2) * np.pi / max(w, h)
+        phase = rng.uniform(0, 6.28)
+        img[..., c] = 110 + 80 * np.sin(x * fx + phase) * np.cos(y * fy)
+    img += rng.normal(0, 12, (h, w, 3))
+    path = _photo_path(root, i, classes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")   # a photo interrupted half-written is not taken for a whole one next time
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp, format="JPEG", quality=90)
+    tmp.rename(path)
 
 
 def rotated(items: list, repeat: int) -> list:
@@ -91,8 +106,17 @@ def rotated(items: list, repeat: int) -> list:
 
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{platform.machine()}, {os.cpu_count()} cores (nproc), {mem:.0f} GiB RAM, "
+    return (f"{platform.machine()}, {os.cpu_count()} cores (nproc), {mem:.0f} GiB RAM{gpu()}, "
             f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
+
+
+def gpu() -> str:
+    """', GPU: <name>' where nvidia-smi sees one (no torch import: some benches time the supervisor alone)."""
+    if not shutil.which("nvidia-smi"):
+        return ""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    return f", GPU: {out.splitlines()[0]} (driver)" if out else ""
 
 
 def run_child(args: list[str], env: dict | None = None, timeout: float = 3600) -> tuple[int, str, int]:

@@ -5,7 +5,7 @@ SIGKILLed N times and each recovery is split into: detection, backoff, process s
 scan + checkpoint load, model build, sanity check, first step — cold (a new Python process) and warm
 (`warm_standby = true`: a standby worker has already imported torch and timm).
 
-    python bench/recovery.py [--kills 5]
+    python bench/recovery.py [--kills 5] [--device cpu]
 """
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def standby_rss(run_dir: Path) -> int:
     return 0
 
 
-def measure(root: Path, warm: bool, kills: int) -> list[dict]:
+def measure(root: Path, warm: bool, kills: int, device: str) -> list[dict]:
     run_dir = tiny_run(root, "warm" if warm else "cold", checkpoint="every_steps = 20\nkeep_last = 2",
-                       supervisor=f"warm_standby = {str(warm).lower()}")
+                       supervisor=f"warm_standby = {str(warm).lower()}", device=device)
     sup = start_supervisor(run_dir)
     out = []
     try:
@@ -95,14 +95,15 @@ def measure(root: Path, warm: bool, kills: int) -> list[dict]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--kills", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="the rung's device (cpu, cuda, mps)")
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="trainctl-mttr-"))
     result = {}
     for warm in (False, True):
-        runs = measure(root, warm, args.kills)
+        runs = measure(root, warm, args.kills, args.device)
         keys = (*PARTS, "total", "standby_rss_mib")
         result["warm" if warm else "cold"] = {k: statistics.median(r[k] for r in runs) for k in keys}
-    print(f"recovery time after SIGKILL ({machine()}), median of {args.kills}, default backoff:")
+    print(f"recovery time after SIGKILL, device {args.device} ({machine()}), median of {args.kills}, default backoff:")
     print(f"  {'part':24s} {'cold':>8s} {'warm':>8s}")
     for k in (*PARTS, "total"):
         print(f"  {k:24s} {result['cold'][k]:7.2f}s {result['warm'][k]:7.2f}s")

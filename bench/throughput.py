@@ -3,7 +3,7 @@
 Same model, batch, torch threads and photo-sized JPEGs; steady-state images/s measured from step
 timestamps (the first steps are skipped), runs alternated and repeated.
 
-    python bench/throughput.py [--model mobilenetv3_small_100] [--steps 40] [--repeats 3]
+    python bench/throughput.py [--model mobilenetv3_small_100] [--steps 40] [--repeats 3] [--device cpu] [--workers 0]
 """
 from __future__ import annotations
 
@@ -33,19 +33,22 @@ effective_batch_size = {batch}
 lr = 1e-3
 threads = {threads}
 log_every_steps = 1
+deterministic = {deterministic}
 [checkpoint]
 every_steps = 0
 every_seconds = 0
 [supervisor]
 keep_awake = false
 [[profiles]]
-device = "cpu"
+device = "{device}"
 batch_size = {batch}
+num_workers = {workers}
 """
-SKIP = 3   # warm-up steps left out of the measurement
+SKIP = 3   # warm-up steps left out of the measurement (--skip; with loader processes: their prefetch too)
 
 
-def plain_loop(model_name: str, folder: Path, batch: int, steps: int, threads: int) -> float:
+def plain_loop(model_name: str, folder: Path, batch: int, steps: int, threads: int, device: str, workers: int,
+               skip: int = SKIP) -> float:
     """What a user writes with timm alone; returns steady-state images/s."""
     import timm
     import timm.data
@@ -53,11 +56,11 @@ def plain_loop(model_name: str, folder: Path, batch: int, steps: int, threads: i
     import torch
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False, num_classes=4)
+    model = timm.create_model(model_name, pretrained=False, num_classes=4).to(device)
     cfg = timm.data.resolve_data_config(model=model)
     transform = timm.data.create_transform(**cfg, is_training=True, color_jitter=None, auto_augment=None, re_prob=0.0)
     loader = torch.utils.data.DataLoader(timm.data.ImageDataset(str(folder), transform=transform), batch_size=batch,
-                                         shuffle=True, drop_last=True, num_workers=0,
+                                         shuffle=True, drop_last=True, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
     optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -65,17 +68,19 @@ def plain_loop(model_name: str, folder: Path, batch: int, steps: int, threads: i
     times = []
     while len(times) < steps:
         for x, y in loader:
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(model(x.to(device)), y.to(device))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            loss.item()   # the loss is logged every step, as trainctl's worker does (and on a GPU: the step is done)
             times.append(time.perf_counter())
             if len(times) == steps:
                 break
-    return (len(times) - SKIP - 1) * batch / (times[-1] - times[SKIP])
+    return (len(times) - skip - 1) * batch / (times[-1] - times[skip])
 
 
-def trainctl_run(model: str, folder: Path, batch: int, steps: int, threads: int, supervised: bool) -> float:
+def trainctl_run(model: str, folder: Path, batch: int, steps: int, threads: int, supervised: bool, device: str,
+                 workers: int, skip: int = SKIP, deterministic: bool = True) -> float:
     from trainctl.worker import config as configlib
     from trainctl.worker import fsio
     root = Path(tempfile.mkdtemp(prefix="trainctl-tput-"))
@@ -87,7 +92,8 @@ def trainctl_run(model: str, folder: Path, batch: int, steps: int, threads: int,
         (subset / f.parent.name / f.name).symlink_to(f)
     path = root / "run.toml"
     path.write_text(CONFIG.format(name="tput", runs=root / "runs", model=model, data=subset, batch=batch,
-                                  threads=threads))
+                                  threads=threads, device=device, workers=workers,
+                                  deterministic=str(deterministic).lower()))
     cfg = configlib.load(path)
     cfg.run_dir.mkdir(parents=True)
     fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
@@ -96,7 +102,7 @@ def trainctl_run(model: str, folder: Path, batch: int, steps: int, threads: int,
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lines = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     times = [x["time"] for x in lines if x.get("kind") == "train"]
-    return (len(times) - SKIP - 1) * batch / (times[-1] - times[SKIP])
+    return (len(times) - skip - 1) * batch / (times[-1] - times[skip])
 
 
 def main(argv=None) -> dict:
@@ -106,35 +112,51 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="where the model trains (cpu, cuda)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes, for both loops")
+    p.add_argument("--skip", type=int, default=SKIP, help="first steps left out (>= 2 x workers: their prefetch)")
     p.add_argument("--child", action="store_true")
     args = p.parse_args(argv)
+    started = time.monotonic()
     folder = photos(OUT / "photos", max(120, args.steps * args.batch))
     if args.child:
-        print(plain_loop(args.model, folder, args.batch, args.steps, args.threads))
+        print(plain_loop(args.model, folder, args.batch, args.steps, args.threads, args.device, args.workers, args.skip))
         return {}
+    print(f"  photos ready after {time.monotonic() - started:.0f} s", flush=True)
 
     def plain() -> float:
         out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--batch", str(args.batch),
-                              "--steps", str(args.steps), "--threads", str(args.threads)],
+                              "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device,
+                              "--workers", str(args.workers), "--skip", str(args.skip)],
                              capture_output=True, text=True, check=True).stdout
         return float(out.strip().splitlines()[-1])
 
+    run = (args.model, folder, args.batch, args.steps, args.threads)
     variants = {"plain timm loop": plain,
-                "trainctl worker, direct": lambda: trainctl_run(args.model, folder, args.batch, args.steps, args.threads, False),
-                "trainctl supervised": lambda: trainctl_run(args.model, folder, args.batch, args.steps, args.threads, True)}
+                "trainctl worker, direct": lambda: trainctl_run(*run, False, args.device, args.workers, args.skip),
+                "trainctl supervised": lambda: trainctl_run(*run, True, args.device, args.workers, args.skip)}
+    if args.device != "cpu":   # exact resume's deterministic kernels cost nothing on the CPU, something on a GPU
+        variants["supervised, deterministic=false"] = lambda: trainctl_run(*run, True, args.device, args.workers,
+                                                                           args.skip, deterministic=False)
     runs = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name in rotated(list(variants), repeat):
             runs[name].append(variants[name]())
+            # as it goes: a run cut short by a time limit keeps what it measured
+            print(f"  repeat {repeat + 1}: {name} {runs[name][-1]:.1f} images/s", flush=True)
     result = {k: statistics.median(v) for k, v in runs.items()}
-    print(f"training throughput, {args.model}, batch {args.batch}, {args.threads} threads, photos ({machine()}), "
+    print(f"training throughput, {args.model}, batch {args.batch}, {args.threads} threads, {args.workers} loader "
+          f"processes, device {args.device}, photos ({machine()}), "
           f"median of {args.repeats}:")
     for k, v in result.items():
-        print(f"  {k:26s} {v:7.1f} images/s")
+        print(f"  {k:32s} {v:7.1f} images/s   (each repeat: {', '.join(f'{x:.1f}' for x in runs[k])})")
     result["supervised_vs_plain"] = result["trainctl supervised"] / result["plain timm loop"]
     result["supervised_vs_direct"] = result["trainctl supervised"] / result["trainctl worker, direct"]
     print(f"  supervised / plain timm loop: {result['supervised_vs_plain']:.2f}x (target >= 1.0); "
           f"supervised / direct: {result['supervised_vs_direct']:.3f}x (target >= 0.98)")
+    if "supervised, deterministic=false" in result:
+        result["nondeterministic_vs_plain"] = result["supervised, deterministic=false"] / result["plain timm loop"]
+        print(f"  supervised with deterministic = false / plain timm loop: {result['nondeterministic_vs_plain']:.2f}x")
     return result
 
 

@@ -1,0 +1,108 @@
+"""A real out-of-memory error on an accelerator, and the supervisor stepping down the ladder.
+
+The first rung asks for a micro-batch that cannot fit on the GPU (ViT-Base at 448 px, batch 512:
+several hundred GiB of activations); the second keeps the effective batch with a smaller micro-batch
+and more accumulation. Nothing is simulated: the worker's first forward pass runs out of device
+memory, the worker reports it and exits, the supervisor classifies the exit and restarts on rung 2,
+and the run trains to the end. Prints the journal, `trainctl status` and what the checks found.
+
+    python bench/oom_ladder.py [--device cuda] [--batch 512] [--small-batch 32]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, start_supervisor  # noqa: E402
+
+from trainctl.supervisor.demo_data import CLASSES, make_dataset
+from trainctl.supervisor.journal import read_events
+from trainctl.supervisor.runstate import read_state
+from trainctl.worker import config as configlib
+from trainctl.worker import fsio
+
+CONFIG = """\
+[run]
+name = "oom-ladder"
+runs_dir = "{runs}"
+[model]
+name = "{model}"
+img_size = {img_size}
+[data]
+train_dir = "{data}"
+[train]
+epochs = 1
+effective_batch_size = {batch}
+lr = 1e-4
+log_every_steps = 1
+[checkpoint]
+every_steps = 1
+[supervisor]
+keep_awake = false
+[[profiles]]
+device = "{device}"
+batch_size = {batch}
+num_workers = {workers}
+[[profiles]]
+device = "{device}"
+batch_size = {small}
+num_workers = {workers}
+"""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--img-size", type=int, default=448)
+    p.add_argument("--batch", type=int, default=512, help="rung 1's micro-batch (= the effective batch)")
+    p.add_argument("--small-batch", type=int, default=32, help="rung 2's micro-batch")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=300)
+    args = p.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="trainctl-oom-"))
+    # two optimizer steps' worth of images (the demo's shapes, small files: loading is not what is tested)
+    make_dataset(root / "data", per_class_train=2 * args.batch // len(CLASSES), per_class_val=0, size=48, seed=1)
+    path = root / "run.toml"
+    path.write_text(CONFIG.format(runs=root / "runs", model=args.model, img_size=args.img_size, data=root / "data/train",
+                                  batch=args.batch, small=args.small_batch, device=args.device, workers=args.workers))
+    cfg = configlib.load(path)
+    cfg.run_dir.mkdir(parents=True)
+    fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
+    started = time.monotonic()
+    sup = start_supervisor(cfg.run_dir)
+    try:
+        sup.wait(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        sup.kill()
+        print(f"supervisor still running after {args.timeout:.0f} s: killed")
+    print(f"OOM ladder on {args.device} ({machine()}), {args.model} at {args.img_size} px, effective batch {args.batch}: "
+          f"rung 1 batch {args.batch} x 1, rung 2 batch {args.small_batch} x {args.batch // args.small_batch}; "
+          f"{time.monotonic() - started:.1f} s")
+    events = read_events(cfg.run_dir)
+    for e in events:
+        data = {k: v for k, v in e["data"].items() if k in ("failure", "detail", "rung", "exit_code", "signal")}
+        print(f"  journal: {e['kind']:12s} attempt {e['attempt']} rung {e['profile'] + 1} step {e['step']} {data}")
+    from trainctl.supervisor.cli import main as trainctl
+    trainctl(["status", str(cfg.run_dir)])
+    exits = [e for e in events if e["kind"] == "exit"]
+    state = read_state(cfg.run_dir) or {}
+    checks = {
+        "attempt 1 on rung 1 ended as oom": bool(exits) and exits[0]["profile"] == 0
+        and exits[0]["data"].get("failure") == "oom",
+        "the next attempt ran on rung 2": any(e["kind"] == "spawn" and e["profile"] == 1 for e in events),
+        "the run finished": state.get("state") == "succeeded",
+        "the weights were exported": (cfg.run_dir / "model.safetensors").exists(),
+    }
+    for name, ok in checks.items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
