@@ -75,8 +75,7 @@ class MicroBatches(torch.utils.data.Dataset):
                 images[slot].copy_(self.dummy)
                 bad.append((path, str(e)))
                 continue
-            pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-            images[slot].copy_(pixels.view(size, size, 3).permute(2, 0, 1))
+            images[slot].copy_(img)
             valid[slot] = True
         return MicroBatch(images, labels, valid, bad)
 

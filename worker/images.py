@@ -1,4 +1,5 @@
-"""Decode one image file into a fixed-size RGB image: train (random resized crop + flip) or eval.
+"""Decode one image file into a model input: a (3, size, size) uint8 tensor, train (random resized crop +
+flip) or eval.
 
 All randomness comes from the generator passed in, which the caller derives from
 (seed, epoch, sample index): the result never depends on batch size, workers or restarts.
@@ -13,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 from . import jpeg_rows
@@ -21,9 +23,14 @@ RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Ima
             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 _TRANSPOSED = {5, 6, 7, 8}   # EXIF orientations that swap width and height
 # How each EXIF orientation turns the stored image into the displayed one (as ImageOps.exif_transpose).
-_ORIENT = {2: Image.FLIP_LEFT_RIGHT, 3: Image.ROTATE_180, 4: Image.FLIP_TOP_BOTTOM, 5: Image.TRANSPOSE,
-           6: Image.ROTATE_270, 7: Image.TRANSVERSE, 8: Image.ROTATE_90}
-_FILTER_REACH = 3            # input pixels either side of an output pixel per unit of scale (Lanczos: 3)
+# How each EXIF orientation turns the stored image into the displayed one (as ImageOps.exif_transpose),
+# for a (3, H, W) tensor.
+_ORIENT = {2: lambda t: t.flip(2), 3: lambda t: t.flip(1, 2), 4: lambda t: t.flip(1), 5: lambda t: t.transpose(1, 2),
+           6: lambda t: t.transpose(1, 2).flip(2), 7: lambda t: t.transpose(1, 2).flip(1, 2),
+           8: lambda t: t.transpose(1, 2).flip(1)}
+# torch's antialiased uint8 resampling is Pillow's filter (within one level) and several times faster where
+# torch has its AVX2 kernel (x86); elsewhere (Apple silicon) its generic kernel is slower than Pillow's.
+_TORCH_FILTERS = {"bilinear", "bicubic"} if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else set()
 
 
 class BadImage(Exception):
@@ -54,7 +61,7 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index, 0xA06])
 
 
-def load_train(path: str, recipe: Recipe, rng: np.random.Generator) -> Image.Image:
+def load_train(path: str, recipe: Recipe, rng: np.random.Generator) -> torch.Tensor:
     """Random-resized-crop + horizontal flip, as in timm's training transform."""
     img, data = _open(path, recipe.max_pixels)
     orientation = _orientation(img)
@@ -62,10 +69,10 @@ def load_train(path: str, recipe: Recipe, rng: np.random.Generator) -> Image.Ima
     top, left, h, w = _crop_params(width, height, recipe, rng)
     flip = rng.random() < recipe.hflip
     out = _crop_resize(img, data, orientation, (left, top, left + w, top + h), recipe)
-    return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
+    return out.flip(2) if flip else out
 
 
-def load_eval(path: str, recipe: Recipe) -> Image.Image:
+def load_eval(path: str, recipe: Recipe) -> torch.Tensor:
     """Resize the short side to size / crop_pct and take the centre crop, as timm's eval transform."""
     img, data = _open(path, recipe.max_pixels)
     orientation = _orientation(img)
@@ -134,14 +141,14 @@ def _crop_params(width: int, height: int, r: Recipe, rng: np.random.Generator) -
 
 
 def _crop_resize(img: Image.Image, data: bytes, orientation: int, box: tuple[float, float, float, float],
-                 r: Recipe) -> Image.Image:
-    """Decode (at reduced scale, and only down to the crop where the file allows), convert to RGB, crop
-    and resize in one go, then orient the small result.
+                 r: Recipe) -> torch.Tensor:
+    """Decode (at reduced scale, and only down to the crop where the file allows), convert to RGB, crop,
+    resize, then orient the small result.
 
-    `box` is in displayed (EXIF-oriented) pixels. Resampling happens in stored orientation, so a cut decode
-    changes nothing but the image's height, which Pillow's resampling does not depend on: the result is
-    bit-identical to a full decode's (tests/test_images.py). Orienting 224 px instead of the whole photo is
-    cheaper too."""
+    `box` is in displayed (EXIF-oriented) pixels. The crop is cut out in stored orientation and in whole
+    decoded pixels, and only it is resampled: a cut decode changes nothing but rows below it, so the result
+    is bit-identical to a full decode's (tests/test_images.py). Orienting 224 px instead of the whole
+    photo is cheaper too."""
     width, height = img.size   # stored, full resolution
     stored = _stored_box(box, orientation, width, height)
     scale = _dct_scale(min(box[2] - box[0], box[3] - box[1]) / r.size) if img.format == "JPEG" else 1
@@ -150,16 +157,34 @@ def _crop_resize(img: Image.Image, data: bytes, orientation: int, box: tuple[flo
             img.draft("RGB", (img.width // scale, img.height // scale))
         # The decoder rounds each side of a reduced image up on its own: scale per axis.
         sx, sy = img.width / width, img.height / height
-        img = _cut_below(img, data, stored[3], max(box[2] - box[0], box[3] - box[1]), scale, r)
+        box = _pixel_box((stored[0] * sx, stored[1] * sy, stored[2] * sx, stored[3] * sy), img.width, img.height)
+        img = _cut_below(img, data, box[3], scale)
         img.load()
         img = _to_rgb(img, r.fill)
     except Exception as e:   # truncated data, corrupt streams
         raise BadImage(_reason(e)) from None
-    # A box past the edge by a rounding error is an error in Pillow: clamp it.
-    scaled = (max(0.0, stored[0] * sx), max(0.0, stored[1] * sy),
-              min(img.width, stored[2] * sx), min(img.height, stored[3] * sy))
-    out = img.resize((r.size, r.size), RESAMPLE.get(r.interpolation, Image.BICUBIC), box=scaled)
-    return out.transpose(_ORIENT[orientation]) if orientation in _ORIENT else out
+    out = _resize(img.crop(box), r)
+    return _ORIENT[orientation](out) if orientation in _ORIENT else out
+
+
+def _pixel_box(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
+    """A box in decoded pixels rounded to whole pixels (at full scale it already is) and kept inside the image."""
+    w = min(width, max(1, round(box[2] - box[0])))
+    h = min(height, max(1, round(box[3] - box[1])))
+    left = min(max(0, round(box[0])), width - w)
+    top = min(max(0, round(box[1])), height - h)
+    return left, top, left + w, top + h
+
+
+def _resize(crop: Image.Image, r: Recipe) -> torch.Tensor:
+    """The crop resampled to (3, size, size) uint8."""
+    if r.interpolation in _TORCH_FILTERS:
+        pixels = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).view(crop.height, crop.width, 3)
+        # (1, 3, H, W) over HWC memory is channels-last, the layout torch's fast uint8 kernel wants
+        return torch.nn.functional.interpolate(pixels.permute(2, 0, 1)[None], size=(r.size, r.size),
+                                               mode=r.interpolation, antialias=True)[0]
+    out = crop.resize((r.size, r.size), RESAMPLE.get(r.interpolation, Image.BICUBIC))
+    return torch.frombuffer(bytearray(out.tobytes()), dtype=torch.uint8).view(r.size, r.size, 3).permute(2, 0, 1)
 
 
 def _stored_box(box: tuple[float, float, float, float], orientation: int, width: int,
@@ -180,16 +205,15 @@ def _dct_scale(reduction: float) -> int:
     return next((s for s in (8, 4, 2) if reduction >= s), 1)
 
 
-def _cut_below(img: Image.Image, data: bytes, bottom: float, side: float, scale: int, r: Recipe) -> Image.Image:
-    """The same JPEG declared only down to stored row `bottom` plus a margin (see jpeg_rows), or `img`.
+def _cut_below(img: Image.Image, data: bytes, bottom: int, scale: int) -> Image.Image:
+    """The same JPEG declared only down to decoded row `bottom` plus one MCU row (see jpeg_rows), or `img`.
 
-    The margin: the resize filter's reach below the box (`side`: the box's longer side, in full-resolution
-    pixels) and one MCU row for the decoder's chroma upsampling, so the rows the resize reads are the same."""
+    The extra MCU row: the decoder's chroma upsampling at the last rows reads the row below, so the rows
+    the crop takes are the same as a full decode's."""
     frame = jpeg_rows.sequential_frame(data) if img.format == "JPEG" else None
     if frame is None:
         return img
-    reach = _FILTER_REACH * max(1.0, side / scale / r.size) + 1   # in decoded pixels
-    rows = math.ceil(bottom + reach * scale) + frame.mcu_rows
+    rows = bottom * scale + frame.mcu_rows   # in stored full-resolution rows
     rows = -(-rows // frame.mcu_rows) * frame.mcu_rows
     if rows >= frame.height:
         return img
