@@ -22,15 +22,14 @@ from . import jpeg_rows
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 _TRANSPOSED = {5, 6, 7, 8}   # EXIF orientations that swap width and height
-# How each EXIF orientation turns the stored image into the displayed one (as ImageOps.exif_transpose).
 # How each EXIF orientation turns the stored image into the displayed one (as ImageOps.exif_transpose),
 # for a (3, H, W) tensor.
 _ORIENT = {2: lambda t: t.flip(2), 3: lambda t: t.flip(1, 2), 4: lambda t: t.flip(1), 5: lambda t: t.transpose(1, 2),
            6: lambda t: t.transpose(1, 2).flip(2), 7: lambda t: t.transpose(1, 2).flip(1, 2),
            8: lambda t: t.transpose(1, 2).flip(1)}
-# torch's antialiased uint8 resampling is Pillow's filter (within one level) and several times faster where
-# torch has its AVX2 kernel (x86); elsewhere (Apple silicon) its generic kernel is slower than Pillow's.
-_TORCH_FILTERS = {"bilinear", "bicubic"} if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else set()
+# torch's antialiased uint8 resampling is Pillow's filter (to within a level or two) and several times faster
+# where torch has its AVX2 kernel (x86); elsewhere (Apple silicon) its generic kernel is slower than Pillow's.
+_TORCH_FILTERS = {"bilinear", "bicubic"} if torch.backends.cpu.get_cpu_capability().startswith("AVX") else set()
 
 
 class BadImage(Exception):
@@ -157,13 +156,13 @@ def _crop_resize(img: Image.Image, data: bytes, orientation: int, box: tuple[flo
             img.draft("RGB", (img.width // scale, img.height // scale))
         # The decoder rounds each side of a reduced image up on its own: scale per axis.
         sx, sy = img.width / width, img.height / height
-        box = _pixel_box((stored[0] * sx, stored[1] * sy, stored[2] * sx, stored[3] * sy), img.width, img.height)
-        img = _cut_below(img, data, box[3], scale)
+        crop = _pixel_box((stored[0] * sx, stored[1] * sy, stored[2] * sx, stored[3] * sy), img.width, img.height)
+        img = _cut_below(img, data, crop[3], scale)
         img.load()
         img = _to_rgb(img, r.fill)
     except Exception as e:   # truncated data, corrupt streams
         raise BadImage(_reason(e)) from None
-    out = _resize(img.crop(box), r)
+    out = _resize(img.crop(crop), r)
     return _ORIENT[orientation](out) if orientation in _ORIENT else out
 
 
@@ -179,12 +178,15 @@ def _pixel_box(box: tuple[float, float, float, float], width: int, height: int) 
 def _resize(crop: Image.Image, r: Recipe) -> torch.Tensor:
     """The crop resampled to (3, size, size) uint8."""
     if r.interpolation in _TORCH_FILTERS:
-        pixels = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).view(crop.height, crop.width, 3)
         # (1, 3, H, W) over HWC memory is channels-last, the layout torch's fast uint8 kernel wants
-        return torch.nn.functional.interpolate(pixels.permute(2, 0, 1)[None], size=(r.size, r.size),
-                                               mode=r.interpolation, antialias=True)[0]
-    out = crop.resize((r.size, r.size), RESAMPLE.get(r.interpolation, Image.BICUBIC))
-    return torch.frombuffer(bytearray(out.tobytes()), dtype=torch.uint8).view(r.size, r.size, 3).permute(2, 0, 1)
+        return torch.nn.functional.interpolate(_chw(crop)[None], size=(r.size, r.size), mode=r.interpolation,
+                                               antialias=True)[0]
+    return _chw(crop.resize((r.size, r.size), RESAMPLE.get(r.interpolation, Image.BICUBIC)))
+
+
+def _chw(img: Image.Image) -> torch.Tensor:
+    """An RGB image's pixels as a (3, H, W) uint8 view of one copy in HWC order."""
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)
 
 
 def _stored_box(box: tuple[float, float, float, float], orientation: int, width: int,
