@@ -4,11 +4,13 @@ Same model, batch, torch threads and photo-sized JPEGs; steady-state images/s me
 timestamps (the first steps are skipped), runs alternated and repeated.
 
     python bench/throughput.py [--model mobilenetv3_small_100] [--steps 40] [--repeats 3] [--device cpu] [--workers 0]
+                               [--skip 3] [--photos N]   # N photos cycled through (default: one epoch of steps x batch)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -28,7 +30,7 @@ name = "{model}"
 [data]
 train_dir = "{data}"
 [train]
-epochs = 1
+epochs = {epochs}
 effective_batch_size = {batch}
 lr = 1e-3
 threads = {threads}
@@ -47,26 +49,26 @@ num_workers = {workers}
 SKIP = 3   # warm-up steps left out of the measurement (--skip; with loader processes: their prefetch too)
 
 
-def plain_loop(model_name: str, folder: Path, batch: int, steps: int, threads: int, device: str, workers: int,
-               skip: int = SKIP) -> float:
+def plain_loop(args, folder: Path) -> float:
     """What a user writes with timm alone; returns steady-state images/s."""
     import timm
     import timm.data
     import timm.optim
     import torch
-    torch.set_num_threads(threads)
+    batch, device = args.batch, args.device
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False, num_classes=4).to(device)
+    model = timm.create_model(args.model, pretrained=False, num_classes=4).to(device)
     cfg = timm.data.resolve_data_config(model=model)
     transform = timm.data.create_transform(**cfg, is_training=True, color_jitter=None, auto_augment=None, re_prob=0.0)
     loader = torch.utils.data.DataLoader(timm.data.ImageDataset(str(folder), transform=transform), batch_size=batch,
-                                         shuffle=True, drop_last=True, num_workers=workers,
+                                         shuffle=True, drop_last=True, num_workers=args.workers,
                                          generator=torch.Generator().manual_seed(0))
     optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
     times = []
-    while len(times) < steps:
+    while len(times) < args.steps:
         for x, y in loader:
             loss = loss_fn(model(x.to(device)), y.to(device))
             loss.backward()
@@ -74,25 +76,27 @@ def plain_loop(model_name: str, folder: Path, batch: int, steps: int, threads: i
             optimizer.zero_grad(set_to_none=True)
             loss.item()   # the loss is logged every step, as trainctl's worker does (and on a GPU: the step is done)
             times.append(time.perf_counter())
-            if len(times) == steps:
+            if len(times) == args.steps:
                 break
-    return (len(times) - skip - 1) * batch / (times[-1] - times[skip])
+    return images_per_second(times, args)
 
 
-def trainctl_run(model: str, folder: Path, batch: int, steps: int, threads: int, supervised: bool, device: str,
-                 workers: int, skip: int = SKIP, deterministic: bool = True) -> float:
+def images_per_second(times: list[float], args) -> float:
+    """Steady state: the first `--skip` steps (start-up, the loaders filling their queues) left out."""
+    if len(times) < args.steps:
+        raise RuntimeError(f"only {len(times)} of {args.steps} steps were timed")
+    times = times[:args.steps]
+    return (len(times) - args.skip - 1) * args.batch / (times[-1] - times[args.skip])
+
+
+def trainctl_run(args, folder: Path, supervised: bool, deterministic: bool = True) -> float:
     from trainctl.worker import config as configlib
     from trainctl.worker import fsio
     root = Path(tempfile.mkdtemp(prefix="trainctl-tput-"))
-    # one epoch of exactly `steps` steps: a subset folder of steps * batch images
-    subset = root / "data"
-    files = sorted(folder.rglob("*.jpg"))[: steps * batch]
-    for f in files:
-        (subset / f.parent.name).mkdir(parents=True, exist_ok=True)
-        (subset / f.parent.name / f.name).symlink_to(f)
+    epochs = math.ceil(args.steps / (args.photos // args.batch))   # as many as `steps` needs
     path = root / "run.toml"
-    path.write_text(CONFIG.format(name="tput", runs=root / "runs", model=model, data=subset, batch=batch,
-                                  threads=threads, device=device, workers=workers,
+    path.write_text(CONFIG.format(name="tput", runs=root / "runs", model=args.model, data=folder, batch=args.batch,
+                                  threads=args.threads, device=args.device, workers=args.workers, epochs=epochs,
                                   deterministic=str(deterministic).lower()))
     cfg = configlib.load(path)
     cfg.run_dir.mkdir(parents=True)
@@ -101,8 +105,16 @@ def trainctl_run(model: str, folder: Path, batch: int, steps: int, threads: int,
            [sys.executable, "-m", "trainctl.worker", "--run-dir", str(cfg.run_dir)])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lines = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    times = [x["time"] for x in lines if x.get("kind") == "train"]
-    return (len(times) - skip - 1) * batch / (times[-1] - times[skip])
+    return images_per_second([x["time"] for x in lines if x.get("kind") == "train"], args)
+
+
+def subset(folder: Path, count: int) -> Path:
+    """A folder of links to the first `count` photos: the one both loops read (the cache may hold more)."""
+    out = Path(tempfile.mkdtemp(prefix="trainctl-tput-data-"))
+    for f in sorted(folder.rglob("*.jpg"))[:count]:
+        (out / f.parent.name).mkdir(exist_ok=True)
+        (out / f.parent.name / f.name).symlink_to(f)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -115,29 +127,29 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="where the model trains (cpu, cuda)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes, for both loops")
     p.add_argument("--skip", type=int, default=SKIP, help="first steps left out (>= 2 x workers: their prefetch)")
-    p.add_argument("--child", action="store_true")
+    p.add_argument("--photos", type=int, default=0, help="photos to cycle through (default: steps x batch, one epoch)")
+    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)   # the plain loop's process, over this folder
     args = p.parse_args(argv)
-    started = time.monotonic()
-    folder = photos(OUT / "photos", max(120, args.steps * args.batch))
+    args.photos = args.photos or args.steps * args.batch
     if args.child:
-        print(plain_loop(args.model, folder, args.batch, args.steps, args.threads, args.device, args.workers, args.skip))
+        print(plain_loop(args, args.child))
         return {}
+    started = time.monotonic()
+    folder = subset(photos(OUT / "photos", args.photos), args.photos)
     print(f"  photos ready after {time.monotonic() - started:.0f} s", flush=True)
 
     def plain() -> float:
-        out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--batch", str(args.batch),
+        out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--model", args.model, "--batch", str(args.batch),
                               "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device,
-                              "--workers", str(args.workers), "--skip", str(args.skip)],
+                              "--workers", str(args.workers), "--skip", str(args.skip), "--photos", str(args.photos)],
                              capture_output=True, text=True, check=True).stdout
         return float(out.strip().splitlines()[-1])
 
-    run = (args.model, folder, args.batch, args.steps, args.threads)
     variants = {"plain timm loop": plain,
-                "trainctl worker, direct": lambda: trainctl_run(*run, False, args.device, args.workers, args.skip),
-                "trainctl supervised": lambda: trainctl_run(*run, True, args.device, args.workers, args.skip)}
+                "trainctl worker, direct": lambda: trainctl_run(args, folder, False),
+                "trainctl supervised": lambda: trainctl_run(args, folder, True)}
     if args.device != "cpu":   # exact resume's deterministic kernels cost nothing on the CPU, something on a GPU
-        variants["supervised, deterministic=false"] = lambda: trainctl_run(*run, True, args.device, args.workers,
-                                                                           args.skip, deterministic=False)
+        variants["supervised, deterministic=false"] = lambda: trainctl_run(args, folder, True, deterministic=False)
     runs = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name in rotated(list(variants), repeat):
