@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
             code, out, peak = run_child([sys.executable, "-m", "trainctl.worker", "--run-dir", str(cfg.run_dir)])
             assert code == 0, out
             result[batch][f"trainctl async_write={async_write}"] = peak
-        code, out, plain = run_child([sys.executable, throughput, "--child", "--model", args.model, "--batch",
+        code, out, plain = run_child([sys.executable, throughput, "--child", str(folder), "--model", args.model, "--batch",
                                       str(batch), "--steps", str(args.steps + 4), "--threads", "2"])
         assert code == 0, out
         result[batch]["plain timm loop"] = plain
