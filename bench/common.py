@@ -43,19 +43,35 @@ batch_size = 8
 
 
 def tiny_run(root: Path, name: str, checkpoint: str = "", supervisor: str = "", device: str = "cpu") -> Path:
-    """A run folder with its frozen config, as `trainctl start` makes it, over a small synthetic dataset."""
+    """A run folder with its frozen config over a small synthetic dataset."""
     from trainctl.supervisor.demo_data import make_dataset
-    from trainctl.worker import config as configlib
-    from trainctl.worker import fsio
     root = Path(root)
     if not (root / "data").exists():
         make_dataset(root / "data", per_class_train=24, per_class_val=0, size=40, seed=1)
-    path = root / f"{name}.toml"
-    path.write_text(TINY.format(name=name, checkpoint=checkpoint, supervisor=supervisor, device=device))
+    return frozen_run(root / f"{name}.toml",
+                      TINY.format(name=name, checkpoint=checkpoint, supervisor=supervisor, device=device))
+
+
+def frozen_run(path: Path, text: str) -> Path:
+    """Write config `text` to `path` and make its run folder with the frozen config, as `trainctl start`
+    does (without remembering the run among the user's runs); returns the run folder."""
+    from trainctl.worker import config as configlib
+    from trainctl.worker import fsio
+    path.write_text(text)
     cfg = configlib.load(path)
     cfg.run_dir.mkdir(parents=True)
     fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
     return cfg.run_dir
+
+
+def subset(folder: Path, count: int) -> Path:
+    """A new folder of links to the first `count` photos in `folder` (a cache may hold more)."""
+    import tempfile
+    out = Path(tempfile.mkdtemp(prefix="trainctl-photos-"))
+    for f in sorted(folder.rglob("*.jpg"))[:count]:
+        (out / f.parent.name).mkdir(exist_ok=True)
+        (out / f.parent.name / f.name).symlink_to(f)
+    return out
 
 
 def start_supervisor(run_dir: Path) -> subprocess.Popen:

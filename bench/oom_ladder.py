@@ -18,13 +18,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, start_supervisor  # noqa: E402
+from common import frozen_run, machine, start_supervisor  # noqa: E402
 
 from trainctl.supervisor.demo_data import CLASSES, make_dataset
 from trainctl.supervisor.journal import read_events
 from trainctl.supervisor.runstate import read_state
-from trainctl.worker import config as configlib
-from trainctl.worker import fsio
 
 CONFIG = """\
 [run]
@@ -68,14 +66,11 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="trainctl-oom-"))
     # two optimizer steps' worth of images (the demo's shapes, small files: loading is not what is tested)
     make_dataset(root / "data", per_class_train=2 * args.batch // len(CLASSES), per_class_val=0, size=48, seed=1)
-    path = root / "run.toml"
-    path.write_text(CONFIG.format(runs=root / "runs", model=args.model, img_size=args.img_size, data=root / "data/train",
-                                  batch=args.batch, small=args.small_batch, device=args.device, workers=args.workers))
-    cfg = configlib.load(path)
-    cfg.run_dir.mkdir(parents=True)
-    fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
+    run_dir = frozen_run(root / "run.toml", CONFIG.format(
+        runs=root / "runs", model=args.model, img_size=args.img_size, data=root / "data/train", batch=args.batch,
+        small=args.small_batch, device=args.device, workers=args.workers))
     started = time.monotonic()
-    sup = start_supervisor(cfg.run_dir)
+    sup = start_supervisor(run_dir)
     try:
         sup.wait(timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -84,20 +79,20 @@ def main(argv=None) -> int:
     print(f"OOM ladder on {args.device} ({machine()}), {args.model} at {args.img_size} px, effective batch {args.batch}: "
           f"rung 1 batch {args.batch} x 1, rung 2 batch {args.small_batch} x {args.batch // args.small_batch}; "
           f"{time.monotonic() - started:.1f} s")
-    events = read_events(cfg.run_dir)
+    events = read_events(run_dir)
     for e in events:
         data = {k: v for k, v in e["data"].items() if k in ("failure", "detail", "rung", "exit_code", "signal")}
         print(f"  journal: {e['kind']:12s} attempt {e['attempt']} rung {e['profile'] + 1} step {e['step']} {data}")
     from trainctl.supervisor.cli import main as trainctl
-    trainctl(["status", str(cfg.run_dir)])
+    trainctl(["status", str(run_dir)])
     exits = [e for e in events if e["kind"] == "exit"]
-    state = read_state(cfg.run_dir) or {}
+    state = read_state(run_dir) or {}
     checks = {
         "attempt 1 on rung 1 ended as oom": bool(exits) and exits[0]["profile"] == 0
         and exits[0]["data"].get("failure") == "oom",
         "the next attempt ran on rung 2": any(e["kind"] == "spawn" and e["profile"] == 1 for e in events),
         "the run finished": state.get("state") == "succeeded",
-        "the weights were exported": (cfg.run_dir / "model.safetensors").exists(),
+        "the weights were exported": (run_dir / "model.safetensors").exists(),
     }
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")

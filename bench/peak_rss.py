@@ -15,10 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine, photos, run_child  # noqa: E402
-
-from trainctl.worker import config as configlib  # noqa: E402
-from trainctl.worker import fsio  # noqa: E402
+from common import OUT, frozen_run, machine, photos, run_child, subset  # noqa: E402
 
 CONFIG = """\
 [run]
@@ -53,19 +50,12 @@ def main(argv=None) -> dict:
     result = {}
     for batch in (1, 2):
         root = Path(tempfile.mkdtemp(prefix="trainctl-rss-"))
-        subset = root / "data"
-        for f in sorted(folder.rglob("*.jpg"))[: args.steps * batch]:
-            (subset / f.parent.name).mkdir(parents=True, exist_ok=True)
-            (subset / f.parent.name / f.name).symlink_to(f)
+        data = subset(folder, args.steps * batch)
         result[batch] = {}
         for async_write in ("false", "true"):
-            path = root / f"run-{async_write}.toml"
-            path.write_text(CONFIG.format(batch=batch, runs=root / f"runs-{async_write}", model=args.model,
-                                          data=subset, async_write=async_write))
-            cfg = configlib.load(path)
-            cfg.run_dir.mkdir(parents=True)
-            fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
-            code, out, peak = run_child([sys.executable, "-m", "trainctl.worker", "--run-dir", str(cfg.run_dir)])
+            run_dir = frozen_run(root / f"run-{async_write}.toml", CONFIG.format(
+                batch=batch, runs=root / f"runs-{async_write}", model=args.model, data=data, async_write=async_write))
+            code, out, peak = run_child([sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir)])
             assert code == 0, out
             result[batch][f"trainctl async_write={async_write}"] = peak
         code, out, plain = run_child([sys.executable, throughput, "--child", str(folder), "--model", args.model, "--batch",

@@ -17,8 +17,9 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from trainctl.supervisor.demo_data import make_dataset
-from trainctl.worker import config as configlib
-from trainctl.worker import fsio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import frozen_run  # noqa: E402
 
 CONFIG = """\
 [run]
@@ -55,12 +56,7 @@ def worker(run_dir: Path, profile: int, faults: str = "") -> None:
 
 
 def run(root: Path, name: str, epochs: int) -> Path:
-    path = root / f"{name}.toml"
-    path.write_text(CONFIG.format(name=name, epochs=epochs))
-    cfg = configlib.load(path)
-    cfg.run_dir.mkdir(parents=True)
-    fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
-    return cfg.run_dir
+    return frozen_run(root / f"{name}.toml", CONFIG.format(name=name, epochs=epochs))
 
 
 def main() -> None:

@@ -36,9 +36,10 @@ from trainctl.supervisor.demo_data import make_dataset
 from trainctl.supervisor.journal import read_events
 from trainctl.supervisor.process import run_processes
 from trainctl.supervisor.runstate import read_state, supervisor_alive
-from trainctl.worker import config as configlib
-from trainctl.worker import fsio
 from trainctl.worker.protocol import committed_checkpoints, read_heartbeat
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import frozen_run  # noqa: E402
 
 CONFIG = """\
 [run]
@@ -93,12 +94,7 @@ IN_PROCESS = {"exception": "exception", "oom": "cpu_oom", "memory": "grow_memory
 
 
 def make_run(root: Path, name: str, epochs: int, every: int) -> Path:
-    path = root / f"{name}.toml"
-    path.write_text(CONFIG.format(name=name, epochs=epochs, every=every))
-    cfg = configlib.load(path)
-    cfg.run_dir.mkdir(parents=True)
-    fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
-    return cfg.run_dir
+    return frozen_run(root / f"{name}.toml", CONFIG.format(name=name, epochs=epochs, every=every))
 
 
 def start_service(run_dir: Path, env: dict, log) -> subprocess.Popen:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine, photos, rotated  # noqa: E402
+from common import OUT, frozen_run, machine, photos, rotated, subset  # noqa: E402
 
 CONFIG = """\
 [run]
@@ -90,31 +90,16 @@ def images_per_second(times: list[float], args) -> float:
 
 
 def trainctl_run(args, folder: Path, supervised: bool, deterministic: bool = True) -> float:
-    from trainctl.worker import config as configlib
-    from trainctl.worker import fsio
     root = Path(tempfile.mkdtemp(prefix="trainctl-tput-"))
     epochs = math.ceil(args.steps / (args.photos // args.batch))   # as many as `steps` needs
-    path = root / "run.toml"
-    path.write_text(CONFIG.format(name="tput", runs=root / "runs", model=args.model, data=folder, batch=args.batch,
-                                  threads=args.threads, device=args.device, workers=args.workers, epochs=epochs,
-                                  deterministic=str(deterministic).lower()))
-    cfg = configlib.load(path)
-    cfg.run_dir.mkdir(parents=True)
-    fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
-    cmd = ([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(cfg.run_dir)] if supervised else
-           [sys.executable, "-m", "trainctl.worker", "--run-dir", str(cfg.run_dir)])
+    run_dir = frozen_run(root / "run.toml", CONFIG.format(
+        name="tput", runs=root / "runs", model=args.model, data=folder, batch=args.batch, threads=args.threads,
+        device=args.device, workers=args.workers, epochs=epochs, deterministic=str(deterministic).lower()))
+    cmd = ([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)] if supervised else
+           [sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir)])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lines = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return images_per_second([x["time"] for x in lines if x.get("kind") == "train"], args)
-
-
-def subset(folder: Path, count: int) -> Path:
-    """A folder of links to the first `count` photos: the one both loops read (the cache may hold more)."""
-    out = Path(tempfile.mkdtemp(prefix="trainctl-tput-data-"))
-    for f in sorted(folder.rglob("*.jpg"))[:count]:
-        (out / f.parent.name).mkdir(exist_ok=True)
-        (out / f.parent.name / f.name).symlink_to(f)
-    return out
 
 
 def main(argv=None) -> dict:
