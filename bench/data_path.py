@@ -5,10 +5,12 @@ Same photo-sized JPEGs (500–1500 px), same output (224 px, bicubic), same augm
 process, one torch thread each, alternated. The figure that matters is images per CPU-second
 ("per core"); each variant runs in its own process so its peak RSS is its own.
 
-A third child measures the floor under both: decoding the whole file with Pillow, at full and at
+A further child runs both loaders in one process, a batch of each in turn: the ratio it gives is the
+least disturbed by the machine's changing speed (the separate processes' ratio is kept for the RSS and as
+a cross-check). Another child measures the floor under both: decoding the whole file with Pillow, at full and at
 1/8 DCT scale, per image (the entropy decoding of every block is paid at any scale).
 
-    python bench/data_path.py [--images 120] [--batch 16] [--batches N] [--repeats 3] [--compare-with CHECKOUT]
+    python bench/data_path.py [--images 120] [--batch 16] [--batches N] [--repeats 3] [--passes 3] [--compare-with CHECKOUT]
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from common import OUT, machine, photos, rotated, run_child  # noqa: E402
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def load_ours(folder: Path, batch: int, batches: int) -> int:
+def ours_batches(folder: Path, batch: int):
+    """trainctl's loader, one micro-batch per `next()`, endlessly (epoch after epoch)."""
     import torch
     from trainctl.worker.data import MicroBatches, train_keys
     from trainctl.worker.folders import scan
@@ -36,12 +39,12 @@ def load_ours(folder: Path, batch: int, batches: int) -> int:
     mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD).view(1, 3, 1, 1) * 255
     keys = train_keys(0, 0, 10**6, len(data.folder) // batch, batch, batch)()
-    for _ in range(batches):   # uint8 micro-batch, then float + in-place normalisation (what the worker does)
-        data[next(keys)].images.float().sub_(mean).div_(std)
-    return batches * batch
+    while True:   # uint8 micro-batch, then float + in-place normalisation (what the worker does)
+        yield data[next(keys)].images.float().sub_(mean).div_(std)
 
 
-def load_timm(folder: Path, batch: int, batches: int) -> int:
+def timm_batches(folder: Path, batch: int):
+    """timm's training pipeline (ImageDataset + create_transform) in a DataLoader, one batch per `next()`."""
     import timm.data
     import torch
     transform = timm.data.create_transform(224, is_training=True, color_jitter=None, auto_augment=None,
@@ -49,13 +52,12 @@ def load_timm(folder: Path, batch: int, batches: int) -> int:
     dataset = timm.data.ImageDataset(str(folder), transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0, drop_last=True,
                                          generator=torch.Generator().manual_seed(0))
-    done = 0
-    while done < batches:
+    while True:
         for x, _ in loader:
-            done += 1
-            if done == batches:
-                break
-    return batches * batch
+            yield x
+
+
+LOADERS = {"ours": ours_batches, "timm": timm_batches}
 
 
 def decode_floor(folder: Path) -> dict:
@@ -82,11 +84,31 @@ def child(which: str, folder: Path, batch: int, batches: int) -> None:
     if which == "floor":
         print(json.dumps(decode_floor(folder)))
         return
-    fn = load_ours if which == "ours" else load_timm
-    fn(folder, batch, 2)   # warm-up: imports, first-call costs
+    if which == "interleaved":
+        print(json.dumps(interleaved(folder, batch, batches)))
+        return
+    loader = LOADERS[which](folder, batch)
+    for _ in range(2):   # warm-up: imports, first-call costs
+        next(loader)
     cpu, wall = time.process_time(), time.perf_counter()
-    images = fn(folder, batch, batches)
-    print(json.dumps({"images": images, "cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall}))
+    for _ in range(batches):
+        next(loader)
+    print(json.dumps({"images": batches * batch, "cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall}))
+
+
+def interleaved(folder: Path, batch: int, batches: int) -> dict:
+    """Both loaders in one process, batch by batch in turn: CPU seconds per batch of each, so that a change
+    in the machine's speed (these machines are shared) lands on both within a fraction of a second."""
+    loaders = {name: make(folder, batch) for name, make in LOADERS.items()}
+    for loader in loaders.values():
+        next(loader), next(loader)   # warm-up
+    cpu = {name: [] for name in loaders}
+    for i in range(batches):
+        for name in (("ours", "timm") if i % 2 else ("timm", "ours")):
+            start = time.process_time()
+            next(loaders[name])
+            cpu[name].append(time.process_time() - start)
+    return cpu
 
 
 def main(argv=None) -> dict:
@@ -95,7 +117,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--batches", type=int, help="default: the whole folder once, so both decode the same photos")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--child", choices=("ours", "timm", "floor"))
+    p.add_argument("--passes", type=int, default=3,
+                   help="passes over the folder by each loader in the interleaved one-process run")
+    p.add_argument("--child", choices=("ours", "timm", "floor", "interleaved"))
     p.add_argument("--folder", type=Path, default=OUT / "photos")
     p.add_argument("--compare-with", type=Path, metavar="CHECKOUT",
                    help="also run the loader of another trainctl checkout (e.g. a `git worktree` of an older commit)")
@@ -125,6 +149,10 @@ def main(argv=None) -> dict:
     code, out, _ = run_child([sys.executable, __file__, "--child", "floor", "--folder", str(folder)])
     assert code == 0, out
     result["decode_ms"] = json.loads(out.strip().splitlines()[-1])
+    code, out, _ = run_child([sys.executable, __file__, "--child", "interleaved", "--folder", str(folder),
+                              "--batch", str(args.batch), "--batches", str(args.passes * args.batches)])
+    assert code == 0, out
+    result["interleaved"] = _interleaved_ratios(json.loads(out.strip().splitlines()[-1]), args.passes)
     print(f"data path ({machine()}): {args.batches * args.batch} images drawn from {count} photos, 224 px, "
           f"median of {args.repeats}")
     for w in variants:
@@ -138,11 +166,21 @@ def main(argv=None) -> dict:
             result[f"paired_{a}_{b}"] = statistics.median(paired)
             print(f"  {a} / {b}, paired per repeat: median {statistics.median(paired):.2f}x, "
                   f"range {min(paired):.2f}-{max(paired):.2f} ({', '.join(f'{x:.2f}' for x in paired)})")
+    i = result["interleaved"]
+    print(f"  ours / timm, interleaved batch by batch in one process ({args.passes} passes each): "
+          f"{i['ratio']:.2f}x; per pass {', '.join(f'{x:.2f}' for x in i['per_pass'])}")
     timm_ms = 1000 / result["timm"]["per_cpu_s"]
     floor = result["decode_ms"]
     print(f"  floor: decoding a whole file costs {floor['full']:.1f} ms at full scale, {floor['eighth']:.1f} ms at 1/8 "
           f"scale; timm's pipeline {timm_ms:.1f} ms and ours {1000 / result['ours']['per_cpu_s']:.1f} ms per image")
     return result
+
+
+def _interleaved_ratios(cpu: dict, passes: int) -> dict:
+    """Images per CPU-second of ours over timm's (both drew the same number of images): overall and per pass."""
+    n = len(cpu["ours"]) // passes
+    per_pass = [sum(cpu["timm"][k * n:(k + 1) * n]) / sum(cpu["ours"][k * n:(k + 1) * n]) for k in range(passes)]
+    return {"ratio": sum(cpu["timm"]) / sum(cpu["ours"]), "per_pass": per_pass}
 
 
 def _import_path(checkout: Path) -> str:

