@@ -60,6 +60,14 @@ def timm_batches(folder: Path, batch: int):
 LOADERS = {"ours": ours_batches, "timm": timm_batches}
 
 
+def warmed(which: str, folder: Path, batch: int):
+    """A fresh loader, after two batches of another (imports, first-call costs): the timed batches start at an
+    epoch's first, so whole passes of both variants decode the same photos."""
+    warm_up = LOADERS[which](folder, batch)
+    next(warm_up), next(warm_up)
+    return LOADERS[which](folder, batch)
+
+
 def decode_floor(folder: Path) -> dict:
     """CPU ms per image to decode whole files (bytes already in memory): full scale and 1/8 scale."""
     import io
@@ -87,9 +95,7 @@ def child(which: str, folder: Path, batch: int, batches: int) -> None:
     if which == "interleaved":
         print(json.dumps(interleaved(folder, batch, batches)))
         return
-    loader = LOADERS[which](folder, batch)
-    for _ in range(2):   # warm-up: imports, first-call costs
-        next(loader)
+    loader = warmed(which, folder, batch)
     cpu, wall = time.process_time(), time.perf_counter()
     for _ in range(batches):
         next(loader)
@@ -99,9 +105,7 @@ def child(which: str, folder: Path, batch: int, batches: int) -> None:
 def interleaved(folder: Path, batch: int, batches: int) -> dict:
     """Both loaders in one process, batch by batch in turn: CPU seconds per batch of each, so that a change
     in the machine's speed (these machines are shared) lands on both within a fraction of a second."""
-    loaders = {name: make(folder, batch) for name, make in LOADERS.items()}
-    for loader in loaders.values():
-        next(loader), next(loader)   # warm-up
+    loaders = {name: warmed(name, folder, batch) for name in LOADERS}
     cpu = {name: [] for name in loaders}
     for i in range(batches):
         for name in (("ours", "timm") if i % 2 else ("timm", "ours")):
