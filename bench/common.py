@@ -120,6 +120,19 @@ def rotated(items: list, repeat: int) -> list:
     return items[k:] + items[:k]
 
 
+def alternated(variants: dict, repeats: int, unit: str = "") -> dict[str, list]:
+    """Each variant (a callable returning one measurement) run `repeats` times, the variants taking turns at
+    running first. With `unit`, each result is printed as it comes: a run cut short by a time limit keeps
+    what it measured."""
+    runs = {name: [] for name in variants}
+    for repeat in range(repeats):
+        for name in rotated(list(variants), repeat):
+            runs[name].append(variants[name]())
+            if unit:
+                print(f"  repeat {repeat + 1}: {name} {runs[name][-1]:.1f} {unit}", flush=True)
+    return runs
+
+
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{platform.machine()}, {os.cpu_count()} cores (nproc), {mem:.0f} GiB RAM{gpu()}, "

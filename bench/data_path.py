@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine, photos, rotated, run_child  # noqa: E402
+from common import OUT, alternated, machine, photos, run_child  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -134,29 +134,24 @@ def main(argv=None) -> dict:
     folder = photos(args.folder, args.images)
     count = sum(1 for _ in folder.rglob("*.jpg"))
     args.batches = args.batches or count // args.batch
-    variants = {"ours": ("ours", None), "timm": ("timm", None)}
+    sizes = ["--batch", str(args.batch), "--batches", str(args.batches)]
+
+    def loader_run(loader: str, pythonpath: str | None = None) -> dict:
+        r, rss = _child([loader, "--folder", str(folder), *sizes], pythonpath)
+        return {"per_cpu_s": r["images"] / r["cpu"], "per_s": r["images"] / r["wall"], "rss": rss}
+
+    variants = {"ours": lambda: loader_run("ours"), "timm": lambda: loader_run("timm")}
     if args.compare_with:
-        variants["other"] = ("ours", _import_path(args.compare_with.resolve()))
-    runs = {w: [] for w in variants}
-    for repeat in range(args.repeats):
-        for which in rotated(list(variants), repeat):
-            loader, pythonpath = variants[which]
-            env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
-            code, out, rss = run_child([sys.executable, __file__, "--child", loader, "--folder", str(folder),
-                                        "--batch", str(args.batch), "--batches", str(args.batches)], env=env)
-            assert code == 0, out
-            r = json.loads(out.strip().splitlines()[-1])
-            runs[which].append({"per_cpu_s": r["images"] / r["cpu"], "per_s": r["images"] / r["wall"], "rss": rss})
+        other = _import_path(args.compare_with.resolve())
+        variants["other"] = lambda: loader_run("ours", other)
+    runs = alternated(variants, args.repeats)
     result = {w: {k: statistics.median(x[k] for x in rs) for k in ("per_cpu_s", "per_s", "rss")} for w, rs in runs.items()}
     result["ratio_per_core"] = result["ours"]["per_cpu_s"] / result["timm"]["per_cpu_s"]
     result["ratio_rss"] = result["ours"]["rss"] / result["timm"]["rss"]
-    code, out, _ = run_child([sys.executable, __file__, "--child", "floor", "--folder", str(folder)])
-    assert code == 0, out
-    result["decode_ms"] = json.loads(out.strip().splitlines()[-1])
-    code, out, _ = run_child([sys.executable, __file__, "--child", "interleaved", "--folder", str(folder),
-                              "--batch", str(args.batch), "--batches", str(args.passes * args.batches)])
-    assert code == 0, out
-    result["interleaved"] = _interleaved_ratios(json.loads(out.strip().splitlines()[-1]), args.passes)
+    result["decode_ms"] = _child(["floor", "--folder", str(folder)])[0]
+    cpu = _child(["interleaved", "--folder", str(folder), "--batch", str(args.batch),
+                  "--batches", str(args.passes * args.batches)])[0]
+    result["interleaved"] = _interleaved_ratios(cpu, args.passes)
     print(f"data path ({machine()}): {args.batches * args.batch} images drawn from {count} photos, 224 px, "
           f"median of {args.repeats}")
     for w in variants:
@@ -178,6 +173,14 @@ def main(argv=None) -> dict:
     print(f"  floor: decoding a whole file costs {floor['full']:.1f} ms at full scale, {floor['eighth']:.1f} ms at 1/8 "
           f"scale; timm's pipeline {timm_ms:.1f} ms and ours {1000 / result['ours']['per_cpu_s']:.1f} ms per image")
     return result
+
+
+def _child(args: list[str], pythonpath: str | None = None) -> tuple[dict, int]:
+    """Run this script as `--child ARGS` (with PYTHONPATH set, if given): its last line, parsed, and its peak RSS."""
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+    code, out, rss = run_child([sys.executable, __file__, "--child", *args], env=env)
+    assert code == 0, out
+    return json.loads(out.strip().splitlines()[-1]), rss
 
 
 def _interleaved_ratios(cpu: dict, passes: int) -> dict:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, rotated  # noqa: E402
+from common import alternated, machine  # noqa: E402
 
 WARM_UP = 5
 
@@ -74,12 +74,8 @@ def main(argv=None) -> dict:
     if args.child:
         print(child(args))
         return {}
-    variants = {"deterministic = true": True, "deterministic = false": False}
-    runs = {name: [] for name in variants}
-    for repeat in range(args.repeats):
-        for name in rotated(list(variants), repeat):
-            runs[name].append(run(args, variants[name]))
-            print(f"  repeat {repeat + 1}: {name} {runs[name][-1]:.1f} images/s", flush=True)
+    variants = {"deterministic = true": lambda: run(args, True), "deterministic = false": lambda: run(args, False)}
+    runs = alternated(variants, args.repeats, "images/s")
     result = {k: statistics.median(v) for k, v in runs.items()}
     result["ratio"] = result["deterministic = true"] / result["deterministic = false"]
     print(f"deterministic kernels, {args.model}, batch {args.batch}, {args.size} px, synthetic batch on {args.device}, "

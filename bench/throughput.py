@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, frozen_run, machine, photos, rotated, subset  # noqa: E402
+from common import OUT, alternated, frozen_run, machine, photos, subset  # noqa: E402
 
 CONFIG = """\
 [run]
@@ -135,12 +135,7 @@ def main(argv=None) -> dict:
                 "trainctl supervised": lambda: trainctl_run(args, folder, True)}
     if args.device != "cpu":   # exact resume's deterministic kernels cost nothing on the CPU, something on a GPU
         variants["supervised, deterministic=false"] = lambda: trainctl_run(args, folder, True, deterministic=False)
-    runs = {name: [] for name in variants}
-    for repeat in range(args.repeats):
-        for name in rotated(list(variants), repeat):
-            runs[name].append(variants[name]())
-            # as it goes: a run cut short by a time limit keeps what it measured
-            print(f"  repeat {repeat + 1}: {name} {runs[name][-1]:.1f} images/s", flush=True)
+    runs = alternated(variants, args.repeats, "images/s")
     result = {k: statistics.median(v) for k, v in runs.items()}
     print(f"training throughput, {args.model}, batch {args.batch}, {args.threads} threads, {args.workers} loader "
           f"processes, device {args.device}, photos ({machine()}), "
