@@ -29,16 +29,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine  # noqa: E402
-
 import timm  # noqa: E402
 import timm.optim  # noqa: E402
 import timm.scheduler  # noqa: E402
 import torch  # noqa: E402
+from common import OUT, machine  # noqa: E402
 
+from trainctl.contract.config import Profile  # noqa: E402
 from trainctl.worker import checkpoint as checkpointlib  # noqa: E402
 from trainctl.worker.ckptwriter import Writer  # noqa: E402
-from trainctl.worker.config import Profile  # noqa: E402
 from trainctl.worker.snapshot import Progress, capture, shares_training_memory  # noqa: E402
 
 
@@ -48,7 +47,7 @@ def trainer_state(model_name: str, device: str) -> SimpleNamespace:
     scheduler, _ = timm.scheduler.create_scheduler_v2(optimizer, num_epochs=100, updates_per_epoch=1, step_on_epochs=False)
     return SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler, scaler=None,
                            progress=Progress(), device=torch.device(device), profile=Profile(batch_size=1, device=device),
-                           profile_index=0, identity={"model": model_name}, history=[])
+                           rung_index=0, identity={"model": model_name}, history=[])
 
 
 def train_step(t, batch: int, accum: int, before_update=lambda: None) -> float:

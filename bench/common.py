@@ -15,48 +15,31 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 
-# A tiny model that trains "forever" on one rung (CPU unless told); each bench adds its checkpoint/supervisor keys.
-TINY = """\
-[run]
-name = "{name}"
-runs_dir = "runs"
-[model]
-name = "test_vit"
-img_size = 32
-[data]
-train_dir = "data/train"
-[train]
-epochs = 100000
-effective_batch_size = 16
-lr = 1e-3
-threads = 1
-log_every_steps = 1000
-[checkpoint]
-{checkpoint}
-[supervisor]
-keep_awake = false
-{supervisor}
-[[profiles]]
-device = "{device}"
-batch_size = 8
-"""
+# A tiny model that trains "forever" on one rung (CPU unless told): the demo's small run with the default
+# crop scale and rare logging; each bench adds its [checkpoint] / [supervisor] keys.
+TINY = {
+    "data": {"crop_scale": None},          # the default (0.08, 1.0), not the demo's [0.5, 1.0]
+    "train": {"epochs": 100000, "log_every_steps": 1000},
+}
 
 
-def tiny_run(root: Path, name: str, checkpoint: str = "", supervisor: str = "", device: str = "cpu") -> Path:
+def tiny_run(root: Path, name: str, checkpoint: dict | None = None, supervisor: dict | None = None,
+             device: str = "cpu") -> Path:
     """A run folder with its frozen config over a small synthetic dataset."""
-    from trainctl.supervisor.demo_data import make_dataset
+    from trainctl.supervisor.demo_data import make_dataset, small_config
     root = Path(root)
     if not (root / "data").exists():
         make_dataset(root / "data", per_class_train=24, per_class_val=0, size=40, seed=1)
-    return frozen_run(root / f"{name}.toml",
-                      TINY.format(name=name, checkpoint=checkpoint, supervisor=supervisor, device=device))
+    return frozen_run(root / f"{name}.toml", small_config(
+        name, "data/train", **TINY, checkpoint=checkpoint or {},
+        supervisor={"keep_awake": False, **(supervisor or {})}, profiles=[{"device": device, "batch_size": 8}]))
 
 
 def frozen_run(path: Path, text: str) -> Path:
     """Write config `text` to `path` and make its run folder with the frozen config, as `trainctl start`
     does (without remembering the run among the user's runs); returns the run folder."""
-    from trainctl.worker import config as configlib
-    from trainctl.worker import fsio
+    from trainctl.contract import config as configlib
+    from trainctl.contract import fsio
     path.write_text(text)
     cfg = configlib.load(path)
     cfg.run_dir.mkdir(parents=True)

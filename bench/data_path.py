@@ -31,8 +31,11 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def ours_batches(folder: Path, batch: int):
     """trainctl's loader, one micro-batch per `next()`, endlessly (epoch after epoch)."""
     import torch
+    try:   # a checkout from before the contract package (--compare-with) scans with its own code
+        from trainctl.worker.folders import scan
+    except ImportError:
+        from trainctl.contract.folders import scan
     from trainctl.worker.data import MicroBatches, train_keys
-    from trainctl.worker.folders import scan
     from trainctl.worker.images import Recipe
     recipe = Recipe(size=224, interpolation="bicubic", mean=MEAN, std=STD)
     data = MicroBatches(scan(folder, (".jpg",)), recipe, seed=0, batch_size=batch, train=True)

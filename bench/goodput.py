@@ -19,9 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, start_supervisor, tiny_run  # noqa: E402
 
+from trainctl.contract.protocol import Phase, read_heartbeat
 from trainctl.supervisor.journal import read_events
 from trainctl.supervisor.report import summarize
-from trainctl.worker.protocol import read_heartbeat
+
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
@@ -31,8 +32,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cold", action="store_true", help="without the warm standby")
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="trainctl-goodput-"))
-    run_dir = tiny_run(root, "goodput", checkpoint=f"every_steps = 0\nevery_seconds = {args.interval}\nkeep_last = 2",
-                       supervisor=f"warm_standby = {str(not args.cold).lower()}")
+    run_dir = tiny_run(root, "goodput", checkpoint={"every_steps": 0, "every_seconds": args.interval, "keep_last": 2},
+                       supervisor={"warm_standby": not args.cold})
     sup = start_supervisor(run_dir)
     end = time.monotonic() + args.minutes * 60
     next_kill, kills = time.monotonic() + args.every, 0
@@ -40,9 +41,9 @@ def main(argv=None) -> dict:
         while time.monotonic() < end:
             time.sleep(0.2)
             if time.monotonic() >= next_kill:
-                hb = read_heartbeat(run_dir) or {}
-                if hb.get("pid") and hb.get("phase") == "training":
-                    os.kill(hb["pid"], signal.SIGKILL)
+                hb = read_heartbeat(run_dir)
+                if hb and hb.pid and hb.phase == Phase.TRAINING:
+                    os.kill(hb.pid, signal.SIGKILL)
                     kills += 1
                 next_kill += args.every
     finally:

@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 logs=${1:-bench/out/gpu}
 only=${2:-}
 mkdir -p "$logs" /tmp/trainctl-shim/trainctl
+ln -sfn "$PWD/contract" /tmp/trainctl-shim/trainctl/contract
 ln -sfn "$PWD/supervisor" /tmp/trainctl-shim/trainctl/supervisor
 ln -sfn "$PWD/worker" /tmp/trainctl-shim/trainctl/worker
 export PYTHONPATH=/tmp/trainctl-shim${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

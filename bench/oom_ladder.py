@@ -20,37 +20,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import frozen_run, machine, start_supervisor  # noqa: E402
 
-from trainctl.supervisor.demo_data import CLASSES, make_dataset
+from trainctl.contract.lifecycle import Event, State
+from trainctl.supervisor.demo_data import CLASSES, make_dataset, small_config
 from trainctl.supervisor.journal import read_events
 from trainctl.supervisor.runstate import read_state
 
-CONFIG = """\
-[run]
-name = "oom-ladder"
-runs_dir = "{runs}"
-[model]
-name = "{model}"
-img_size = {img_size}
-[data]
-train_dir = "{data}"
-[train]
-epochs = 1
-effective_batch_size = {batch}
-lr = 1e-4
-log_every_steps = 1
-[checkpoint]
-every_steps = 1
-[supervisor]
-keep_awake = false
-[[profiles]]
-device = "{device}"
-batch_size = {batch}
-num_workers = {workers}
-[[profiles]]
-device = "{device}"
-batch_size = {small}
-num_workers = {workers}
-"""
+
+def config(args, root: Path) -> str:
+    """Rung 1: the whole effective batch in one micro-batch; rung 2: the same with more accumulation."""
+    rung = {"device": args.device, "num_workers": args.workers}
+    return small_config(
+        "oom-ladder", root / "data/train",
+        run={"runs_dir": str(root / "runs")},
+        model={"name": args.model, "img_size": args.img_size},
+        data={"crop_scale": None},
+        train={"epochs": 1, "effective_batch_size": args.batch, "lr": 1e-4, "threads": None, "log_every_steps": 1},
+        checkpoint={"every_steps": 1},
+        supervisor={"keep_awake": False},
+        profiles=[{**rung, "batch_size": args.batch}, {**rung, "batch_size": args.small_batch}])
 
 
 def main(argv=None) -> int:
@@ -66,9 +53,7 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="trainctl-oom-"))
     # two optimizer steps' worth of images (the demo's shapes, small files: loading is not what is tested)
     make_dataset(root / "data", per_class_train=2 * args.batch // len(CLASSES), per_class_val=0, size=48, seed=1)
-    run_dir = frozen_run(root / "run.toml", CONFIG.format(
-        runs=root / "runs", model=args.model, img_size=args.img_size, data=root / "data/train", batch=args.batch,
-        small=args.small_batch, device=args.device, workers=args.workers))
+    run_dir = frozen_run(root / "run.toml", config(args, root))
     started = time.monotonic()
     sup = start_supervisor(run_dir)
     try:
@@ -82,16 +67,16 @@ def main(argv=None) -> int:
     events = read_events(run_dir)
     for e in events:
         data = {k: v for k, v in e["data"].items() if k in ("failure", "detail", "rung", "exit_code", "signal")}
-        print(f"  journal: {e['kind']:12s} attempt {e['attempt']} rung {e['profile'] + 1} step {e['step']} {data}")
+        print(f"  journal: {e['kind']:12s} attempt {e['attempt']} rung {e['rung'] + 1} step {e['step']} {data}")
     from trainctl.supervisor.cli import main as trainctl
     trainctl(["status", str(run_dir)])
-    exits = [e for e in events if e["kind"] == "exit"]
-    state = read_state(run_dir) or {}
+    exits = [e for e in events if e["kind"] == Event.EXIT]
+    state = read_state(run_dir)
     checks = {
-        "attempt 1 on rung 1 ended as oom": bool(exits) and exits[0]["profile"] == 0
+        "attempt 1 on rung 1 ended as oom": bool(exits) and exits[0]["rung"] == 0
         and exits[0]["data"].get("failure") == "oom",
-        "the next attempt ran on rung 2": any(e["kind"] == "spawn" and e["profile"] == 1 for e in events),
-        "the run finished": state.get("state") == "succeeded",
+        "the next attempt ran on rung 2": any(e["kind"] == Event.SPAWN and e["rung"] == 1 for e in events),
+        "the run finished": state is not None and state.state == State.SUCCEEDED,
         "the weights were exported": (run_dir / "model.safetensors").exists(),
     }
     for name, ok in checks.items():

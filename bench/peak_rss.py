@@ -17,27 +17,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, frozen_run, machine, photos, run_child, subset  # noqa: E402
 
-CONFIG = """\
-[run]
-name = "rss-{batch}"
-runs_dir = "{runs}"
-[model]
-name = "{model}"
-[data]
-train_dir = "{data}"
-[train]
-epochs = 1
-effective_batch_size = {batch}
-lr = 1e-4
-threads = 2
-[checkpoint]
-every_steps = 0
-every_seconds = 0
-async_write = {async_write}
-[[profiles]]
-device = "cpu"
-batch_size = {batch}
-"""
+from trainctl.supervisor.demo_data import small_config
+
+
+def config(root: Path, model: str, data: Path, batch: int, async_write: bool) -> str:
+    """One CPU rung of `batch` (accumulation 1) over `data`, one epoch; checkpoints only at the epoch's end."""
+    return small_config(
+        f"rss-{batch}", data,
+        run={"runs_dir": str(root / f"runs-{str(async_write).lower()}")},
+        model={"name": model, "img_size": None},
+        data={"crop_scale": None},
+        train={"epochs": 1, "effective_batch_size": batch, "lr": 1e-4, "threads": 2},
+        checkpoint={"every_steps": 0, "every_seconds": 0, "async_write": async_write},
+        profiles=[{"device": "cpu", "batch_size": batch}])
 
 
 def main(argv=None) -> dict:
@@ -52,12 +44,12 @@ def main(argv=None) -> dict:
         root = Path(tempfile.mkdtemp(prefix="trainctl-rss-"))
         data = subset(folder, args.steps * batch)
         result[batch] = {}
-        for async_write in ("false", "true"):
-            run_dir = frozen_run(root / f"run-{async_write}.toml", CONFIG.format(
-                batch=batch, runs=root / f"runs-{async_write}", model=args.model, data=data, async_write=async_write))
+        for async_write in (False, True):
+            run_dir = frozen_run(root / f"run-{str(async_write).lower()}.toml",
+                                 config(root, args.model, data, batch, async_write))
             code, out, peak = run_child([sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir)])
             assert code == 0, out
-            result[batch][f"trainctl async_write={async_write}"] = peak
+            result[batch][f"trainctl async_write={str(async_write).lower()}"] = peak
         code, out, plain = run_child([sys.executable, throughput, "--child", str(folder), "--model", args.model, "--batch",
                                       str(batch), "--steps", str(args.steps + 4), "--threads", "2"])
         assert code == 0, out

@@ -23,28 +23,24 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, start_supervisor, tiny_run  # noqa: E402
 
+from trainctl.contract.lifecycle import State
+from trainctl.contract.protocol import Heartbeat, read_heartbeat
 from trainctl.supervisor.journal import read_events
 from trainctl.supervisor.runstate import read_state
-from trainctl.worker.protocol import read_heartbeat
+from trainctl.supervisor.waiting import wait_for
 
 PARTS = ("detection", "backoff", "process start", "imports", "data + checkpoint load", "model build",
          "sanity check", "first step")
 
 
-def wait(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise TimeoutError
+def training(run_dir: Path, attempt: int) -> Heartbeat | None:
+    """Attempt `attempt`'s heartbeat once it has done its first optimizer step, else None."""
+    hb = read_heartbeat(run_dir)
+    return hb if hb and hb.attempt == attempt and "first_step" in hb.timings else None
 
 
-def training(run_dir: Path, attempt: int):
-    hb = read_heartbeat(run_dir) or {}
-    ok = hb.get("attempt") == attempt and "first_step" in hb.get("timings", {})
-    return hb if ok else None
+def trained(run_dir: Path, attempt: int) -> Heartbeat:
+    return wait_for(lambda: training(run_dir, attempt), 120, interval=0.02, what=f"attempt {attempt}'s first step")
 
 
 def standby_rss(run_dir: Path) -> int:
@@ -57,20 +53,19 @@ def standby_rss(run_dir: Path) -> int:
 
 
 def measure(root: Path, warm: bool, kills: int, device: str) -> list[dict]:
-    run_dir = tiny_run(root, "warm" if warm else "cold", checkpoint="every_steps = 20\nkeep_last = 2",
-                       supervisor=f"warm_standby = {str(warm).lower()}", device=device)
+    run_dir = tiny_run(root, "warm" if warm else "cold", checkpoint={"every_steps": 20, "keep_last": 2},
+                       supervisor={"warm_standby": warm}, device=device)
     sup = start_supervisor(run_dir)
     out = []
     try:
         for attempt in range(1, kills + 1):
-            hb = wait(lambda: training(run_dir, attempt))
+            trained(run_dir, attempt)
             time.sleep(8 if warm else 2)    # warm: let the standby finish its own imports first
             hb = read_heartbeat(run_dir)
             rss = standby_rss(run_dir) if warm else 0
             killed = time.time()
-            os.kill(hb["pid"], signal.SIGKILL)
-            nxt = wait(lambda: training(run_dir, attempt + 1))
-            t = nxt["timings"]
+            os.kill(hb.pid, signal.SIGKILL)
+            t = trained(run_dir, attempt + 1).timings
             events = read_events(run_dir)
             ended = next(e["time"] for e in events if e["kind"] == "exit" and e["attempt"] == attempt)
             spawned = next(e["time"] for e in events if e["kind"] == "spawn" and e["attempt"] == attempt + 1)
@@ -88,7 +83,7 @@ def measure(root: Path, warm: bool, kills: int, device: str) -> list[dict]:
     finally:
         sup.send_signal(signal.SIGTERM)
         sup.wait(timeout=120)
-    assert read_state(run_dir)["state"] == "stopped"
+    assert read_state(run_dir).state == State.STOPPED
     return out
 
 

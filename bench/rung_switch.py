@@ -16,47 +16,25 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from trainctl.supervisor.demo_data import make_dataset
+from trainctl.supervisor.demo_data import make_dataset, small_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import frozen_run  # noqa: E402
 
-CONFIG = """\
-[run]
-name = "{name}"
-runs_dir = "runs"
-seed = 7
-[model]
-name = "test_vit"
-img_size = 32
-[data]
-train_dir = "data/train"
-crop_scale = [0.5, 1.0]
-[train]
-epochs = {epochs}
-effective_batch_size = 16
-lr = 1e-3
-threads = 1
-[checkpoint]
-every_steps = 1
-keep_last = 100
-[[profiles]]
-device = "cpu"
-batch_size = 8
-[[profiles]]
-device = "cpu"
-batch_size = 4
-"""
 
-
-def worker(run_dir: Path, profile: int, faults: str = "") -> None:
+def worker(run_dir: Path, rung: int, faults: str = "") -> None:
+    """Run the worker on rung `rung` (1 = the first); with `faults`, it is expected to die."""
     env = {**os.environ, "TRAINCTL_FAULTS": faults}
-    subprocess.run([sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir), "--profile", str(profile)],
+    subprocess.run([sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir), "--rung", str(rung)],
                    env=env, capture_output=True, check=faults == "")
 
 
 def run(root: Path, name: str, epochs: int) -> Path:
-    return frozen_run(root / f"{name}.toml", CONFIG.format(name=name, epochs=epochs))
+    """Rung 1: batch 8 x accum 2; rung 2: batch 4 x accum 4; a checkpoint after every step, all kept."""
+    return frozen_run(root / f"{name}.toml", small_config(
+        name, "data/train", run={"seed": 7}, train={"epochs": epochs},
+        checkpoint={"every_steps": 1, "keep_last": 100},
+        profiles=[{"device": "cpu", "batch_size": 8}, {"device": "cpu", "batch_size": 4}]))
 
 
 def main() -> None:
@@ -67,14 +45,14 @@ def main() -> None:
         root = Path(tmp)
         make_dataset(root / "data", per_class_train=24, per_class_val=0, size=40, seed=1)
         reference = run(root, "reference", args.epochs)
-        worker(reference, 0)
+        worker(reference, 1)
         total = 6 * args.epochs
         ref = load_file(str(reference / "model.safetensors"))
         print(f"{'steps after the switch':>24} | max abs weight difference")
         for after in sorted({1, 3, 10, total // 2, total - 1}):
             switched = run(root, f"switch-{after}", args.epochs)
-            worker(switched, 0, faults=f"train_step:sigkill@{total - after}")
-            worker(switched, 1)
+            worker(switched, 1, faults=f"train_step:sigkill@{total - after}")
+            worker(switched, 2)
             got = load_file(str(switched / "model.safetensors"))
             diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
             print(f"{after:>24} | {diff:.2e}")

@@ -6,11 +6,13 @@
 Rounds of the same small training (one CPU rung) run under `trainctl service run` — the start command
 a service manager uses. While a round trains, faults are injected one at a time, each once the
 previous one has been recovered from: SIGKILL / SIGSEGV / SIGBUS / SIGABRT / SIGSTOP (a hang) sent to
-the worker, SIGKILL to the supervisor (restarted like systemd would), SIGKILL to both at once, and
-in-process faults at random steps (a Python exception, an out-of-memory error, memory growth past
-the hard limit). Then it checks, for every round: the run succeeded; model.safetensors is
-bit-identical to an uninterrupted reference run; every checkpoint ever seen committed verified and
-loaded; no process of the run is left; the journal accounts for every fault with the right kind.
+the worker, SIGKILL to the supervisor, SIGKILL to both at once, in-process faults at random steps (a
+Python exception, an out-of-memory error, memory growth past the hard limit), and an exception inside
+the supervisor itself (it must stop the worker at a checkpoint and exit 70). The soak restarts the
+service as systemd's unit would: after any exit but 0, 1 (failed) and 3 (bad config). Then it checks,
+for every round: the run succeeded; model.safetensors is bit-identical to an uninterrupted reference
+run; every checkpoint ever seen committed verified and loaded; no process of the run is left; the
+journal accounts for every fault with the right kind.
 It prints a table (faults by kind, recoveries, work lost per fault, goodput) and exits 1 on any miss.
 """
 from __future__ import annotations
@@ -32,74 +34,68 @@ import psutil
 import torch
 from safetensors.torch import load_file
 
-from trainctl.supervisor.demo_data import make_dataset
+from trainctl.contract.lifecycle import Event, State
+from trainctl.contract.protocol import ExitCode, Heartbeat, Phase, read_heartbeat
+from trainctl.contract.runfolder import committed_checkpoints
+from trainctl.supervisor.demo_data import make_dataset, small_config
 from trainctl.supervisor.journal import read_events
 from trainctl.supervisor.process import run_processes
 from trainctl.supervisor.runstate import read_state, supervisor_alive
-from trainctl.worker.protocol import committed_checkpoints, read_heartbeat
+from trainctl.supervisor.service import FINAL_EXIT_CODES
+from trainctl.supervisor.waiting import wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import frozen_run  # noqa: E402
 
-CONFIG = """\
-[run]
-name = "{name}"
-runs_dir = "runs"
-seed = 3
-[model]
-name = "test_vit"
-img_size = 32
-[data]
-train_dir = "data/train"
-crop_scale = [0.5, 1.0]
-[train]
-epochs = {epochs}
-effective_batch_size = 16
-lr = 1e-3
-threads = 1
-log_every_steps = 20
-[checkpoint]
-every_steps = {every}
-every_seconds = 0
-keep_last = 3
-[supervisor]
-backoff_seconds = [0.2]
-poll_seconds = 0.2
-hang_timeout_seconds = 6
-# A SIGSTOP may land while a worker boots (it takes ~4 s here); the default 900 s allowance for a slow
-# boot (a big folder scan, a first model load) would stall the soak for 15 minutes.
-startup_timeout_seconds = 30
-# The soak tests recovery, not the give-up policy (which has its own tests): random faults may hit
-# one step twice, or a rung many times without a checkpoint in between.
-max_restarts_per_profile = 1000
-same_step_limit = 1000
-memory_soft_limit = ""
-# A growing worker stops beating: growth (~160 MB/s from ~0.8 GB; normal peak 0.93 GB) must reach
-# this well before the 6 s hang timeout fires, or it is (rightly) called a hang.
-memory_hard_limit = "1.2GB"
-keep_awake = false
-[[profiles]]
-device = "cpu"
-batch_size = 8
-"""
+# The soak's run is the demo's small run (one CPU rung) with these [supervisor] keys.
+SUPERVISOR = {
+    "backoff_seconds": [0.2],
+    "poll_seconds": 0.2,
+    "hang_timeout_seconds": 6,
+    # A SIGSTOP may land while a worker boots (it takes ~4 s here); the default 900 s allowance for a slow
+    # boot (a big folder scan, a first model load) would stall the soak for 15 minutes.
+    "startup_timeout_seconds": 30,
+    # The soak tests recovery, not the give-up policy (which has its own tests): random faults may hit
+    # one step twice, or a rung many times without a checkpoint in between.
+    "max_restarts_per_profile": 1000,
+    "same_step_limit": 1000,
+    "memory_soft_limit": "",
+    # A growing worker stops beating: growth (~160 MB/s from ~0.8 GB; normal peak 0.93 GB) must reach
+    # this well before the 6 s hang timeout fires, or it is (rightly) called a hang.
+    "memory_hard_limit": "1.2GB",
+    "keep_awake": False,
+}
 # kind -> (weight, expected journal classification of the worker's exit; None = a supervisor fault)
 FAULTS = {
     "sigkill": (25, "killed"), "sigsegv": (12, "native_crash"), "sigbus": (10, "native_crash"),
     "sigabrt": (10, "native_crash"), "hang": (8, "hang"), "supervisor": (10, None), "both": (8, "killed"),
     "exception": (6, "exception"), "oom": (6, "oom"), "memory": (5, "memory_limit"),
+    "supervisor_error": (6, "supervisor_error"),
 }
 SIGNALS = {"sigkill": signal.SIGKILL, "sigsegv": signal.SIGSEGV, "sigbus": signal.SIGBUS,
            "sigabrt": signal.SIGABRT, "hang": signal.SIGSTOP}
 IN_PROCESS = {"exception": "exception", "oom": "cpu_oom", "memory": "grow_memory"}
+PLANTED = {**{k: f"train_step:{a}" for k, a in IN_PROCESS.items()}, "supervisor_error": "supervisor:exception"}
+NOT_RESTARTED = (ExitCode.OK, *FINAL_EXIT_CODES)   # what the unit does not restart
 
 
 def make_run(root: Path, name: str, epochs: int, every: int) -> Path:
-    return frozen_run(root / f"{name}.toml", CONFIG.format(name=name, epochs=epochs, every=every))
+    return frozen_run(root / f"{name}.toml", small_config(
+        name, "data/train", run={"seed": 3}, train={"epochs": epochs, "log_every_steps": 20},
+        checkpoint={"every_steps": every, "every_seconds": 0, "keep_last": 3}, supervisor=SUPERVISOR))
 
 
 def start_service(run_dir: Path, env: dict, log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "trainctl.supervisor.command", "service", "run", str(run_dir)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def restarted(service: subprocess.Popen, run_dir: Path, env: dict, log) -> subprocess.Popen:
+    """What systemd does with an exited service (`Restart=on-failure`, RestartSec shortened to 0.5 s)."""
+    if service.poll() is None or service.returncode in NOT_RESTARTED:
+        return service
+    time.sleep(0.5)
+    return start_service(run_dir, env, log)
 
 
 class Checkpoints:
@@ -128,53 +124,56 @@ class Checkpoints:
             self.seen[key] = ok
 
 
-def wait(predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return None
-
-
-def current_worker(run_dir: Path):
+def current_worker(run_dir: Path) -> Heartbeat | None:
     """The heartbeat of the worker the live supervisor is running now, or None."""
-    state, hb = read_state(run_dir) or {}, read_heartbeat(run_dir) or {}
-    if state.get("state") in ("running", "starting") and hb.get("attempt") == state.get("attempt") \
-            and state.get("worker_pid") == hb.get("pid") and supervisor_alive(run_dir):
+    state, hb = read_state(run_dir), read_heartbeat(run_dir)
+    if state and hb and state.state in (State.RUNNING, State.STARTING) and hb.attempt == state.attempt \
+            and state.worker_pid == hb.pid and supervisor_alive(run_dir):
         return hb
     return None
 
 
-def soak_round(root: Path, number: int, budget: int, rng: random.Random, epochs: int, every: int,
-               ledger: list, checkpoints: Checkpoints, log) -> Path:
+def about_to_fire(planted: dict[int, str], step: int, run_dir: Path) -> bool:
+    """A planted fault is due about now: the worker's at its exact step; the supervisor's at its first look
+    from its step on (looks are 0.2 s apart, several steps), until it has fired."""
+    if any(step + d in planted for d in (-1, 0, 1, 2)):
+        return True
+    fired = len(read_events(run_dir, (Event.SUPERVISOR_ERROR,)))
+    pending = sorted(at for at, kind in planted.items() if kind == "supervisor_error")[fired:]
+    return any(step + 2 >= at for at in pending)
+
+
+def soak_round(root: Path, number: int, budget: int, rng: random.Random, kinds: list[str], epochs: int,
+               every: int, ledger: list, checkpoints: Checkpoints, log) -> Path:
     """One training run under chaos; appends each injected fault to `ledger`."""
     run_dir = make_run(root, f"soak-{number:03d}", epochs, every)
     total = epochs * 6
-    kinds, weights = zip(*((k, w) for k, (w, _) in FAULTS.items()))
-    planned = [rng.choices(kinds, weights)[0] for _ in range(budget)]
-    # In-process faults are planted at random steps of this round through the worker's fault hooks.
+    planned = rng.choices(kinds, [FAULTS[k][0] for k in kinds], k=budget)
+    # In-process faults are planted at random steps of this round through the fault hooks of the worker
+    # and the supervisor.
     steps = iter(rng.sample(range(2, total - 1), k=min(budget, total - 3)))
-    plant = [f"train_step:{IN_PROCESS[k]}@{next(steps)}:once" for k in planned if k in IN_PROCESS]
-    env = {**os.environ, "TRAINCTL_FAULTS": ",".join(plant)}
-    planted = {int(p.split("@")[1].split(":")[0]): p.split(":")[1].split("@")[0] for p in plant}
+    planted = {next(steps): k for k in planned if k in PLANTED}
+    env = {**os.environ, "TRAINCTL_FAULTS": ",".join(f"{PLANTED[k]}@{step}:once" for step, k in planted.items())}
     service = start_service(run_dir, env, log)
-    external = [k for k in planned if k not in IN_PROCESS]
-    while external and service.poll() is None:
-        hb = wait(lambda: current_worker(run_dir), 120)
-        if hb is None:
+    external = [k for k in planned if k not in PLANTED]
+    while external:
+        service = restarted(service, run_dir, env, log)
+        if service.poll() is not None:
+            break
+        try:
+            wait_for(lambda: current_worker(run_dir), 120, what="a training worker")
+        except TimeoutError:
             break
         time.sleep(rng.uniform(0, 2.5))
         hb = current_worker(run_dir)
-        if hb is None or hb.get("phase") in ("exporting", "done"):
+        if hb is None or hb.phase in (Phase.EXPORTING, Phase.DONE):
             continue
-        if any(hb.get("step", 0) + d in planted for d in (-1, 0, 1, 2)):
-            continue   # an in-process fault is about to fire: one fault at a time
+        if about_to_fire(planted, hb.step, run_dir):
+            continue   # one fault at a time
         kind = external.pop(0)
-        worker = psutil.Process(hb["pid"])
-        entry = {"round": number, "kind": kind, "time": time.time(), "attempt": hb["attempt"],
-                 "step": hb.get("step", 0), "phase": hb.get("phase")}
+        worker = psutil.Process(hb.pid)
+        entry = {"round": number, "kind": kind, "time": time.time(), "attempt": hb.attempt,
+                 "step": hb.step, "phase": hb.phase.value}
         try:
             if kind in SIGNALS:
                 worker.send_signal(SIGNALS[kind])
@@ -190,21 +189,30 @@ def soak_round(root: Path, number: int, budget: int, rng: random.Random, epochs:
             service.wait()
             time.sleep(0.5)                               # systemd's RestartSec, shortened
             service = start_service(run_dir, env, log)
-        # recovered = a newer attempt trains (or the run is over)
-        wait(lambda: (cw := current_worker(run_dir)) and cw["attempt"] > entry["attempt"]
-             or service.poll() is not None, 240)
+        # recovered = a newer attempt trains (or the run is over); the checks afterwards tell if it never did
+        try:
+            wait_for(lambda: (cw := current_worker(run_dir)) and cw.attempt > entry["attempt"]
+                     or service.poll() is not None, 240, what="the recovery")
+        except TimeoutError:
+            pass
         checkpoints.check(run_dir)
-    service.wait(timeout=1800)
+    while (service := restarted(service, run_dir, env, log)).poll() is None:
+        service.wait(timeout=1800)
     checkpoints.check(run_dir)
     # The planted faults that fired: every failed exit at a planted step that no external fault explains,
-    # whatever it was classified as (`account` then checks the classification).
+    # whatever it was classified as (`account` then checks the classification); every supervisor error.
     external_attempts = {f["attempt"] for f in ledger if f["round"] == number}
-    for e in read_events(run_dir, ("exit",)):
-        if e["data"]["failure"] not in ("done", "stopped") and e["step"] in planted \
+    for e in read_events(run_dir, (Event.EXIT, Event.SUPERVISOR_ERROR)):
+        if e["kind"] == Event.SUPERVISOR_ERROR:
+            kind = "supervisor_error"
+            planted.pop(next((s for s, k in planted.items() if k == kind), None), None)
+        elif e["data"]["failure"] not in ("done", "stopped") and e["step"] in planted \
                 and e["attempt"] not in external_attempts:
-            kind = {"exception": "exception", "cpu_oom": "oom", "grow_memory": "memory"}[planted.pop(e["step"])]
-            ledger.append({"round": number, "kind": kind, "time": e["time"], "attempt": e["attempt"],
-                           "step": e["step"], "phase": "training"})
+            kind = planted.pop(e["step"])
+        else:
+            continue
+        ledger.append({"round": number, "kind": kind, "time": e["time"], "attempt": e["attempt"],
+                       "step": e["step"], "phase": "training"})
     return run_dir
 
 
@@ -225,6 +233,9 @@ def account(run_dir: Path, ledger: list, step_seconds: float) -> None:
         if expected is None:            # the supervisor died: a new one must have started
             f["classified"] = "supervisor_restart" if any(t > f["time"] for t in starts) else None
             f["ok"] = f["classified"] is not None
+        elif expected == "supervisor_error":   # found in the journal; the service must have started a new one
+            f["classified"] = expected if any(t > f["time"] for t in starts) else None
+            f["ok"] = f["classified"] is not None
         else:
             ended = exits.get(f["attempt"])
             f["classified"] = ended["data"]["failure"] if ended else ("(supervisor died)" if f["kind"] == "both" else None)
@@ -241,6 +252,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=60, help="epochs of 6 steps per run")
     parser.add_argument("--every", type=int, default=10, help="[checkpoint] every_steps")
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--kinds", default=",".join(FAULTS), help="the fault kinds to draw from (default: all)")
     parser.add_argument("--dir", type=Path, default=None, help="keep the runs here (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -263,14 +275,18 @@ def main(argv=None) -> int:
             number += 1
             before = len(ledger)
             run_dir = soak_round(root, number, min(args.per_round, args.faults - len(ledger)), rng,
-                                 args.epochs, args.every, ledger, checkpoints, log)
+                                 args.kinds.split(","), args.epochs, args.every, ledger, checkpoints, log)
             for f in ledger[before:]:
                 f["round_dir"] = str(run_dir)
             account(run_dir, ledger, step_seconds)
             got = load_file(str(run_dir / "model.safetensors")) if (run_dir / "model.safetensors").exists() else {}
-            left = wait(lambda: not run_processes(run_dir), 30)
+            try:
+                left = wait_for(lambda: not run_processes(run_dir), 30, what="the run's processes to end")
+            except TimeoutError:
+                left = False
+            state = read_state(run_dir)
             summary = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").exists() else {}
-            rounds.append({"run": run_dir.name, "state": (read_state(run_dir) or {}).get("state"),
+            rounds.append({"run": run_dir.name, "state": state.state.value if state else None,
                            "identical": bool(got) and got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref),
                            "leftover_processes": not left, "faults": len(ledger) - before,
                            "training": summary.get("training_seconds", 0), "supervised": summary.get("supervised_seconds", 0)})

@@ -19,7 +19,12 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, start_supervisor, tiny_run  # noqa: E402
 
-from trainctl.worker.protocol import read_heartbeat
+from trainctl.contract.protocol import Phase, read_heartbeat
+from trainctl.supervisor.waiting import wait_for
+
+# The worker's start-up (imports, data, model, sanity check) takes seconds here; minutes would mean it is stuck.
+STARTUP_TIMEOUT = 600
+
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
@@ -27,12 +32,12 @@ def main(argv=None) -> dict:
     p.add_argument("--poll", type=float, default=1.0)
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="trainctl-cost-"))
-    run_dir = tiny_run(root, "cost", checkpoint="every_steps = 50", supervisor=f"poll_seconds = {args.poll}")
+    run_dir = tiny_run(root, "cost", checkpoint={"every_steps": 50}, supervisor={"poll_seconds": args.poll})
     sup = start_supervisor(run_dir)
     proc = psutil.Process(sup.pid)
     try:
-        while (read_heartbeat(run_dir) or {}).get("phase") != "training":
-            time.sleep(0.2)
+        wait_for(lambda: (hb := read_heartbeat(run_dir)) and hb.phase == Phase.TRAINING, STARTUP_TIMEOUT,
+                 interval=0.2, what="the worker to train")
         startup = proc.cpu_times()
         t0, rss = time.monotonic(), []
         while time.monotonic() - t0 < args.seconds:

@@ -21,31 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, alternated, frozen_run, machine, photos, subset  # noqa: E402
 
-CONFIG = """\
-[run]
-name = "{name}"
-runs_dir = "{runs}"
-[model]
-name = "{model}"
-[data]
-train_dir = "{data}"
-[train]
-epochs = {epochs}
-effective_batch_size = {batch}
-lr = 1e-3
-threads = {threads}
-log_every_steps = 1
-deterministic = {deterministic}
-[checkpoint]
-every_steps = 0
-every_seconds = 0
-[supervisor]
-keep_awake = false
-[[profiles]]
-device = "{device}"
-batch_size = {batch}
-num_workers = {workers}
-"""
 SKIP = 3   # warm-up steps left out of the measurement (--skip; with loader processes: their prefetch too)
 
 
@@ -90,11 +65,21 @@ def images_per_second(times: list[float], args) -> float:
 
 
 def trainctl_run(args, folder: Path, supervised: bool, deterministic: bool = True) -> float:
+    from trainctl.supervisor.demo_data import (
+        small_config,  # not at the top: the plain loop's process runs this file
+    )
     root = Path(tempfile.mkdtemp(prefix="trainctl-tput-"))
     epochs = math.ceil(args.steps / (args.photos // args.batch))   # as many as `steps` needs
-    run_dir = frozen_run(root / "run.toml", CONFIG.format(
-        name="tput", runs=root / "runs", model=args.model, data=folder, batch=args.batch, threads=args.threads,
-        device=args.device, workers=args.workers, epochs=epochs, deterministic=str(deterministic).lower()))
+    run_dir = frozen_run(root / "run.toml", small_config(
+        "tput", folder,
+        run={"runs_dir": str(root / "runs")},
+        model={"name": args.model, "img_size": None},
+        data={"crop_scale": None},
+        train={"epochs": epochs, "effective_batch_size": args.batch, "threads": args.threads, "log_every_steps": 1,
+               "deterministic": deterministic},
+        checkpoint={"every_steps": 0, "every_seconds": 0},
+        supervisor={"keep_awake": False},
+        profiles=[{"device": args.device, "batch_size": args.batch, "num_workers": args.workers}]))
     cmd = ([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)] if supervised else
            [sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir)])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -5,8 +5,10 @@ import signal
 from dataclasses import dataclass, field
 from enum import Enum
 
-from trainctl.worker.protocol import (EXIT_CONFIG, EXIT_DISK_FULL, EXIT_DONE, EXIT_LOCKED, EXIT_OOM,
-                                      EXIT_STOPPED)
+from trainctl.contract.lifecycle import Kill
+from trainctl.contract.protocol import ExitCode
+
+from .text import gib
 
 NATIVE_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE}
 NEAR_LIMIT_SHARE = 0.90        # worker memory at 90% of the soft limit counts as "near the limit"
@@ -43,7 +45,7 @@ class Exit:
     """What the supervisor saw of one finished attempt."""
     returncode: int
     heartbeat_seen: bool = True          # the attempt wrote at least one heartbeat
-    we_killed: str | None = None         # "hang", "memory_soft", "memory_hard", "stop" or None
+    we_killed: Kill | None = None        # why the supervisor ended it, if it did (a stop request is not a failure)
     error: dict | None = None            # the worker's error JSON, if it wrote one
     fault_log: str = ""                  # faulthandler output (native crash / hang stacks)
     output_tail: str = ""                # the last lines of the worker's console
@@ -67,25 +69,25 @@ def classify(ended: Exit, memory_history: list[MemorySample], soft_limit: int | 
     memory = _memory_at_end(memory_history)
     base = {"signal": sig, "exit_code": code, "memory": memory}
     message = (ended.error or {}).get("message", "")
-    if ended.we_killed == "hang":
+    if ended.we_killed is Kill.HANG:
         return Failure(Kind.HANG, "no progress within the hang timeout: stacks dumped (SIGABRT), then killed",
                        evidence=ended.fault_log, **base)
-    if ended.we_killed in ("memory_soft", "memory_hard"):
-        how = ("checkpointed and stopped at the soft memory limit" if ended.we_killed == "memory_soft"
+    if ended.we_killed in (Kill.MEMORY_SOFT, Kill.MEMORY_HARD):
+        how = ("checkpointed and stopped at the soft memory limit" if ended.we_killed is Kill.MEMORY_SOFT
                else "killed at the hard memory limit")
-        return Failure(Kind.MEMORY_LIMIT, f"{how} (worker used {_gib(memory.get('worker'))})", **base)
-    if rc == EXIT_DONE:
+        return Failure(Kind.MEMORY_LIMIT, f"{how} (worker used {gib(memory.get('worker'))})", **base)
+    if rc == ExitCode.OK:
         return Failure(Kind.DONE, "training finished", **base)
-    if rc == EXIT_STOPPED:
+    if rc == ExitCode.STOPPED:
         return Failure(Kind.STOPPED, "stopped after a checkpoint", **base)
-    if rc == EXIT_CONFIG:
+    if rc == ExitCode.CONFIG_ERROR:
         return Failure(Kind.CONFIG_ERROR, message or "configuration or data error", **base)
-    if rc == EXIT_DISK_FULL:
+    if rc == ExitCode.DISK_FULL:
         return Failure(Kind.DISK_FULL, message or "no space left for a checkpoint", **base)
-    if rc == EXIT_OOM:
+    if rc == ExitCode.OUT_OF_MEMORY:
         return Failure(Kind.OOM, f"out of memory: {message}" if message else "out of memory",
                        evidence=(ended.error or {}).get("traceback", ""), **base)
-    if rc == EXIT_LOCKED:
+    if rc == ExitCode.LOCKED:
         return Failure(Kind.BOOT_FAILURE, "another worker still holds this run (an orphan finishing up?)", **base)
     if not ended.heartbeat_seen:
         how = f"killed by {sig}" if sig else f"exit code {rc}"
@@ -93,8 +95,8 @@ def classify(ended: Exit, memory_history: list[MemorySample], soft_limit: int | 
                        evidence=ended.fault_log or ended.output_tail, **base)
     if sig == "SIGKILL":
         if _near_limit(memory_history, soft_limit):
-            return Failure(Kind.OOM, f"SIGKILL while memory was near the limit (worker {_gib(memory.get('worker'))}, "
-                                     f"system available {_gib(memory.get('available'))}): the kernel's OOM "
+            return Failure(Kind.OOM, f"SIGKILL while memory was near the limit (worker {gib(memory.get('worker'))}, "
+                                     f"system available {gib(memory.get('available'))}): the kernel's OOM "
                                      f"killer or macOS jetsam", **base)
         return Failure(Kind.KILLED, "SIGKILL with no sign of memory pressure", **base)
     if sig is not None and signal.Signals[sig] in NATIVE_SIGNALS:
@@ -127,7 +129,3 @@ def _near_limit(history: list[MemorySample], soft_limit: int | None) -> bool:
         if s.total and s.available <= LOW_AVAILABLE_SHARE * s.total:
             return True
     return False
-
-
-def _gib(value) -> str:
-    return f"{value / 2**30:.2f} GiB" if isinstance(value, (int, float)) else "unknown"

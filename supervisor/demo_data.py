@@ -1,4 +1,5 @@
-"""A small synthetic ImageFolder (shapes on noisy backgrounds) that a tiny model learns in minutes."""
+"""A small synthetic ImageFolder (shapes on noisy backgrounds) that a tiny model learns in minutes,
+and the config of a small run over it: what the demo, the tests and the benchmarks train."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,33 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from trainctl.contract import tomlout
+
 CLASSES = ("circle", "square", "triangle", "stripes")
+SMALL_RUN = {
+    "run": {"runs_dir": "runs", "seed": 42},
+    "model": {"name": "test_vit", "img_size": 32},       # a timm test model: a training step takes ~0.1 s
+    "data": {"crop_scale": [0.5, 1.0]},
+    "train": {"epochs": 3, "effective_batch_size": 16, "lr": 1e-3, "threads": 1},
+    "checkpoint": {},
+    "supervisor": {},
+    "profiles": [{"device": "cpu", "batch_size": 8}],
+}
+
+
+def small_config(name: str, train_dir: Path | str, val_dir: Path | str | None = None, header: str = "",
+                 **sections) -> str:
+    """The TOML of a small CPU run named `name`. Each keyword names a section whose keys replace the
+    base's (`SMALL_RUN`; a value of None removes the key); `profiles=[...]` replaces the ladder."""
+    doc = {section: dict(keys) for section, keys in SMALL_RUN.items() if section != "profiles"}
+    doc["run"]["name"] = name
+    doc["data"].update(train_dir=str(train_dir), **({"val_dir": str(val_dir)} if val_dir else {}))
+    for section, keys in sections.items():
+        if section == "profiles":
+            continue
+        doc[section] = {k: v for k, v in {**doc[section], **keys}.items() if v is not None}
+    doc["profiles"] = [dict(p) for p in sections.get("profiles", SMALL_RUN["profiles"])]
+    return (header + "\n" if header else "") + tomlout.dumps(doc)
 
 
 def make_dataset(root: Path, per_class_train: int = 48, per_class_val: int = 12, size: int = 48,

@@ -1,8 +1,8 @@
 """sd_notify over $NOTIFY_SOCKET: a few lines of standard library instead of a dependency.
 
 READY=1 once the first worker passed its sanity check, STATUS= lines, STOPPING=1, and WATCHDOG=1
-only while the run is healthy (see `Supervisor._healthy`), so systemd also restarts a supervisor
-that is alive but whose run is stuck.
+only while the run makes progress (the verdict is `watch.assess`'s), so systemd also restarts a
+supervisor that is alive but whose run is stuck.
 """
 from __future__ import annotations
 
@@ -17,13 +17,8 @@ class Notifier:
         address = address if address is not None else os.environ.get("NOTIFY_SOCKET", "")
         # "@name" is a Linux abstract socket: the name starts with a NUL byte.
         self.address = ("\0" + address[1:]) if address.startswith("@") else address
-        self.watchdog_seconds = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
         self.ready_sent = False
         self._last_status = ""
-
-    @property
-    def active(self) -> bool:
-        return bool(self.address)
 
     def send(self, *lines: str) -> None:
         if not self.address:

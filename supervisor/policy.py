@@ -8,19 +8,28 @@
 - Other crashes → restart on the same rung after backoff[n], while the rung's failures since its
   last real progress (a newer committed checkpoint) stay within `max_restarts_per_profile`;
   then step down; past the last rung → give up.
+
+The history outlives the supervisor: `recall` rebuilds it from the journal, so a supervisor that
+died and was started again (a service restart, a reboot) gets the same answer as one that did not.
+Only a person's `trainctl resume` starts a fresh budget, journaled as `budget_reset`. Attempts that
+ended cleanly (stopped on request) are neither failures nor progress.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
+from trainctl.contract.lifecycle import Event
+
 from .classify import Kind
+
+CLEAN = (Kind.DONE, Kind.STOPPED)
 
 
 @dataclass(frozen=True)
 class Attempt:
     """One finished worker attempt, as the policy sees it."""
-    profile_index: int
+    rung_index: int
     kind: Kind
     detail: str = ""
     step: int | None = None        # the step it was working on (None if it never got there)
@@ -47,7 +56,7 @@ class Do(str, Enum):
 @dataclass(frozen=True)
 class Action:
     do: Do
-    profile_index: int
+    rung_index: int
     delay: float = 0.0
     reason: str = ""
     same_step: int | None = None   # set when the reason is "crashes again and again at this step"
@@ -56,25 +65,26 @@ class Action:
 def decide(history: list[Attempt], ladder_size: int, s: Settings) -> Action:
     """The action after `history[-1]` ended."""
     cur = history[-1]
-    rung = cur.profile_index
+    rung = cur.rung_index
     if cur.kind is Kind.DONE:
         return Action(Do.FINISH, rung, reason="training finished")
     if cur.kind is Kind.STOPPED:
         return Action(Do.STOP, rung, reason="stopped on request")
     if cur.kind in (Kind.CONFIG_ERROR, Kind.DISK_FULL):
         return Action(Do.GIVE_UP, rung, reason=f"{cur.kind.value}: {cur.detail}")
-    if cur.kind is Kind.BOOT_FAILURE and len(history) >= 2 and history[-2].kind is Kind.BOOT_FAILURE:
+    failed = [a for a in history if a.kind not in CLEAN]
+    if cur.kind is Kind.BOOT_FAILURE and len(failed) >= 2 and failed[-2].kind is Kind.BOOT_FAILURE:
         return Action(Do.GIVE_UP, rung, reason=f"the worker failed to start twice in a row: {cur.detail}")
     failures = _failures_since_progress(history, rung)
     delay = s.backoff_seconds[min(failures - 1, len(s.backoff_seconds) - 1)]
-    same = _same_step_failures(history, rung)
+    same = _same_step_failures(failed, rung)
     if cur.step is not None and same >= s.same_step_limit:
-        why = f"failed {same} times at step {cur.step} on rung {rung} ({cur.kind.value}: {cur.detail})"
+        why = f"failed {same} times at step {cur.step} on rung {rung + 1} ({cur.kind.value}: {cur.detail})"
         return _step_down_or_give_up(rung, ladder_size, s, why, same_step=cur.step)
     if cur.kind in (Kind.OOM, Kind.MEMORY_LIMIT) and rung + 1 < ladder_size:
         return Action(Do.STEP_DOWN, rung + 1, s.backoff_seconds[0], f"{cur.kind.value}: {cur.detail}")
     if failures > s.max_restarts_per_profile:
-        why = f"{failures} failures on rung {rung} without progress (last: {cur.kind.value}: {cur.detail})"
+        why = f"{failures} failures on rung {rung + 1} without progress (last: {cur.kind.value}: {cur.detail})"
         return _step_down_or_give_up(rung, ladder_size, s, why)
     return Action(Do.RESTART, rung, delay, f"{cur.kind.value}: {cur.detail}")
 
@@ -90,20 +100,56 @@ def _failures_since_progress(history: list[Attempt], rung: int) -> int:
     """Failed attempts on `rung` since (and including) its last attempt that made real progress."""
     count = 0
     for a in reversed(history):
-        if a.profile_index != rung:
+        if a.rung_index != rung:
             break
+        if a.kind in CLEAN:
+            if a.progressed:
+                break
+            continue
         count += 1
         if a.progressed:
             break
     return count
 
 
-def _same_step_failures(history: list[Attempt], rung: int) -> int:
-    """How many of the latest attempts on `rung` failed at the step the last one failed at."""
-    last = history[-1]
+def _same_step_failures(failed: list[Attempt], rung: int) -> int:
+    """How many of the latest failed attempts on `rung` failed at the step the last one failed at."""
+    last = failed[-1]
     count = 0
-    for a in reversed(history):
-        if a.profile_index != rung or a.step != last.step or a.epoch != last.epoch:
+    for a in reversed(failed):
+        if a.rung_index != rung or a.step != last.step or a.epoch != last.epoch:
             break
         count += 1
     return count
+
+
+@dataclass(frozen=True)
+class Past:
+    """What a supervisor taking over a run knows from its journal."""
+    attempt: int = 0                   # the last attempt number used
+    restarts: int = 0                  # restarts and step-downs so far
+    rung_index: int | None = None      # the rung the run is on (None: no attempt yet)
+    history: list[Attempt] = field(default_factory=list)   # since the last budget reset
+    forgotten: int = 0                 # attempts before that reset
+
+
+def recall(events: list[dict]) -> Past:
+    """The attempt count, restarts, current rung and policy history, from the journal's events (oldest first)."""
+    attempt = restarts = 0
+    rung = None
+    history: list[Attempt] = []
+    forgotten = 0
+    for e in events:
+        kind, d = e["kind"], e["data"]
+        if kind == Event.SPAWN:
+            attempt, rung = max(attempt, e["attempt"] or 0), e["rung"]
+        elif kind == Event.STEP_DOWN:
+            restarts, rung = restarts + 1, d["to"]
+        elif kind == Event.RESTART:
+            restarts += 1
+        elif kind == Event.BUDGET_RESET:
+            forgotten, history = forgotten + len(history), []
+        elif kind == Event.EXIT:
+            history.append(Attempt(e["rung"], Kind(d["failure"]), d.get("detail") or "", e["step"],
+                                   d.get("epoch"), d.get("cursor"), bool(d.get("progressed"))))
+    return Past(attempt, restarts, rung, history, forgotten)

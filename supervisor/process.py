@@ -11,7 +11,8 @@ from pathlib import Path
 
 import psutil
 
-from trainctl.worker.protocol import ENV_SUPERVISOR_PID, LOG_DIR, WORKER_ENV, WORKER_LOG
+from trainctl.contract.protocol import ENV_SUPERVISOR_PID, WORKER_ENV
+from trainctl.contract.runfolder import LOG_DIR, WORKER_LOG
 
 
 class WorkerProcess:
@@ -23,10 +24,10 @@ class WorkerProcess:
         self.run_dir = run_dir or Path(popen.args[popen.args.index("--run-dir") + 1])
 
     @classmethod
-    def spawn(cls, run_dir: Path, profile_index: int, attempt: int, describe: str) -> WorkerProcess:
+    def spawn(cls, run_dir: Path, rung_index: int, attempt: int, describe: str) -> WorkerProcess:
         """Start ``python -m trainctl.worker`` in a new session, its output appended to logs/worker.log."""
-        _log_header(run_dir, f"attempt {attempt}, rung {profile_index} ({describe})")
-        return cls(_popen(run_dir, ["--profile", str(profile_index), "--attempt", str(attempt)],
+        _log_header(run_dir, f"attempt {attempt}, rung {rung_index + 1} ({describe})")
+        return cls(_popen(run_dir, ["--rung", str(rung_index + 1), "--attempt", str(attempt)],
                           subprocess.DEVNULL))
 
     @classmethod
@@ -34,11 +35,11 @@ class WorkerProcess:
         """A worker that imports torch and timm now and waits on its stdin to take over (see `go`)."""
         return cls(_popen(run_dir, ["--standby"], subprocess.PIPE))
 
-    def go(self, profile_index: int, attempt: int, describe: str) -> bool:
+    def go(self, rung_index: int, attempt: int, describe: str) -> bool:
         """Make a warm standby the worker of `attempt`; False if it is no longer there."""
-        _log_header(self.run_dir, f"attempt {attempt}, rung {profile_index} ({describe}), warm standby {self.pid}")
+        _log_header(self.run_dir, f"attempt {attempt}, rung {rung_index + 1} ({describe}), warm standby {self.pid}")
         try:
-            self.popen.stdin.write(f"GO {profile_index} {attempt}\n".encode())
+            self.popen.stdin.write(f"GO {rung_index + 1} {attempt}\n".encode())
             self.popen.stdin.close()
         except (BrokenPipeError, OSError):
             return False
@@ -128,13 +129,12 @@ def orphans(run_dir: Path) -> list[psutil.Process]:
     return found
 
 
-def settle_orphans(run_dir: Path, grace: float) -> list[tuple[int, bool]]:
+def settle(found: list[psutil.Process], grace: float) -> list[tuple[int, bool]]:
     """Give orphaned workers `grace` seconds to checkpoint and exit, then SIGKILL their groups.
 
     Returns (pid, killed) for each. A worker that is stopped (SIGSTOP) or stuck would otherwise
     hold the run's worker lock forever.
     """
-    found = orphans(run_dir)
     if not found:
         return []
     _, alive = psutil.wait_procs(found, timeout=grace)

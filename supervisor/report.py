@@ -16,38 +16,37 @@ import subprocess
 import time
 from pathlib import Path
 
-from trainctl.worker import fsio
-from trainctl.worker.protocol import BAD_IMAGES_FILE, MODEL_FILE, REPORT_FILE, read_json
+from trainctl.contract import fsio
+from trainctl.contract.lifecycle import Event, State, is_final
+from trainctl.contract.runfolder import BAD_IMAGES_FILE, MODEL_FILE, REPORT_FILE, REPORT_JSON, read_json
 
 from .journal import read_events
-
-CLEAN = ("done", "stopped")
-REPORT_JSON = "report.json"
+from .policy import CLEAN
+from .text import duration, percent
 
 
 def summarize(events: list[dict]) -> dict:
     """Figures for the report from journal events (oldest first)."""
     lifetimes, attempts = [], {}
     for e in events:
-        if e["kind"] == "supervisor_start":
+        if e["kind"] == Event.SUPERVISOR_START:
             lifetimes.append([e["time"], e["time"], False])
         elif lifetimes:
             lifetimes[-1][1] = e["time"]
-            if e["kind"] == "state" and e["data"]["to"] in ("stopped", "succeeded", "failed"):
+            if e["kind"] == Event.STATE and is_final(e["data"]["to"]):
                 lifetimes[-1][2] = True   # this supervisor reached a final state (it did not die)
-        if e["kind"] == "spawn":
-            attempts[e["attempt"]] = {"spawn": e["time"], "ready": None, "end": None, "kind": None,
-                                      "checkpoints": [], "after_crash": False, "profile": e["profile"]}
+        if e["kind"] == Event.SPAWN:
+            attempts[e["attempt"]] = {"spawn": e["time"], "ready": None, "end": None, "kind": None, "checkpoints": []}
         a = attempts.get(e["attempt"])
         if a is None:
             continue
-        if e["kind"] == "worker_ready":
+        if e["kind"] == Event.WORKER_READY:
             a["ready"] = e["time"]
-        elif e["kind"] == "checkpoint":
+        elif e["kind"] == Event.CHECKPOINT:
             # When training stood at that step, not when the supervisor noticed the commit (it may notice
             # only after the crash, and the work between the two is re-done).
             a["checkpoints"].append(e["data"].get("taken") or e["time"])
-        elif e["kind"] == "exit":
+        elif e["kind"] == Event.EXIT:
             a["end"], a["kind"] = e["time"], e["data"]["failure"]
     training = redone = restarts = startup = 0.0
     previous_end, previous_crashed = None, False
@@ -69,7 +68,7 @@ def summarize(events: list[dict]) -> dict:
             training += end - ready
         previous_end, previous_crashed = end, crashed
     supervised = sum(b - a for a, b, _ in lifetimes)
-    exits = [e for e in events if e["kind"] == "exit"]
+    exits = [e for e in events if e["kind"] == Event.EXIT]
     blocked = sum(e["data"].get("checkpoint_blocked_seconds") or 0.0 for e in exits)
     training = max(0.0, training - blocked)
     crashes = [e for e in exits if e["data"]["failure"] not in CLEAN]
@@ -82,10 +81,11 @@ def summarize(events: list[dict]) -> dict:
         "goodput": round((supervised - redone - restarts - blocked) / supervised, 4) if supervised > 0 else None,
         "crashes": len(crashes),
         "supervisor_deaths": sum(1 for *_, ended in lifetimes[:-1] if not ended),
+        "supervisor_errors": sum(1 for e in events if e["kind"] == Event.SUPERVISOR_ERROR),
         "crashes_by_kind_and_rung": dict(collections.Counter(
-            f"{e['data']['failure']} on rung {e['profile'] + 1}" for e in crashes)),
+            f"{e['data']['failure']} on rung {e['rung'] + 1}" for e in crashes)),
         "step_downs": [{"from": e["data"]["from"] + 1, "to": e["data"]["to"] + 1, "reason": e["data"]["reason"],
-                        "at": e["time"]} for e in events if e["kind"] == "step_down"],
+                        "at": e["time"]} for e in events if e["kind"] == Event.STEP_DOWN],
         "checkpoints_written": sum(e["data"].get("checkpoints_written") or 0 for e in exits),
     }
 
@@ -98,21 +98,25 @@ def write(run_dir: Path, state: str, reason: str | None, val_acc: float | None) 
              bad_images=(read_json(run_dir / BAD_IMAGES_FILE) or {}).get("count", 0))
     lines = [f"# trainctl report: {run_dir.name} — {state.upper()}", "",
              f"- ended: {time.strftime('%Y-%m-%d %H:%M:%S')}" + (f" — {reason}" if reason else ""),
-             f"- wall time: {_hms(s['wall_seconds'])} (supervised: {_hms(s['supervised_seconds'])})",
-             f"- goodput: {_pct(s['goodput'])} — training {_hms(s['training_seconds'])}, re-done after crashes "
-             f"{_hms(s['redone_seconds'])}, restarts {_hms(s['restart_seconds'])}, start-up {_hms(s['startup_seconds'])}, "
+             f"- wall time: {duration(s['wall_seconds'])} (supervised: {duration(s['supervised_seconds'])})",
+             f"- goodput: {percent(s['goodput'])} — training {duration(s['training_seconds'])}, re-done after crashes "
+             f"{duration(s['redone_seconds'])}, restarts {duration(s['restart_seconds'])}, "
+             f"start-up {duration(s['startup_seconds'])}, "
              f"blocked on checkpoints {s['checkpoint_blocked_seconds']:.1f}s",
              f"- crashes: {s['crashes']}" + (" (" + ", ".join(f"{k}: {v}" for k, v in
                                                           s["crashes_by_kind_and_rung"].items()) + ")" if s["crashes"] else ""),
              f"- step-downs: {len(s['step_downs'])}"]
     if s["supervisor_deaths"]:
         lines.insert(-1, f"- the supervisor itself died {s['supervisor_deaths']} time(s) and was started again")
+    if s["supervisor_errors"]:
+        lines.insert(-1, f"- the supervisor itself failed {s['supervisor_errors']} time(s) (an error in trainctl, "
+                         f"not in the run: traceback in the journal's supervisor_error event); the run went on")
     lines += [f"  - rung {d['from']} → {d['to']} at {time.strftime('%H:%M:%S', time.localtime(d['at']))}: {d['reason']}"
               for d in s["step_downs"]]
     lines += [f"- checkpoints written: {s['checkpoints_written']}",
               f"- bad images: {s['bad_images']}" + (f" (listed in {BAD_IMAGES_FILE})" if s["bad_images"] else ""),
-              f"- final validation accuracy: {_pct(val_acc)}"]
-    if state == "succeeded":
+              f"- final validation accuracy: {percent(val_acc)}"]
+    if state == State.SUCCEEDED:
         lines.append(f"- model: {run_dir / MODEL_FILE}")
     fsio.atomic_write(run_dir / REPORT_FILE, "\n".join(lines) + "\n")
     fsio.atomic_write_json(run_dir / REPORT_JSON, s)
@@ -133,12 +137,3 @@ def run_hook(command: str, run_dir: Path, state: str, reason: str | None, timeou
 
 def read_summary(run_dir: Path) -> dict | None:
     return read_json(Path(run_dir) / REPORT_JSON)
-
-
-def _hms(seconds) -> str:
-    seconds = int(seconds or 0)
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
-
-
-def _pct(value) -> str:
-    return f"{value:.1%}" if isinstance(value, (int, float)) else "—"

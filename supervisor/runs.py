@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from trainctl.worker import fsio
+from trainctl.contract import fsio
 
 from .status import is_run_dir
 

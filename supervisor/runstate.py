@@ -5,13 +5,15 @@ process dies, however it dies), never by a pid alone: pids are reused and zombie
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import filelock
 
-from trainctl.worker import fsio
-from trainctl.worker.protocol import STATE_FILE, SUPERVISOR_LOCK, read_json
+from trainctl.contract import fsio
+from trainctl.contract.records import RunState
+from trainctl.contract.runfolder import STATE_FILE, SUPERVISOR_LOCK, read_json
 
 
 class AlreadyRunning(RuntimeError):
@@ -29,7 +31,7 @@ def acquire(run_dir: Path, timeout: float = PROBE_WAIT_SECONDS) -> filelock.File
     try:
         lock.acquire(timeout=timeout, poll_interval=0.01)
     except filelock.Timeout:
-        pid = (read_state(run_dir) or {}).get("supervisor_pid")
+        pid = getattr(read_state(run_dir), "supervisor_pid", None)
         raise AlreadyRunning(f"run {Path(run_dir).name} already has a supervisor running"
                              f"{f' (pid {pid})' if pid else ''}; see: trainctl status {run_dir}") from None
     return lock
@@ -49,10 +51,13 @@ def supervisor_alive(run_dir: Path) -> bool:
     return False
 
 
-def read_state(run_dir: Path) -> dict | None:
-    return read_json(Path(run_dir) / STATE_FILE)
+def read_state(run_dir: Path) -> RunState | None:
+    """The run's state.json, or None (never written, half-written, or not ours)."""
+    data = read_json(Path(run_dir) / STATE_FILE)
+    return RunState.from_json(data) if data is not None else None
 
 
-def write_state(run_dir: Path, state: dict, durable: bool = True) -> None:
+def write_state(run_dir: Path, state: RunState, durable: bool = True) -> None:
     """Atomically replace state.json; `updated_at` is the supervisor's 'last seen' for status."""
-    fsio.atomic_write_json(Path(run_dir) / STATE_FILE, {**state, "updated_at": time.time()}, durable)
+    fsio.atomic_write_json(Path(run_dir) / STATE_FILE,
+                           dataclasses.replace(state, updated_at=time.time()).to_json(), durable)

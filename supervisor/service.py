@@ -3,6 +3,8 @@
 ``trainctl service run RUN`` is what the service manager starts: it begins a new run, resumes one
 whose supervisor died (or whose machine rebooted) from the newest checkpoint, and exits 0 at once
 for a run that already succeeded or failed (a failed run waits for a person: fix, then resume).
+Exit codes (`ExitCode`): 1 (the run failed) and 3 (bad config) are final, restarting cannot help;
+70 (the supervisor's own error, the worker stopped at a checkpoint) and any crash are restarted.
 """
 from __future__ import annotations
 
@@ -14,13 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainctl.worker.config import Config, load
-from trainctl.worker.protocol import CONFIG_FILE, LOG_DIR
-
-from . import runstate
+from trainctl.contract.config import Config, load
+from trainctl.contract.protocol import ExitCode
+from trainctl.contract.runfolder import CONFIG_FILE, LOG_DIR, SERVICE_LOG
 
 TEMPLATE = "trainctl@.service"
-SERVICE_LOG = "service.log"
+FINAL_EXIT_CODES = (ExitCode.FAILED, ExitCode.BAD_CONFIG)   # never restarted: they would only happen again
 UNIT = """\
 # trainctl: one instance per run; the instance name is the run folder (systemd-escape --path).
 # Written by `trainctl service install`; run-specific timeouts are in the instance's drop-in.
@@ -41,7 +42,8 @@ KillSignal=SIGTERM
 Restart=on-failure
 RestartSec=30
 # 1: the run failed (the policy gave up); 3: bad config. Restarting cannot help either.
-RestartPreventExitStatus=1 3
+# 70 (the supervisor's own error; the worker stopped at a checkpoint) is restarted, and resumes.
+RestartPreventExitStatus={final}
 TimeoutStartSec=960
 TimeoutStopSec=150
 WatchdogSec=360
@@ -94,11 +96,16 @@ def instance(run_dir: Path) -> str:
     return f"trainctl@{systemd_escape_path(run_dir)}.service"
 
 
+def unit(python: str) -> str:
+    """The template unit, for this Python."""
+    return UNIT.format(python=python, final=" ".join(str(int(c)) for c in FINAL_EXIT_CODES))
+
+
 def systemd_files(run_dir: Path, cfg: Config) -> dict[Path, str]:
     """The template and the run's drop-in, keyed by where they go."""
     s = cfg.supervisor
     return {
-        unit_dir() / TEMPLATE: UNIT.format(python=sys.executable),
+        unit_dir() / TEMPLATE: unit(sys.executable),
         unit_dir() / f"{instance(run_dir)}.d" / "trainctl.conf": DROPIN.format(
             name=cfg.run.name, start=s.startup_timeout_seconds + 60, stop=s.stop_timeout_seconds + 30,
             watchdog=s.hang_timeout_seconds + 60),
@@ -175,11 +182,3 @@ def execute(commands: list[list[str]]) -> None:
             raise ServiceError(f"`{' '.join(cmd)}` failed: {why[-1] if why else result.returncode}. "
                                + ("Is there a user session bus? Log in on a console or use "
                                   "`loginctl enable-linger $USER`." if cmd[0] == "systemctl" else ""))
-
-
-def run_state(run_dir: Path) -> str:
-    """'running', 'succeeded', 'failed' or 'resumable' (new, stopped, or orphaned by a dead supervisor)."""
-    if runstate.supervisor_alive(run_dir):
-        return "running"
-    state = (runstate.read_state(run_dir) or {}).get("state")
-    return state if state in ("succeeded", "failed") else "resumable"

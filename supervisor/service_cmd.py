@@ -6,11 +6,17 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from trainctl.worker.config import load
+from trainctl.contract.config import load
+from trainctl.contract.lifecycle import State
+from trainctl.contract.protocol import ExitCode
+from trainctl.contract.runfolder import CONFIG_FILE
 
-from . import service
+from . import runstate, service
+from .foreground import run_foreground
+from .launch import Refused, check_can_start, check_data, freeze
 from .notify import Notifier
 from .runs import resolve
+from .terminal import console
 
 
 def add_service_parser(sub) -> None:
@@ -33,13 +39,7 @@ def add_service_parser(sub) -> None:
     s.set_defaults(func=cmd_run)
 
 
-def _console():
-    from .cli import console
-    return console
-
-
 def cmd_install(args) -> int:
-    from .cli import EXIT_OK, EXIT_REFUSED, Refused, check_can_start, check_data, freeze
     if args.config:
         cfg = load(args.config)
         check_data(cfg)
@@ -47,20 +47,19 @@ def cmd_install(args) -> int:
         run_dir = cfg.run_dir
         if not args.dry_run:
             freeze(run_dir, cfg)
-        elif not (run_dir / "config.toml").exists():
+        elif not (run_dir / CONFIG_FILE).exists():
             run_dir.mkdir(parents=True, exist_ok=True)
             freeze(run_dir, cfg)   # the dry run needs the frozen config to show real values
     else:
         run_dir = resolve(args.run)
     manager = args.manager or service.default_manager()
     files, commands = service.plan_install(run_dir, manager)
-    out = _console()
     if args.dry_run:   # plain print: the exact bytes, no terminal formatting
         for path, content in files.items():
             print(f"# would write {path}:\n{content.decode()}")
         for cmd in commands:
             print("# would run: " + shlex.join(cmd))
-        return EXIT_OK
+        return ExitCode.OK
     try:
         service.check_available(manager)
         for path, content in files.items():
@@ -68,58 +67,54 @@ def cmd_install(args) -> int:
             path.write_bytes(content)
         service.execute(commands)
     except service.ServiceError as e:
-        raise Refused(str(e), EXIT_REFUSED) from None
-    out.print(f"installed and started the {manager} service for {escape(run_dir.name)}", highlight=False)
+        raise Refused(str(e), ExitCode.REFUSED) from None
+    console.print(f"installed and started the {manager} service for {escape(run_dir.name)}", highlight=False)
     if manager == "systemd":
-        out.print("  to keep it running after you log out and start it at boot: loginctl enable-linger $USER\n"
-                  f"  its log: journalctl --user -u '{escape(service.instance(run_dir))}'", highlight=False)
-    return EXIT_OK
+        console.print("  to keep it running after you log out and start it at boot: loginctl enable-linger $USER\n"
+                      f"  its log: journalctl --user -u '{escape(service.instance(run_dir))}'", highlight=False)
+    return ExitCode.OK
 
 
 def cmd_uninstall(args) -> int:
-    from .cli import EXIT_OK, EXIT_REFUSED, Refused
     run_dir = resolve(args.run)
     manager = args.manager or service.default_manager()
     paths, commands = service.plan_uninstall(run_dir, manager)
-    out = _console()
     if args.dry_run:
         for cmd in commands:
             print("# would run: " + shlex.join(cmd))
         for path in paths:
             print(f"# would remove {path}")
-        return EXIT_OK
+        return ExitCode.OK
     try:
         service.check_available(manager)
         service.execute(commands)
     except service.ServiceError as e:
-        raise Refused(str(e), EXIT_REFUSED) from None
+        raise Refused(str(e), ExitCode.REFUSED) from None
     for path in paths:
         if path.is_dir():
             path.rmdir()
         else:
             path.unlink(missing_ok=True)
-    out.print(f"removed the {manager} service of {escape(run_dir.name)} (the run folder is untouched)")
-    return EXIT_OK
+    console.print(f"removed the {manager} service of {escape(run_dir.name)} (the run folder is untouched)")
+    return ExitCode.OK
 
 
 def cmd_run(args) -> int:
-    """Idempotent: start a new run, resume an unfinished one, or do nothing for a finished one."""
-    from .cli import EXIT_FAILED, EXIT_OK, EXIT_RUNNING, console
-    from .foreground import run_foreground
-    from .supervise import EXIT_GAVE_UP
+    """Idempotent: start a new run, resume an unfinished one, or do nothing for a finished one. A service
+    restart keeps the crash-loop budget (only a person's `trainctl resume` starts a fresh one)."""
     run_dir = resolve(args.run)
-    state = service.run_state(run_dir)
-    if state == "running":
+    if runstate.supervisor_alive(run_dir):
         console.print(f"run {escape(run_dir.name)} already has a running supervisor; not starting a second one")
-        return EXIT_RUNNING
-    if state in ("succeeded", "failed"):
-        reason = (service.runstate.read_state(run_dir) or {}).get("reason")
-        console.print(f"run {escape(run_dir.name)} already {state}" + (f" ({escape(reason)})" if reason else "")
-                      + "; nothing to do" + ("" if state == "succeeded" else ": fix it, then `trainctl resume`"),
-                      highlight=False, soft_wrap=True)
+        return ExitCode.RUNNING
+    saved = runstate.read_state(run_dir)
+    if saved and saved.state in (State.SUCCEEDED, State.FAILED):   # a failed run waits for a person
+        state = saved.state.value
+        why = f" ({escape(saved.reason)})" if saved.reason else ""
+        todo = "" if saved.state is State.SUCCEEDED else ": fix it, then `trainctl resume`"
+        console.print(f"run {escape(run_dir.name)} already {state}{why}; nothing to do{todo}", highlight=False,
+                      soft_wrap=True)
         notifier = Notifier()   # a Type=notify unit expects READY before a clean exit
         notifier.ready(f"{state}: nothing to do")
         notifier.stopping(state)
-        return EXIT_OK
-    code = run_foreground(run_dir, None, console)
-    return EXIT_FAILED if code == EXIT_GAVE_UP else code
+        return ExitCode.OK
+    return run_foreground(run_dir, None, console)

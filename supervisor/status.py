@@ -5,15 +5,25 @@ import json
 import time
 from pathlib import Path
 
-from trainctl.worker.config import FROZEN_HEADER
-from trainctl.worker.protocol import (BAD_IMAGES_FILE, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, MODEL_FILE,
-                                      REPORT_FILE, committed_checkpoints, read_heartbeat, read_json)
+from trainctl.contract.config import FROZEN_HEADER
+from trainctl.contract.lifecycle import Event, State, is_final
+from trainctl.contract.protocol import read_heartbeat
+from trainctl.contract.records import CheckpointStatus, Crash, RungStatus, Status
+from trainctl.contract.runfolder import (
+    BAD_IMAGES_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    REPORT_FILE,
+    newest_checkpoint,
+    read_json,
+)
 
 from . import runstate
 from .journal import read_events
+from .policy import CLEAN
 from .report import read_summary
-
-FINAL = ("stopped", "succeeded", "failed")
+from .text import ago
 
 
 def is_run_dir(path: Path) -> bool:
@@ -25,64 +35,58 @@ def is_run_dir(path: Path) -> bool:
         return False
 
 
-def gather(run_dir: Path) -> dict:
-    """The status of one run as a JSON-ready dict (see README, 'trainctl status --json')."""
+def gather(run_dir: Path) -> Status:
+    """The status of one run (README, 'trainctl status --json')."""
     run_dir = Path(run_dir)
-    state = runstate.read_state(run_dir) or {}
-    hb = read_heartbeat(run_dir) or {}
+    saved = runstate.read_state(run_dir)
+    hb = read_heartbeat(run_dir)
     alive = runstate.supervisor_alive(run_dir)
-    recorded = state.get("state", "starting")
     now = time.time()
-    out: dict = {"run_name": state.get("run_name", run_dir.name), "run_dir": str(run_dir),
-                 "state": recorded, "reason": state.get("reason"), "supervisor_alive": alive,
-                 "supervisor_pid": state.get("supervisor_pid") if alive else None,
-                 "worker_pid": state.get("worker_pid") if alive else None,
-                 "updated_at": state.get("updated_at"),
-                 "last_seen_seconds": round(now - state["updated_at"], 1) if state.get("updated_at") else None}
-    if not alive and recorded not in FINAL:
+    recorded = saved.state.value if saved else State.STARTING.value
+    state, reason, stale = recorded, saved.reason if saved else None, None
+    updated = saved.updated_at if saved else None
+    seen_ago = round(now - updated, 1) if updated else None
+    if not alive and not is_final(recorded):
         # The recorded state is stale: nobody is running this run now.
-        out["state"], out["recorded_state"] = "stopped", recorded
-        out["reason"] = (f"supervisor not running — last seen {_ago(out['last_seen_seconds'])}, "
-                         f"resume with: trainctl resume {run_dir.name}")
-    profile = state.get("profile") or {}
-    out["profile"] = {"index": state.get("profile_index"), "device": profile.get("device"),
-                      "batch_size": profile.get("batch_size"), "grad_accum": state.get("grad_accum"),
-                      "ladder_size": state.get("ladder_size")}
-    out.update({"phase": hb.get("phase"), "step": hb.get("step", 0), "total_steps": hb.get("total_steps"),
-                "epoch": hb.get("epoch"), "epochs": hb.get("epochs"), "samples_seen": hb.get("samples_seen", 0),
-                "loss": hb.get("loss"), "lr": hb.get("lr"), "images_per_sec": hb.get("images_per_sec"),
-                "val_acc": hb.get("val_acc")})
-    out["eta_seconds"] = _eta(out, hb)
-    out["memory"] = {**(state.get("memory") or {}),
-                     **{k: v for k, v in hb.items() if k.startswith(("mps_", "cuda_"))}}
-    out.update(_history(run_dir))
-    out["restarts"] = out.pop("_restarts")
-    ckpts = committed_checkpoints(run_dir / CHECKPOINT_DIR)
-    out["last_checkpoint"] = ({"step": ckpts[-1].step, "path": str(ckpts[-1].path),
-                               "age_seconds": round(now - ckpts[-1].marker.get("created", now), 1)}
-                              if ckpts else None)
+        state, stale = State.STOPPED.value, recorded
+        reason = f"supervisor not running — last seen {ago(seen_ago)}, resume with: trainctl resume {run_dir.name}"
+    rung = (RungStatus(saved.rung_index + 1, saved.ladder_size, saved.rung.get("device"), saved.rung.get("batch_size"),
+                       saved.grad_accum) if saved else RungStatus())
+    crashes, restarts = _history(run_dir)
+    newest = newest_checkpoint(run_dir)
     model = run_dir / MODEL_FILE
-    out["final_model"] = str(model) if model.exists() and out["state"] == "succeeded" else None
-    out["bad_images"] = (read_json(run_dir / BAD_IMAGES_FILE) or {}).get("count", 0)
-    out["metrics"] = recent_metrics(run_dir)
-    out["report"] = str(run_dir / REPORT_FILE) if (run_dir / REPORT_FILE).exists() else None
-    out["summary"] = read_summary(run_dir) if out["report"] else None
-    return out
+    report = run_dir / REPORT_FILE
+    return Status(
+        run_name=saved.run_name if saved and saved.run_name else run_dir.name, run_dir=str(run_dir), state=state,
+        reason=reason, supervisor_alive=alive, supervisor_pid=saved.supervisor_pid if alive and saved else None,
+        worker_pid=saved.worker_pid if alive and saved else None, updated_at=updated, last_seen_seconds=seen_ago,
+        rung=rung, phase=hb.phase.value if hb else None, step=hb.step if hb else 0,
+        total_steps=hb.total_steps if hb else None, epoch=hb.epoch if hb else None, epochs=hb.epochs if hb else None,
+        samples_seen=hb.samples_seen if hb else 0, loss=hb.loss if hb else None, lr=hb.lr if hb else None,
+        images_per_sec=hb.images_per_sec if hb else None, val_acc=hb.val_acc if hb else None,
+        eta_seconds=_eta(state, hb), memory={**((saved.memory if saved else None) or {}), **(hb.memory if hb else {})},
+        restarts=restarts, crashes=crashes,
+        last_checkpoint=CheckpointStatus(newest.step, str(newest.path),
+                                         round(now - newest.marker.get("created", now), 1)) if newest else None,
+        final_model=str(model) if model.exists() and state == State.SUCCEEDED else None,
+        bad_images=(read_json(run_dir / BAD_IMAGES_FILE) or {}).get("count", 0),
+        report=str(report) if report.exists() else None, summary=read_summary(run_dir) if report.exists() else None,
+        recorded_state=stale, metrics=recent_metrics(run_dir))
 
 
-def _history(run_dir: Path) -> dict:
+def _history(run_dir: Path) -> tuple[list[Crash], int]:
     crashes, restarts = [], 0
-    for e in read_events(run_dir, ("exit", "restart", "step_down")):
-        if e["kind"] == "exit":
-            d = e["data"]
-            if d.get("failure") in ("done", "stopped"):
-                continue
-            crashes.append({"at": _iso(e["time"]), "kind": d.get("failure"), "signal": d.get("signal"),
-                            "exit_code": d.get("exit_code"), "profile_index": e["profile"], "step": e["step"],
-                            "detail": d.get("detail"), "evidence": d.get("evidence")})
-        else:
+    for e in read_events(run_dir, (Event.EXIT, Event.RESTART, Event.STEP_DOWN)):
+        if e["kind"] != Event.EXIT:
             restarts += 1
-    return {"crashes": crashes, "_restarts": restarts}
+            continue
+        d = e["data"]
+        if d.get("failure") in CLEAN:
+            continue
+        crashes.append(Crash(at=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(e["time"])), kind=d.get("failure"),
+                             signal=d.get("signal"), exit_code=d.get("exit_code"), rung=(e["rung"] or 0) + 1,
+                             step=e["step"], detail=d.get("detail"), evidence=d.get("evidence")))
+    return crashes, restarts
 
 
 def recent_metrics(run_dir: Path, keep: int = 40) -> dict:
@@ -107,23 +111,10 @@ def recent_metrics(run_dir: Path, keep: int = 40) -> dict:
             "val_acc": [val[e] for e in sorted(val)]}
 
 
-def _eta(out: dict, hb: dict) -> float | None:
-    ips, total, step = out.get("images_per_sec"), out.get("total_steps"), out.get("step") or 0
-    per_step = hb.get("effective_batch_size") or (hb.get("batch_size", 0) * hb.get("grad_accum", 0))
-    if not ips or not total or not per_step or out["state"] not in ("running", "starting"):
+def _eta(state: str, hb) -> float | None:
+    if hb is None or state not in (State.RUNNING, State.STARTING):
         return None
-    return round((total - step) * per_step / ips, 1)
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
-
-
-def _ago(seconds) -> str:
-    if seconds is None:
-        return "never"
-    if seconds < 120:
-        return f"{seconds:.0f} s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.1f} h ago"
+    per_step = hb.effective_batch_size
+    if not hb.images_per_sec or not hb.total_steps or not per_step:
+        return None
+    return round((hb.total_steps - hb.step) * per_step / hb.images_per_sec, 1)

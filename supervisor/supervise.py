@@ -1,80 +1,110 @@
-"""The supervisor loop: observe the worker, ask the policy, apply its answer, journal everything.
+"""The supervisor loop: look at the worker, ask the pure core what to do, carry it out, journal everything.
 
-One attempt = one worker process. The loop never decides anything itself: `classify` names the
-exit, `decide` picks the action. Time is the supervisor's own monotonic clock throughout.
+One attempt = one worker process. The loop decides nothing itself: `watch.assess` judges every look
+at a running worker, `classify` names its exit, `policy.decide` picks the next action; the loop
+carries out their answers. Everything outside the run folder (processes, the sleep inhibitor,
+memory, the clock, the service manager) comes in through a `Host`. Time is the supervisor's own
+monotonic clock throughout.
+
+The supervisor's own failure is not the run's: an unexpected exception is logged with its
+traceback, the worker is stopped at a checkpoint, the event and the state are recorded, and the
+process exits `ExitCode.INTERNAL_ERROR`, which systemd and launchd restart; the restarted
+supervisor resumes the run. A journal or state.json that cannot be written is retried and reported
+(`trouble.Trouble`) and costs the run nothing.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
 import filelock
 
-from trainctl.worker import fsio
-from trainctl.worker.config import Config, parse_memory_limit
-from trainctl.worker.protocol import (CHECKPOINT_DIR, LOG_DIR, MODEL_FILE, ORPHAN_GRACE_SECONDS,
-                                      SUPERVISOR_LOG, WORKER_LOCK, WORKER_LOG, committed_checkpoints,
-                                      error_json_path, fault_log_path, read_heartbeat)
+from trainctl.contract import faults, folders, fsio
+from trainctl.contract.config import Config, load
+from trainctl.contract.lifecycle import Event, Kill, State, check_transition
+from trainctl.contract.protocol import ORPHAN_GRACE_SECONDS, ExitCode, read_heartbeat
+from trainctl.contract.records import RunState
+from trainctl.contract.runfolder import (
+    CONFIG_FILE,
+    LOG_DIR,
+    LOGS,
+    MODEL_FILE,
+    REPORT_FILE,
+    WORKER_LOCK,
+    WORKER_LOG,
+    error_json_path,
+    fault_log_path,
+    newest_checkpoint,
+    read_error,
+)
 
-from . import logfiles
-from . import memory as memorylib
-from . import report, runstate
-from .awake import KeepAwake
-from .classify import Failure, Kind, MemorySample
-from .journal import Journal
-from .notify import Notifier
-from .service import SERVICE_LOG
-from .policy import Action, Attempt, Do, Settings, decide
-from .process import WorkerProcess, orphans, settle_orphans
-from .states import State, check_transition
-from .watch import Watch, WatchMixin
+from . import logfiles, report, runstate
+from .classify import Exit, Failure, Kind, MemorySample, classify
+from .host import Host
+from .journal import Journal, read_events
+from .policy import CLEAN, Action, Attempt, Do, Settings, decide, recall
+from .trouble import Trouble
+from .watch import (
+    Enter,
+    KillGroup,
+    Limits,
+    Ping,
+    Ready,
+    Record,
+    Say,
+    Seen,
+    Send,
+    StartStandby,
+    Tell,
+    Touch,
+    Watch,
+    assess,
+    take_heartbeat,
+)
 
-EXIT_OK = 0          # succeeded or stopped
-EXIT_GAVE_UP = 3     # failed for a reason restarting cannot fix (services must not restart it)
 ERROR_JSON_KINDS = (Kind.EXCEPTION, Kind.OOM, Kind.CONFIG_ERROR, Kind.DISK_FULL)
 MEMORY_HISTORY = 120
 
 
-class Supervisor(WatchMixin):
-    def __init__(self, run_dir: Path, cfg: Config, start_profile: int | None = None,
-                 launch: Callable[..., WorkerProcess] | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 sample_memory: Callable[[int, int], MemorySample] = memorylib.sample,
-                 echo: Callable[[str], None] | None = None, notifier: Notifier | None = None):
+def _print_line(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+class Supervisor:
+    def __init__(self, run_dir: Path, cfg: Config, host: Host | None = None, start_rung: int | None = None,
+                 fresh_budget: bool = False, echo: Callable[[str], None] | None = None):
         self.run_dir, self.cfg = Path(run_dir), cfg
-        self.launch = launch or WorkerProcess.spawn
-        self.clock, self.sleep, self.sample_memory = clock, sleep, sample_memory
-        self.echo = echo or (lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))
+        self.host = host or Host()
+        self.echo = echo or _print_line
+        self.limits = Limits.of(cfg, self.host.total_memory())
         s = cfg.supervisor
         self.settings = Settings(s.max_restarts_per_profile, s.backoff_seconds, s.same_step_limit)
-        total = memorylib.total_memory()
-        self.soft_limit = parse_memory_limit(s.memory_soft_limit, total)
-        self.hard_limit = parse_memory_limit(s.memory_hard_limit, total)
-        previous = runstate.read_state(self.run_dir) or {}
-        self.profile_index = start_profile if start_profile is not None else previous.get("profile_index", 0)
-        self.profile_index = min(max(self.profile_index, 0), len(cfg.profiles) - 1)
-        self.attempt = int(previous.get("attempt", 0))
-        self.restarts = int(previous.get("restarts", 0))
-        self.state = State.STARTING
-        self.reason: str | None = None
-        self.history: list[Attempt] = []
+        past = recall(read_events(self.run_dir))
+        saved = runstate.read_state(self.run_dir)
+        rung = start_rung if start_rung is not None else past.rung_index
+        if rung is None:
+            rung = saved.rung_index if saved else 0
+        self.rung_index = min(max(rung, 0), len(cfg.profiles) - 1)
+        self.attempt, self.restarts, self.history = past.attempt, past.restarts, list(past.history)
+        self.fresh_budget = fresh_budget
+        self.state, self.reason = State.STARTING, None
         self.memory: collections.deque[MemorySample] = collections.deque(maxlen=MEMORY_HISTORY)
-        self.worker: WorkerProcess | None = None
-        self.standby: WorkerProcess | None = None
+        self.worker = None
+        self.watch: Watch | None = None    # the attempt in flight, as last assessed
+        self.standby = None
+        self.awake = None
         self.stop_requested = False
         self.checkpoint_requested = False
-        self._last_touch = 0.0
-        self.journal = Journal(self.run_dir)
-        self.notifier = notifier or Notifier()
-        self.awake = KeepAwake(cfg.run.name, os.getpid(), self.echo) if s.keep_awake else None
+        self.journal = Journal(self.run_dir, self.echo, self.host.clock)
+        self.state_file = Trouble("state.json", self.echo)
+        self.faults = faults.from_env(self.run_dir)
 
     # ---- requests from signal handlers (they only set flags) -------------------------------------
     def install_signal_handlers(self) -> None:
@@ -88,81 +118,285 @@ class Supervisor(WatchMixin):
     def request_checkpoint(self) -> None:
         self.checkpoint_requested = True
 
-    # ---- state -------------------------------------------------------------------------------
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Supervise until the run succeeds, stops or fails; return the supervisor's exit code."""
+        try:
+            return self._supervise()
+        except Exception:   # noqa: BLE001 — a bug of ours must not end the run
+            return self._fail_safe(traceback.format_exc())
+        finally:
+            if self.worker is not None and self.worker.poll() is None:
+                self.worker.stop(self.cfg.supervisor.stop_timeout_seconds)
+            if self.standby is not None:
+                self.standby.release()
+            if self.awake is not None:
+                self.awake.stop()
+            self.journal.flush()
+            self.journal.close()
+
+    def _supervise(self) -> int:
+        self._record(Event.SUPERVISOR_START, pid=os.getpid(), python=sys.executable)
+        if self.fresh_budget:
+            self._grant_fresh_budget()
+        self._settle_orphans()
+        self._clean_temps()
+        self._set_state(State.STARTING)
+        if self.cfg.supervisor.keep_awake:
+            self.awake = self.host.keep_awake(self.cfg.run.name, os.getpid(), self.echo)
+            self.awake.start()
+        while True:
+            if self.stop_requested:
+                return self._end(State.STOPPED, "stopped on request", ExitCode.OK)
+            w, rc = self._follow(self._spawn())
+            failure = self._classify(w, rc)
+            code = self._apply(self._judge(w, failure), failure)
+            if code is not None:
+                return code
+
+    def _spawn(self) -> Watch:
+        self.attempt += 1
+        if self.state is State.BACKOFF:
+            self._set_state(State.STARTING)
+        text = self.cfg.rung_text(self.rung_index)
+        newest = newest_checkpoint(self.run_dir)
+        start_step = newest.step if newest else None
+        standby, self.standby = self.standby, None
+        if standby is not None and standby.go(self.rung_index, self.attempt, text):
+            self.worker = standby          # warm: torch and timm are already imported
+        else:
+            if standby is not None:
+                standby.release()
+            self.worker = self.host.spawn(self.run_dir, self.rung_index, self.attempt, text)
+        self.memory.clear()
+        self._record(Event.SPAWN, start_step, pid=self.worker.pid,
+                     rung=dataclasses.asdict(self.cfg.profiles[self.rung_index]))
+        self.echo(f"attempt {self.attempt}: worker pid {self.worker.pid} on rung {self.rung_index + 1} ({text}), "
+                  f"from {'step ' + str(start_step) if start_step is not None else 'the start'}")
+        self._write_state(durable=True)
+        now = self.host.clock()
+        return Watch(self.attempt, self.rung_index, text, self.restarts, start_step or 0, last_progress_at=now,
+                     touched_at=now, checkpoint_step=start_step)
+
+    def _follow(self, w: Watch) -> tuple[Watch, int]:
+        """Look at the worker every poll until it exits, carrying out what `assess` says."""
+        self.watch = w
+        while (rc := self.worker.poll()) is None:
+            hb = self._heartbeat(w)
+            for _ in self.faults.due("supervisor", hb.step if hb else None, from_step_on=True):
+                raise RuntimeError("injected fault: an exception in the supervisor")
+            sample = self.host.sample_memory(self.worker.pid, hb.device_memory if hb else 0)
+            self.memory.append(sample)
+            requested, self.checkpoint_requested = self.checkpoint_requested, False
+            w, commands = assess(w, self._seen(hb, sample, requested), self.limits)
+            self.watch = w
+            self._carry_out(w, commands)
+            self.journal.flush()
+            self.worker.wait(self.cfg.supervisor.poll_seconds)   # returns at once when the worker exits
+        self.worker.kill_group()   # loader processes that outlived the worker
+        w, commands = take_heartbeat(w, self._seen(self._heartbeat(w)), self.limits)   # its last word
+        self._carry_out(w, commands)
+        return w, rc
+
+    def _heartbeat(self, w: Watch):
+        hb = read_heartbeat(self.run_dir)
+        return hb if hb is not None and hb.attempt == w.attempt else None
+
+    def _seen(self, hb, sample: MemorySample | None = None, checkpoint_requested: bool = False) -> Seen:
+        return Seen(self.host.clock(), hb, sample, self.stop_requested, checkpoint_requested, self.state,
+                    self.standby is not None)
+
+    def _carry_out(self, w: Watch, commands: list) -> None:
+        for c in commands:
+            match c:
+                case Send(sig):
+                    self.worker.signal(sig)
+                case KillGroup():
+                    self.worker.kill_group()
+                case Enter(state, reason):
+                    self._set_state(state, reason)
+                case Record(event, step, data):
+                    self.journal.record(event, w.attempt, w.rung_index, step, **data)
+                case Say(message):
+                    self.echo(message)
+                case Ready(status):
+                    self.host.notifier.ready(status)
+                case Tell(status):
+                    self.host.notifier.status(status)
+                case Ping():
+                    self.host.notifier.watchdog()
+                case Touch():
+                    self._touch()
+                case StartStandby():
+                    self.standby = self.host.spawn_standby(self.run_dir)   # the next worker, already booted
+
+    def _classify(self, w: Watch, rc: int) -> Failure:
+        ended = Exit(returncode=rc, heartbeat_seen=w.heartbeat is not None,
+                     we_killed=w.kill if w.kill is not Kill.STOP else None, error=read_error(self.run_dir, w.attempt),
+                     fault_log=_tail(fault_log_path(self.run_dir, w.attempt), 8000),
+                     output_tail=_tail(self.run_dir / LOG_DIR / WORKER_LOG, 3000))
+        return classify(ended, list(self.memory), self.limits.soft_limit)
+
+    def _judge(self, w: Watch, failure: Failure) -> Action:
+        """Journal the exit and ask the policy what comes next."""
+        self._record_exit(w, failure)
+        action = decide(self.history, len(self.cfg.profiles), self.settings)
+        if self.stop_requested and action.do in (Do.RESTART, Do.STEP_DOWN):
+            action = Action(Do.STOP, action.rung_index, reason="stopped on request")
+        return action
+
+    def _record_exit(self, w: Watch, failure: Failure) -> None:
+        """An attempt ended: into the history and the journal, with its evidence."""
+        hb = w.heartbeat
+        newest = newest_checkpoint(self.run_dir)
+        progressed = newest is not None and newest.step > w.start_step
+        step, epoch, cursor = (hb.step, hb.epoch, hb.cursor) if hb else (None, None, None)
+        self.history.append(Attempt(w.rung_index, failure.kind, failure.detail, step, epoch, cursor, progressed))
+        clean = failure.kind in CLEAN
+        evidence = (error_json_path(self.run_dir, w.attempt) if failure.kind in ERROR_JSON_KINDS
+                    else fault_log_path(self.run_dir, w.attempt))
+        self.journal.record(Event.EXIT, w.attempt, w.rung_index, step, failure=failure.kind.value,
+                            signal=failure.signal, exit_code=failure.exit_code, detail=failure.detail, epoch=epoch,
+                            cursor=cursor, memory=failure.memory, evidence=None if clean else str(evidence),
+                            progressed=progressed, checkpoints_written=hb.checkpoints_written if hb else 0,
+                            checkpoint_blocked_seconds=hb.checkpoint_blocked_seconds if hb else 0.0)
+        if not clean:
+            self.echo(f"attempt {w.attempt} ended: {failure.kind.value} — {failure.detail}")
+
+    def _apply(self, action: Action, failure: Failure) -> int | None:
+        """Carry out the policy's action; return the exit code when supervision is over."""
+        if action.do is Do.FINISH:
+            self._record(Event.FINISH, model=str(self.run_dir / MODEL_FILE))
+            self.echo(f"run succeeded: {self.run_dir / MODEL_FILE}")
+            return self._end(State.SUCCEEDED, None, ExitCode.OK)
+        if action.do is Do.STOP:
+            self.echo("run stopped; resume with: trainctl resume " + self.run_dir.name)
+            return self._end(State.STOPPED, action.reason, ExitCode.OK)
+        if action.do is Do.GIVE_UP:
+            reason = action.reason
+            if action.same_step is not None:
+                files = self._files_of_step()
+                if files:
+                    reason += f"; that step's images: {', '.join(files[:8])}{' ...' if len(files) > 8 else ''}"
+            self._record(Event.GIVE_UP, action.same_step, reason=reason, evidence=failure.evidence[-4000:])
+            self.echo(f"giving up: {reason}")
+            return self._end(State.FAILED, reason, ExitCode.FAILED)
+        self.restarts += 1
+        if action.do is Do.STEP_DOWN:
+            self.journal.record(Event.STEP_DOWN, self.attempt, action.rung_index, **{
+                "from": self.rung_index, "to": action.rung_index, "reason": action.reason,
+                "same_step": action.same_step})
+            self.echo(f"stepping down to rung {action.rung_index + 1} ({self.cfg.rung_text(action.rung_index)}): "
+                      f"{action.reason}")
+            self.rung_index = action.rung_index
+        else:
+            self._record(Event.RESTART, delay=action.delay, reason=action.reason)
+            self.echo(f"restarting on rung {self.rung_index + 1} in {action.delay:g} s")
+        self._set_state(State.BACKOFF, action.reason)
+        self._wait(action.delay)
+        return None
+
+    def _end(self, state: State, reason: str | None, code: int) -> int:
+        """Final state: the morning report, the service manager told, the person's hook run."""
+        self._set_state(state, reason)
+        hb = read_heartbeat(self.run_dir)
+        self.journal.flush()
+        summary = report.write(self.run_dir, state.value, reason, hb.val_acc if hb else None)
+        self.host.notifier.stopping(f"{state.value}" + (f": {reason}" if reason else ""))
+        hook = {State.SUCCEEDED: self.cfg.supervisor.on_finish, State.FAILED: self.cfg.supervisor.on_failure}.get(state)
+        if hook:
+            rc = report.run_hook(hook, self.run_dir, state.value, reason)
+            self._record(Event.HOOK, command=hook, exit_code=rc)
+        goodput = summary.get("goodput")
+        self.echo(f"report: {self.run_dir / REPORT_FILE}" + (f" (goodput {goodput:.1%})" if goodput else ""))
+        return code
+
+    def _fail_safe(self, trace: str) -> int:
+        """The supervisor itself failed: keep the run resumable, say what happened, exit to be restarted."""
+        self.echo(f"supervisor error (a bug in trainctl, not a failure of the run):\n{trace.rstrip()}")
+        what = trace.strip().splitlines()[-1]
+        stopped_at = None
+        try:
+            if self.worker is not None and self.worker.poll() is None:
+                self.echo("stopping the worker at a checkpoint, so that a restarted supervisor resumes the run")
+                rc = self.worker.stop(self.cfg.supervisor.stop_timeout_seconds)
+                if self.watch is not None and self.watch.attempt == self.attempt:
+                    self._record_exit(self.watch, self._classify(self.watch, rc))
+                newest = newest_checkpoint(self.run_dir)
+                stopped_at = newest.step if newest else None
+            self._record(Event.SUPERVISOR_ERROR, stopped_at, error=what, traceback=trace)
+        except Exception:   # noqa: BLE001 — the record is best effort; the exit code still says it all
+            self.echo(f"while stopping after the error:\n{traceback.format_exc().rstrip()}")
+        reason = (f"supervisor error ({what}); the worker stopped"
+                  + (f" with a checkpoint at step {stopped_at}" if stopped_at is not None else "")
+                  + f". A service restarts it; by hand: trainctl resume {self.run_dir.name}")
+        try:
+            if not self.state.final:
+                self._set_state(State.STOPPED, reason)
+        except Exception:   # noqa: BLE001
+            self.echo(f"could not record the state:\n{traceback.format_exc().rstrip()}")
+        return ExitCode.INTERNAL_ERROR
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _record(self, event: Event, step: int | None = None, **data) -> None:
+        self.journal.record(event, self.attempt, self.rung_index, step, **data)
+
+    def _grant_fresh_budget(self) -> None:
+        """A person resumed the run: the crash-loop budget starts again (said, and journaled)."""
+        failed = [a for a in self.history if a.kind not in CLEAN]
+        if failed:
+            self._record(Event.BUDGET_RESET, attempts=len(self.history), failed=len(failed))
+            self.echo(f"resumed by hand: a fresh restart budget ({len(failed)} earlier failed attempt(s) no "
+                      f"longer count toward max_restarts_per_profile and same_step_limit)")
+        self.history = []
+
     def _set_state(self, new: State, reason: str | None = None) -> None:
         if new is not self.state:
             check_transition(self.state, new)
-            self.journal.record("state", self.attempt, self.profile_index, **{"from": self.state.value,
-                                                                              "to": new.value, "reason": reason})
+            self._record(Event.STATE, **{"from": self.state.value, "to": new.value, "reason": reason})
             self.state = new
         self.reason = reason
         self._write_state(durable=True)
 
     def _write_state(self, durable: bool) -> None:
-        profile = self.cfg.profiles[self.profile_index]
-        runstate.write_state(self.run_dir, {
-            "state": self.state.value, "reason": self.reason, "run_name": self.cfg.run.name,
-            "supervisor_pid": os.getpid(), "worker_pid": self.worker.pid if self.worker and self.worker.poll() is None else None,
-            "profile_index": self.profile_index, "profile": dataclasses.asdict(profile),
-            "grad_accum": self.cfg.grad_accum(self.profile_index), "ladder_size": len(self.cfg.profiles),
-            "attempt": self.attempt, "restarts": self.restarts,
-            "memory": dataclasses.asdict(self.memory[-1]) if self.memory else None}, durable)
-        self._last_touch = self.clock()
-        for name in (WORKER_LOG, SUPERVISOR_LOG, SERVICE_LOG):
-            logfiles.rotate_if_needed(self.run_dir / LOG_DIR / name, int(self.cfg.supervisor.log_max_mb * 2**20))
-
-    # ---- the loop ------------------------------------------------------------------------------
-    def run(self) -> int:
-        """Supervise until the run succeeds, stops or fails; return the supervisor's exit code."""
-        self.journal.record("supervisor_start", self.attempt, self.profile_index, pid=os.getpid(),
-                            python=sys.executable)
-        self._settle_orphans()
-        self._clean_temps()
-        self._set_state(State.STARTING)
-        if self.awake:
-            self.awake.start()
+        alive = self.worker is not None and self.worker.poll() is None
+        state = RunState(self.state, self.reason, self.cfg.run.name, os.getpid(), self.worker.pid if alive else None,
+                         self.rung_index, dataclasses.asdict(self.cfg.profiles[self.rung_index]),
+                         self.cfg.grad_accum(self.rung_index), len(self.cfg.profiles), self.attempt, self.restarts,
+                         dataclasses.asdict(self.memory[-1]) if self.memory else None)
         try:
-            while True:
-                if self.stop_requested:
-                    return self._end(State.STOPPED, "stopped on request", EXIT_OK)
-                watch = self._spawn()
-                failure = self._watch(watch)
-                action = self._judge(watch, failure)
-                code = self._apply(action, failure)
-                if code is not None:
-                    return code
-        finally:
-            if self.worker is not None and self.worker.poll() is None:   # an internal error: no orphans
-                self.worker.stop(self.cfg.supervisor.stop_timeout_seconds)
-            if self.standby is not None:
-                self.standby.release()
-            if self.awake:
-                self.awake.stop()
-            self.journal.close()
+            runstate.write_state(self.run_dir, state, durable)
+        except OSError as e:
+            self.state_file.failed(e, "the run goes on; `trainctl status` may show an older state until it heals")
+        else:
+            self.state_file.healed()
 
-    def _end(self, state: State, reason: str | None, code: int) -> int:
-        """Final state: the morning report, the service manager told, the person's hook run."""
-        self._set_state(state, reason)
-        hb = read_heartbeat(self.run_dir) or {}
-        summary = report.write(self.run_dir, state.value, reason, hb.get("val_acc"))
-        self.notifier.stopping(f"{state.value}" + (f": {reason}" if reason else ""))
-        hook = {State.SUCCEEDED: self.cfg.supervisor.on_finish, State.FAILED: self.cfg.supervisor.on_failure}.get(state)
-        if hook:
-            rc = report.run_hook(hook, self.run_dir, state.value, reason)
-            self.journal.record("hook", self.attempt, self.profile_index, command=hook, exit_code=rc)
-        goodput = summary.get("goodput")
-        self.echo(f"report: {self.run_dir / 'report.md'}" + (f" (goodput {goodput:.1%})" if goodput else ""))
-        return code
+    def _touch(self) -> None:
+        self._write_state(durable=False)
+        for name in LOGS:
+            try:
+                logfiles.rotate_if_needed(self.run_dir / LOG_DIR / name, int(self.cfg.supervisor.log_max_mb * 2**20))
+            except OSError as e:
+                self.echo(f"could not rotate {name}: {e}")
+        if self.awake is not None:
+            self.awake.check()
+
+    def _wait(self, seconds: float) -> None:
+        """Back off, in short ticks so a stop request is not kept waiting."""
+        until = self.host.clock() + seconds
+        while not self.stop_requested and (left := until - self.host.clock()) > 0:
+            self.journal.flush()
+            self.host.sleep(min(left, self.cfg.supervisor.poll_seconds))
 
     def _settle_orphans(self) -> None:
         """A worker left by a supervisor that died gets its grace period, then is killed."""
-        pending = orphans(self.run_dir)
-        if not pending:
+        found = self.host.find_orphans(self.run_dir)
+        if not found:
             return
         self.echo(f"an orphaned worker of a previous supervisor is still running (pid "
-                  f"{', '.join(str(p.pid) for p in pending)}): letting it checkpoint and exit")
-        for pid, killed in settle_orphans(self.run_dir, ORPHAN_GRACE_SECONDS + 5):
-            self.journal.record("orphan", self.attempt, self.profile_index, pid=pid, killed=killed)
+                  f"{', '.join(str(p.pid) for p in found)}): letting it checkpoint and exit")
+        for pid, killed in self.host.settle_orphans(found, ORPHAN_GRACE_SECONDS + 5):
+            self._record(Event.ORPHAN, pid=pid, killed=killed)
             if killed:
                 self.echo(f"orphaned worker {pid} did not exit in time: killed its process group")
 
@@ -179,122 +413,39 @@ class Supervisor(WatchMixin):
         finally:
             lock.release()
 
-    def _spawn(self) -> Watch:
-        self.attempt += 1
-        if self.state is State.BACKOFF:
-            self._set_state(State.STARTING)
-        profile = self.cfg.profiles[self.profile_index]
-        describe = profile.describe(self.cfg.train.effective_batch_size)
-        start_step = _newest_checkpoint_step(self.run_dir)
-        standby, self.standby = self.standby, None
-        if standby is not None and standby.go(self.profile_index, self.attempt, describe):
-            self.worker = standby          # warm: torch and timm are already imported
-        else:
-            if standby is not None:
-                standby.release()
-            self.worker = self.launch(self.run_dir, self.profile_index, self.attempt, describe)
-        self.memory.clear()
-        self.journal.record("spawn", self.attempt, self.profile_index, start_step, pid=self.worker.pid,
-                            rung=dataclasses.asdict(profile))
-        self.echo(f"attempt {self.attempt}: worker pid {self.worker.pid} on rung {self.profile_index} ({describe})"
-                  f", from {'step ' + str(start_step) if start_step is not None else 'the start'}")
-        self._write_state(durable=True)
-        now = self.clock()
-        return Watch(self.attempt, self.profile_index, now, start_step or 0, last_progress_at=now,
-                     last_checkpoint_step=start_step)
-
-    def _judge(self, w: Watch, failure: Failure) -> Action:
-        hb = w.heartbeat or {}
-        newest = _newest_checkpoint_step(self.run_dir)
-        progressed = newest is not None and newest > w.start_step
-        self.history.append(Attempt(w.profile_index, failure.kind, failure.detail, hb.get("step"),
-                                    hb.get("epoch"), hb.get("cursor"), progressed))
-        clean = failure.kind in (Kind.DONE, Kind.STOPPED)
-        evidence = (error_json_path(self.run_dir, w.attempt) if failure.kind in ERROR_JSON_KINDS
-                    else fault_log_path(self.run_dir, w.attempt))
-        self.journal.record("exit", w.attempt, w.profile_index, hb.get("step"), failure=failure.kind.value,
-                            signal=failure.signal, exit_code=failure.exit_code, detail=failure.detail,
-                            epoch=hb.get("epoch"), cursor=hb.get("cursor"), memory=failure.memory,
-                            evidence=None if clean else str(evidence), progressed=progressed,
-                            checkpoints_written=hb.get("checkpoints_written", 0),
-                            checkpoint_blocked_seconds=hb.get("checkpoint_blocked_seconds", 0.0))
-        if not clean:
-            self.echo(f"attempt {w.attempt} ended: {failure.kind.value} — {failure.detail}")
-        action = decide(self.history, len(self.cfg.profiles), self.settings)
-        if self.stop_requested and action.do in (Do.RESTART, Do.STEP_DOWN):
-            action = Action(Do.STOP, action.profile_index, reason="stopped on request")
-        return action
-
-    def _apply(self, action: Action, failure: Failure) -> int | None:
-        """Carry out the policy's action; return the exit code when supervision is over."""
-        if action.do is Do.FINISH:
-            self.journal.record("finish", self.attempt, self.profile_index, model=str(self.run_dir / MODEL_FILE))
-            self.echo(f"run succeeded: {self.run_dir / MODEL_FILE}")
-            return self._end(State.SUCCEEDED, None, EXIT_OK)
-        if action.do is Do.STOP:
-            self.echo("run stopped; resume with: trainctl resume " + self.run_dir.name)
-            return self._end(State.STOPPED, action.reason, EXIT_OK)
-        if action.do is Do.GIVE_UP:
-            reason = action.reason
-            if action.same_step is not None:
-                files = self._files_of_step()
-                if files:
-                    reason += f"; that step's images: {', '.join(files[:8])}{' ...' if len(files) > 8 else ''}"
-            self.journal.record("give_up", self.attempt, self.profile_index, action.same_step, reason=reason,
-                                evidence=failure.evidence[-4000:])
-            self.echo(f"giving up: {reason}")
-            return self._end(State.FAILED, reason, EXIT_GAVE_UP)
-        self.restarts += 1
-        if action.do is Do.STEP_DOWN:
-            self.journal.record("step_down", self.attempt, action.profile_index, **{"from": self.profile_index,
-                                "to": action.profile_index, "reason": action.reason, "same_step": action.same_step})
-            to = self.cfg.profiles[action.profile_index].describe(self.cfg.train.effective_batch_size)
-            self.echo(f"stepping down to rung {action.profile_index} ({to}): {action.reason}")
-            self.profile_index = action.profile_index
-        else:
-            self.journal.record("restart", self.attempt, self.profile_index, delay=action.delay, reason=action.reason)
-            self.echo(f"restarting on rung {self.profile_index} in {action.delay:g} s")
-        self._set_state(State.BACKOFF, action.reason)
-        self._wait(action.delay)
-        return None
-
-    def _wait(self, seconds: float) -> None:
-        """Back off, in short ticks so a stop request is not kept waiting."""
-        until = self.clock() + seconds
-        while not self.stop_requested and (left := until - self.clock()) > 0:
-            self.sleep(min(left, self.cfg.supervisor.poll_seconds))
-
     def _files_of_step(self) -> list[str]:
-        """The images of the step that keeps failing (the worker knows the order; ask it)."""
+        """The images of the step that keeps failing (the order is a pure function of seed and epoch)."""
         last = self.history[-1]
         if last.epoch is None or last.cursor is None:
             return []
         try:
-            out = subprocess.run([sys.executable, "-m", "trainctl.worker", "--run-dir", str(self.run_dir),
-                                  "--describe-step", str(last.epoch), str(last.cursor)],
-                                 capture_output=True, text=True, timeout=120)
-            return json.loads(out.stdout) if out.returncode == 0 else []
-        except (OSError, ValueError, subprocess.TimeoutExpired):
+            return folders.step_files(self.cfg, last.epoch, last.cursor)
+        except (OSError, ValueError):
             return []
 
 
-def _newest_checkpoint_step(run_dir: Path) -> int | None:
-    found = committed_checkpoints(Path(run_dir) / CHECKPOINT_DIR)
-    return found[-1].step if found else None
+def _tail(path: Path, limit: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
-def serve(run_dir: Path, start_profile: int | None = None, echo: Callable[[str], None] | None = None,
-          on_start: Callable[[Supervisor], None] | None = None) -> int:
-    """Load the run's frozen config, take its lock and supervise it to the end (raises AlreadyRunning)."""
-    from trainctl.worker.config import load
-    from trainctl.worker.protocol import CONFIG_FILE
+def serve(run_dir: Path, start_rung: int | None = None, fresh_budget: bool = False,
+          echo: Callable[[str], None] | None = None) -> int:
+    """Load the run's frozen config, take its lock and supervise it to the end (raises ConfigError, AlreadyRunning)."""
     cfg = load(Path(run_dir) / CONFIG_FILE)
     lock = runstate.acquire(run_dir)
     try:
-        supervisor = Supervisor(run_dir, cfg, start_profile, echo=echo)
+        try:
+            supervisor = Supervisor(run_dir, cfg, start_rung=start_rung, fresh_budget=fresh_budget, echo=echo)
+        except Exception:   # noqa: BLE001 — not the run's failure either: restart us
+            print(f"supervisor error before the run began:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            return ExitCode.INTERNAL_ERROR
         supervisor.install_signal_handlers()
-        if on_start:
-            on_start(supervisor)
         return supervisor.run()
     finally:
         lock.release()

@@ -4,52 +4,26 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from trainctl.supervisor.demo_data import make_dataset
+from trainctl.contract import config as configlib
+from trainctl.contract import fsio
+from trainctl.supervisor.demo_data import make_dataset, small_config
 from trainctl.supervisor.journal import read_events
-from trainctl.worker import config as configlib
-from trainctl.worker import fsio
+from trainctl.supervisor.waiting import wait_for  # noqa: F401 (the tests' one poll helper)
 
-BASE_CONFIG = """\
-[run]
-name = "{name}"
-runs_dir = "runs"
-seed = 7
-[model]
-name = "test_vit"
-img_size = 32
-[data]
-train_dir = "{train}"
-val_dir = "{val}"
-crop_scale = [0.5, 1.0]
-[train]
-epochs = 3
-effective_batch_size = 16
-lr = 1e-3
-log_every_steps = 2
-threads = 1
-[checkpoint]
-every_steps = 3
-every_seconds = 0
-keep_last = 2
-[supervisor]
-backoff_seconds = [0.1]
-poll_seconds = 0.1
-hang_timeout_seconds = 60
-max_restarts_per_profile = 3
-{supervisor_extra}
-[[profiles]]
-device = "cpu"
-batch_size = 8
-[[profiles]]
-device = "cpu"
-batch_size = 4
-{extra}
-"""
+# The tests' run: the small run of the demo data with quick restarts and a two-rung ladder (8, then 4 x 2).
+TEST_RUN = {
+    "run": {"seed": 7},
+    "train": {"log_every_steps": 2},
+    "checkpoint": {"every_steps": 3, "every_seconds": 0, "keep_last": 2},
+    "supervisor": {"backoff_seconds": [0.1], "poll_seconds": 0.1, "hang_timeout_seconds": 60,
+                   "max_restarts_per_profile": 3},
+    "profiles": [{"device": "cpu", "batch_size": 8}, {"device": "cpu", "batch_size": 4}],
+}
+LONG = {"epochs": 12}     # [train] of a 72-step run: time to hit a worker mid-training
 
 
 @pytest.fixture(scope="session")
@@ -59,15 +33,11 @@ def dataset(tmp_path_factory) -> tuple[Path, Path]:
     return make_dataset(root, per_class_train=24, per_class_val=6, size=40, seed=1)
 
 
-def config_text(name: str, dataset, extra: str = "", supervisor_extra: str = "",
-                replace: dict[str, str] | None = None) -> str:
-    """The base config for run `name`; `replace` swaps exact substrings (each must be present)."""
-    text = BASE_CONFIG.format(name=name, train=dataset[0], val=dataset[1], extra=extra,
-                              supervisor_extra=supervisor_extra)
-    for old, new in (replace or {}).items():
-        assert old in text, f"{old!r} is not in the base config"
-        text = text.replace(old, new)
-    return text
+def config_text(name: str, dataset, **sections) -> str:
+    """The tests' config for run `name` over `dataset`; each keyword is a section whose keys replace TEST_RUN's."""
+    merged = {section: {**TEST_RUN.get(section, {}), **sections.get(section, {})}
+              for section in (TEST_RUN.keys() | sections.keys()) - {"profiles"}}
+    return small_config(name, dataset[0], dataset[1], profiles=sections.get("profiles", TEST_RUN["profiles"]), **merged)
 
 
 def make_run(tmp_path: Path, name: str, text: str) -> Path:
@@ -80,24 +50,14 @@ def make_run(tmp_path: Path, name: str, text: str) -> Path:
     return cfg.run_dir
 
 
-def run_worker(run_dir: Path, profile: int = 0, attempt: int = 1, faults: str = "", timeout: float = 240,
+def run_worker(run_dir: Path, rung: int = 1, attempt: int = 1, faults: str = "", timeout: float = 240,
                **popen) -> subprocess.CompletedProcess:
+    """A worker run by hand (no supervisor) on rung `rung` (1 = first), to its end."""
     env = {**os.environ, "TRAINCTL_FAULTS": faults}
     env.pop("TRAINCTL_SUPERVISOR_PID", None)
-    return subprocess.run([sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir), "--profile",
-                           str(profile), "--attempt", str(attempt)], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir), "--rung",
+                           str(rung), "--attempt", str(attempt)], env=env, capture_output=True, text=True,
                           timeout=timeout, **popen)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll `predicate` until it returns something truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def weights(path: Path) -> dict:
@@ -107,7 +67,7 @@ def weights(path: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, dataset) -> Path:
-    """One uninterrupted run of the base config on rung 0: what every recovered run must equal."""
+    """One uninterrupted run of the base config on rung 1: what every recovered run must equal."""
     tmp = tmp_path_factory.mktemp("reference")
     run_dir = make_run(tmp, "reference", config_text("reference", dataset))
     result = run_worker(run_dir)
@@ -115,14 +75,11 @@ def reference_run(tmp_path_factory, dataset) -> Path:
     return run_dir
 
 
-LONG = {"epochs = 3": "epochs = 12"}     # 72 steps: time to hit a worker mid-training
-
-
 @pytest.fixture(scope="session")
 def long_reference(tmp_path_factory, dataset) -> Path:
     """An uninterrupted run of the LONG config."""
     tmp = tmp_path_factory.mktemp("long-reference")
-    run_dir = make_run(tmp, "long-reference", config_text("long-reference", dataset, replace=LONG))
+    run_dir = make_run(tmp, "long-reference", config_text("long-reference", dataset, train=LONG))
     result = run_worker(run_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir

@@ -8,13 +8,15 @@ import os
 import stat
 import time
 import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from trainctl.worker import checkpoint, fsio
+from trainctl.contract import fsio
+from trainctl.contract.runfolder import checkpoint_path, committed_checkpoints, marker_path
+from trainctl.worker import checkpoint
 from trainctl.worker.ckptwriter import Writer
-from trainctl.worker.protocol import checkpoint_path, committed_checkpoints, marker_path
 
 
 def state(step: int) -> dict:
@@ -118,7 +120,8 @@ def test_a_failure_at_any_write_phase_keeps_the_previous_checkpoint(tmp_path, ph
 def test_disk_full_is_its_own_error_and_keeps_the_previous(tmp_path, monkeypatch):
     save(tmp_path, 3)
     import shutil
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    usage = type(shutil.disk_usage(tmp_path))           # the named tuple disk_usage returns
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(checkpoint.DiskFull, match="GiB free"):
         save(tmp_path, 6)
     assert checkpoint.load_latest(tmp_path)[1].step == 3
@@ -204,16 +207,32 @@ def test_a_write_by_name_that_fails_leaves_the_target_untouched(tmp_path):
     assert target.read_bytes() == b"new"
 
 
-def test_export_copies_only_tensors_that_share_storage(tmp_path):
-    from safetensors.torch import load_file, save_file
+def test_export_copies_only_tensors_that_share_storage(tmp_path, monkeypatch):
+    """`export.write` hands safetensors CPU tensors, copying only those that share storage (tied weights,
+    views), which safetensors refuses: never a copy of the whole model."""
+    from safetensors.torch import load_file
 
-    from trainctl.worker.export import _exportable
+    from trainctl.worker import export
+    from trainctl.worker.report import Reporter
     w = torch.randn(4, 4)
     state = {"embed": w, "head": w, "row": w[1], "own": torch.ones(3)}   # tied weights, a view
-    out = _exportable(state)
+    handed = []
+    real_save_file = export.save_file
+
+    def spy(tensors, filename, metadata=None):
+        handed.append(tensors)
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(export, "save_file", spy)
+    trainer = SimpleNamespace(   # what export.write reads of the trainer at the end of training
+        run_dir=tmp_path, reporter=Reporter(tmp_path, 1, 0), optimizer=SimpleNamespace(state={"moments": 1}),
+        cfg=SimpleNamespace(model=SimpleNamespace(name="tied")), train_set=SimpleNamespace(classes=("a", "b")),
+        recipe=SimpleNamespace(size=32), progress=SimpleNamespace(step=7), model=SimpleNamespace(state_dict=lambda: state),
+        history=[])
+    export.write(trainer)
+    (out,) = handed
     assert out["embed"].data_ptr() == w.data_ptr()                 # no copy of what stands alone
     assert out["own"].data_ptr() == state["own"].data_ptr()
     assert out["head"].data_ptr() != w.data_ptr()                  # the tied copy is its own
-    save_file(out, str(tmp_path / "m.safetensors"))                # safetensors refuses shared storage
-    loaded = load_file(str(tmp_path / "m.safetensors"))
-    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    loaded = load_file(str(tmp_path / "model.safetensors"))        # safetensors refuses shared storage
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)

@@ -6,26 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from trainctl.worker import config as c
+from trainctl.contract import config as c
+from trainctl.supervisor.demo_data import small_config
 
-GOOD = """\
-[run]
-name = "digits"
-[model]
-name = "vit_tiny_patch16_224"
-[data]
-train_dir = "data/train"
-[train]
-epochs = 3
-effective_batch_size = 16
-lr = 5e-4
-[[profiles]]
-device = "cpu"
-batch_size = 8
-[[profiles]]
-device = "cpu"
-batch_size = 4
-"""
+# The tests' config: the demo's small run with a two-rung ladder, relative data and runs paths, and
+# run.runs_dir, run.seed and model.img_size left out so that their defaults apply.
+LADDER = [{"device": "cpu", "batch_size": 8}, {"device": "cpu", "batch_size": 4}]
+LEFT_OUT = {"run": {"runs_dir": None, "seed": None}, "model": {"img_size": None}}
+
+
+def good(**sections) -> str:
+    """GOOD with each keyword's section keys replaced (None removes a key); `profiles=[...]` replaces the ladder."""
+    merged = {name: {**LEFT_OUT.get(name, {}), **sections.get(name, {})}
+              for name in (LEFT_OUT.keys() | sections.keys()) - {"profiles"}}
+    return small_config("digits", "data/train", profiles=sections.get("profiles", LADDER), **merged)
+
+
+GOOD = good()
 
 
 def load_text(tmp_path: Path, text: str) -> c.Config:
@@ -46,7 +43,7 @@ def test_defaults_and_relative_paths(tmp_path):
 
 
 def test_frozen_copy_round_trips(tmp_path):
-    cfg = load_text(tmp_path, GOOD.replace('[model]\n', '[model]\nimg_size = 64\nweights = ""\n'))
+    cfg = load_text(tmp_path, good(model={"img_size": 64, "weights": ""}))
     frozen = tmp_path / "elsewhere" / "config.toml"
     frozen.parent.mkdir()
     frozen.write_text(c.to_toml(cfg))
@@ -69,7 +66,7 @@ def test_default_ladder(accelerator, effective, expected):
 
 
 def test_missing_profiles_use_the_default_ladder(tmp_path):
-    cfg = load_text(tmp_path, GOOD.split("[[profiles]]")[0])
+    cfg = load_text(tmp_path, good(profiles=[]))
     assert cfg.profiles == c.default_ladder(c.detect_accelerator(), 16)
 
 
@@ -90,33 +87,33 @@ BAD = [
     (("epochs = 3", "epochs = 0"), ["[train] epochs", "at least 1"]),
     (("epochs = 3", 'epochs = "3"'), ["[train].epochs", "whole number"]),
     (("epochs = 3", "epochs = 3.5"), ["[train].epochs", "whole number"]),
-    (("lr = 5e-4", "lr = -1"), ["[train] lr", "non-negative"]),
-    (("lr = 5e-4", "lr = 0"), ["[train] lr", "zero"]),
-    (("lr = 5e-4", "lr = true"), ["[train].lr", "number"]),
+    (("lr = 0.001", "lr = -1"), ["[train] lr", "non-negative"]),
+    (("lr = 0.001", "lr = 0"), ["[train] lr", "zero"]),
+    (("lr = 0.001", "lr = true"), ["[train].lr", "number"]),
     (("effective_batch_size = 16", "effective_batch_size = 10"), ["batch_size", "does not divide", "[1, 2, 5, 10]"]),
     (('device = "cpu"\nbatch_size = 8', 'device = "gpu"\nbatch_size = 8'), ["device", "cpu, cuda, mps, auto"]),
     (("batch_size = 4", "batch_size = 0"), ["batch_size", "at least 1"]),
     (("batch_size = 4", "batch_size = 4\nprecision = \"fp8\""), ["precision", "fp32, bf16, fp16"]),
     (("batch_size = 4", "batch_size = 4\nnum_workers = -1"), ["num_workers", "0 or more"]),
-    (("lr = 5e-4", "lr = 5e-4\nwarmup_epochs = 3"), ["warmup_epochs", "not below epochs"]),
-    (("lr = 5e-4", "lr = 5e-4\nlabel_smoothing = 1.5"), ["label_smoothing"]),
-    (('train_dir = "data/train"', 'train_dir = "data/train"\ncrop_scale = [0.5]'), ["crop_scale", "list of 2"]),
-    (('train_dir = "data/train"', 'train_dir = "data/train"\ncrop_scale = [0.9, 0.1]'), ["crop_scale", "range"]),
+    (("lr = 0.001", "lr = 0.001\nwarmup_epochs = 3"), ["warmup_epochs", "not below epochs"]),
+    (("lr = 0.001", "lr = 0.001\nlabel_smoothing = 1.5"), ["label_smoothing"]),
+    (("crop_scale = [0.5, 1.0]", "crop_scale = [0.5]"), ["crop_scale", "list of 2"]),
+    (("crop_scale = [0.5, 1.0]", "crop_scale = [0.9, 0.1]"), ["crop_scale", "range"]),
     (('train_dir = "data/train"', 'train_dir = "data/train"\nhflip = 2'), ["hflip", "probability"]),
     (('train_dir = "data/train"', ''), ["missing required key [data].train_dir"]),
     (("[train]\n", "[training]\n"), ["unknown key training", "Did you mean 'train'"]),
-    (('[model]\nname = "vit_tiny_patch16_224"', '[model]\nname = "vit_tiny_patch16_224"\nweights = "nope.pt"'),
+    (('[model]\nname = "test_vit"', '[model]\nname = "test_vit"\nweights = "nope.pt"'),
      ["[model] weights", "not a file"]),
-    (('[model]\nname = "vit_tiny_patch16_224"', '[model]\nname = "vit_tiny_patch16_224"\nimg_size = 2'),
+    (('[model]\nname = "test_vit"', '[model]\nname = "test_vit"\nimg_size = 2'),
      ["img_size", "between 8 and 4096"]),
-    (("[[profiles]]", "[checkpoint]\nkeep_last = 0\n[[profiles]]"), ["keep_last", "at least 1"]),
-    (("[[profiles]]", "[checkpoint]\nevery_steps = -5\n[[profiles]]"), ["every_steps", "negative"]),
-    (("[[profiles]]", "[supervisor]\nmemory_soft_limit = \"lots\"\n[[profiles]]"), ["memory_soft_limit", "12GB"]),
-    (("[[profiles]]", "[supervisor]\nbackoff_seconds = []\n[[profiles]]"), ["backoff_seconds", "non-empty"]),
-    (("[[profiles]]", "[supervisor]\nhang_timeout_seconds = 0\n[[profiles]]"), ["hang_timeout_seconds", "positive"]),
-    (("[[profiles]]", "[supervisor]\nmax_restart_per_profile = 2\n[[profiles]]"),
+    (("[checkpoint]\n", "[checkpoint]\nkeep_last = 0\n"), ["keep_last", "at least 1"]),
+    (("[checkpoint]\n", "[checkpoint]\nevery_steps = -5\n"), ["every_steps", "negative"]),
+    (("[supervisor]\n", "[supervisor]\nmemory_soft_limit = \"lots\"\n"), ["memory_soft_limit", "12GB"]),
+    (("[supervisor]\n", "[supervisor]\nbackoff_seconds = []\n"), ["backoff_seconds", "non-empty"]),
+    (("[supervisor]\n", "[supervisor]\nhang_timeout_seconds = 0\n"), ["hang_timeout_seconds", "positive"]),
+    (("[supervisor]\n", "[supervisor]\nmax_restart_per_profile = 2\n"),
      ["max_restart_per_profile", "Did you mean 'max_restarts_per_profile'"]),
-    (("[[profiles]]", "[supervisor]\nmemory_hard_limit = \"150%\"\n[[profiles]]"), ["memory_hard_limit", "between 0% and 100%"]),
+    (("[supervisor]\n", "[supervisor]\nmemory_hard_limit = \"150%\"\n"), ["memory_hard_limit", "between 0% and 100%"]),
     (("[train]\nepochs = 3", "[train]\nepochs = 3\nepochs = 4"), ["not valid TOML"]),
 ]
 

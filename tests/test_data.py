@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from trainctl.contract.config import ConfigError
+from trainctl.contract.folders import epoch_order, scan
 from trainctl.worker import data
-from trainctl.worker.config import ConfigError
-from trainctl.worker.folders import epoch_order, scan
 from trainctl.worker.images import Recipe
 
 EXT = (".jpg", ".png")

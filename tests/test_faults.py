@@ -12,16 +12,16 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import LONG, assert_same_weights, config_text, events, make_run, run_worker, wait_for
 from PIL import Image
 
+from trainctl.contract.lifecycle import State
+from trainctl.contract.protocol import ExitCode, Phase, read_heartbeat
+from trainctl.contract.runfolder import committed_checkpoints, error_json_path
 from trainctl.supervisor.process import run_processes
 from trainctl.supervisor.runstate import read_state
-from trainctl.worker.protocol import (EXIT_CONFIG, EXIT_DISK_FULL, EXIT_DONE, committed_checkpoints,
-                                      error_json_path, read_heartbeat)
 
-from conftest import LONG, assert_same_weights, config_text, events, make_run, run_worker, wait_for
-
-ONE_RUNG = {'[[profiles]]\ndevice = "cpu"\nbatch_size = 4\n': ""}   # the ladder: batch 8 only
+ONE_RUNG = [{"device": "cpu", "batch_size": 8}]                       # the ladder: batch 8 only
 EVERY = 3                                                              # [checkpoint] every_steps
 
 
@@ -36,14 +36,13 @@ def test_a_kill_at_every_point_of_a_checkpoint_write_loses_at_most_one_interval(
               "ckpt_marked"]
     spec = [f"{point}:sigkill:once" for point in points]
     spec += ["train_step:exception@4:once", "train_step:cpu_oom@13:once"]
-    text = config_text("phases", dataset, replace={**ONE_RUNG, "max_restarts_per_profile = 3": "max_restarts_per_profile = 20",
-                                                   "keep_last = 2": f"keep_last = 2\nasync_write = {str(background).lower()}"},
-                       supervisor_extra="same_step_limit = 20")
+    text = config_text("phases", dataset, profiles=ONE_RUNG, checkpoint={"async_write": background},
+                       supervisor={"max_restarts_per_profile": 20, "same_step_limit": 20})
     run_dir = make_run(tmp_path, "phases", text)
     env = {**os.environ, "TRAINCTL_FAULTS": ",".join(spec)}
     result = subprocess.run([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)], env=env,
                             capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and read_state(run_dir)["state"] == "succeeded", result.stdout
+    assert result.returncode == ExitCode.OK and read_state(run_dir).state == State.SUCCEEDED, result.stdout
     exits = events(run_dir, "exit")
     spawns = {e["attempt"]: e["step"] or 0 for e in events(run_dir, "spawn")}
     crashed = [e for e in exits if e["data"]["failure"] != "done"]
@@ -60,27 +59,27 @@ def test_a_kill_at_every_point_of_a_checkpoint_write_loses_at_most_one_interval(
 
 
 def test_supervisor_and_worker_killed_at_once_then_resumed(tmp_path, dataset, long_reference):
-    run_dir = make_run(tmp_path, "both", config_text("both", dataset, replace=LONG))
+    run_dir = make_run(tmp_path, "both", config_text("both", dataset, train=LONG))
     proc = subprocess.Popen([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        hb = wait_for(lambda: (h := read_heartbeat(run_dir)) and h.get("phase") == "training" and h["step"] >= 8 and h,
+        hb = wait_for(lambda: (h := read_heartbeat(run_dir)) and h.phase == Phase.TRAINING and h.step >= 8 and h,
                       120, what="training")
-        os.kill(hb["pid"], signal.SIGKILL)
+        os.kill(hb.pid, signal.SIGKILL)
         proc.kill()
         proc.wait()
     finally:
         proc.kill()
-    wait_for(lambda: not run_processes(run_dir), 10, what="nothing of the run left")
+    wait_for(lambda: not run_processes(run_dir), 60, what="nothing of the run left")
     resumed = subprocess.run([sys.executable, "-m", "trainctl.supervisor.command", "resume", str(run_dir),
                               "--foreground"], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0 and read_state(run_dir)["state"] == "succeeded", resumed.stdout + resumed.stderr
+    assert resumed.returncode == ExitCode.OK and read_state(run_dir).state == State.SUCCEEDED, resumed.stdout + resumed.stderr
     assert events(run_dir, "spawn")[-1]["step"] >= 6
     assert_same_weights(run_dir, long_reference)
 
 
 def test_two_resumes_racing_for_one_run_start_one_supervisor(tmp_path, dataset):
-    run_dir = make_run(tmp_path, "race", config_text("race", dataset, replace={"epochs = 3": "epochs = 40"}))
+    run_dir = make_run(tmp_path, "race", config_text("race", dataset, train={"epochs": 40}))
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
     cmd = [sys.executable, "-m", "trainctl.supervisor.command", "resume", str(run_dir)]
     racers = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -88,14 +87,14 @@ def test_two_resumes_racing_for_one_run_start_one_supervisor(tmp_path, dataset):
     try:
         outcomes = sorted(p.wait(timeout=180) for p in racers)
         supervisors = [p for p in run_processes(run_dir) if "trainctl.supervisor" in " ".join(p.cmdline())]
-        assert outcomes == [0, 5], [p.communicate() for p in racers]   # one started, one refused: running
+        assert outcomes == [ExitCode.OK, ExitCode.RUNNING], [p.communicate() for p in racers]   # one started, one refused
         assert len(supervisors) == 1
     finally:
         subprocess.run([sys.executable, "-m", "trainctl.supervisor.command", "stop", str(run_dir)], env=env,
                        capture_output=True, timeout=180)
         for p in run_processes(run_dir):
             p.kill()
-    assert read_state(run_dir)["state"] == "stopped"
+    assert read_state(run_dir).state == State.STOPPED
 
 
 def _file_size_limit(limit: int):
@@ -112,12 +111,12 @@ def test_no_space_mid_write_keeps_the_previous_checkpoint(tmp_path, dataset):
     before = [(c.step, c.marker["crc32"]) for c in committed_checkpoints(run_dir / "checkpoints")]
     assert len(before) == 2                                  # keep_last = 2
     result = run_worker(run_dir, attempt=2, preexec_fn=_file_size_limit(1 << 20))
-    assert result.returncode == EXIT_DISK_FULL, result.stdout + result.stderr
+    assert result.returncode == ExitCode.DISK_FULL, result.stdout + result.stderr
     error = json.loads(error_json_path(run_dir, 2).read_text())
     assert error["kind"] == "disk_full" and "File too large" in error["message"]
     assert [(c.step, c.marker["crc32"]) for c in committed_checkpoints(run_dir / "checkpoints")] == before
     assert not [p for p in (run_dir / "checkpoints").iterdir() if ".tmp-" in p.name]
-    assert run_worker(run_dir, attempt=3).returncode == EXIT_DONE   # space back: it carries on
+    assert run_worker(run_dir, attempt=3).returncode == ExitCode.OK   # space back: it carries on
 
 
 def awkward_dataset(root):
@@ -151,26 +150,24 @@ def awkward_dataset(root):
 
 def test_an_awkward_dataset_trains_to_the_end_and_lists_exactly_the_bad_files(tmp_path, dataset):
     bad = awkward_dataset(tmp_path / "train")
-    text = config_text("awkward", dataset, replace={f'train_dir = "{dataset[0]}"': f'train_dir = "{tmp_path / "train"}"',
-                                                    f'val_dir = "{dataset[1]}"': f'val_dir = "{tmp_path / "train"}"',
-                                                    "effective_batch_size = 16": "effective_batch_size = 8",
-                                                    "batch_size = 8": "batch_size = 4"})
+    text = config_text("awkward", dataset, data={"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "train")},
+                       train={"effective_batch_size": 8}, profiles=[{"device": "cpu", "batch_size": 4}])
     run_dir = make_run(tmp_path, "awkward", text)
     result = run_worker(run_dir)
-    assert result.returncode == EXIT_DONE, result.stdout + result.stderr
+    assert result.returncode == ExitCode.OK, result.stdout + result.stderr
     listed = json.loads((run_dir / "bad_images.json").read_text())["files"]
     assert set(listed) == set(bad), listed
     assert "max_image_pixels" in listed[str(tmp_path / "train" / "b" / "huge.png")]
 
 
 def test_a_checkpoint_from_another_model_is_refused(tmp_path, dataset):
-    donor = make_run(tmp_path, "donor", config_text("donor", dataset, replace={"epochs = 3": "epochs = 1"}))
-    assert run_worker(donor).returncode == EXIT_DONE
-    text = config_text("other", dataset, replace={'name = "test_vit"': 'name = "test_resnet"'})
+    donor = make_run(tmp_path, "donor", config_text("donor", dataset, train={"epochs": 1}))
+    assert run_worker(donor).returncode == ExitCode.OK
+    text = config_text("other", dataset, model={"name": "test_resnet"})
     run_dir = make_run(tmp_path, "other", text)
     shutil.copytree(donor / "checkpoints", run_dir / "checkpoints")
     result = run_worker(run_dir)
-    assert result.returncode == EXIT_CONFIG
+    assert result.returncode == ExitCode.CONFIG_ERROR
     message = json.loads(error_json_path(run_dir, 1).read_text())["message"]
     assert "different settings" in message and "model" in message and "test_vit" in message
     assert not (run_dir / "model.safetensors").exists()

@@ -169,22 +169,30 @@ def test_decoding_only_down_to_the_crop_is_bit_identical_to_a_full_decode(tmp_pa
 
 
 @pytest.mark.parametrize("scale", [1, 2])
-def test_a_cut_leaves_every_row_above_it_exact_even_at_a_block_row_boundary(tmp_path, scale):
+def test_a_cut_leaves_every_row_above_it_exact_even_at_a_block_row_boundary(tmp_path, monkeypatch, scale):
     """4:2:0 chroma is upsampled from the chroma row below too: a file cut right under the crop would
-    change the crop's last row (by up to tens of levels). The cut keeps one block row (MCU row) more."""
-    from trainctl.worker import images
-    path = tmp_path / "p.jpg"
-    photo(797, 601, seed=3).save(path, quality=90, subsampling="4:2:0")
-    data = path.read_bytes()
+    change the crop's last row (by up to tens of levels). The cut keeps one block row (MCU row) more.
 
-    def decoded(img):
-        if scale > 1:
-            img.draft("RGB", (img.width // scale, img.height // scale))
-        return np.asarray(img.convert("RGB")).astype(int)
-    full = decoded(Image.open(path))
+    Each photo is a portrait whose centre crop (crop_pct 1, resized to its own decoded size) ends at
+    decoded row `bottom`; the decode cut below it must give the very bytes of a whole-file decode."""
+    from trainctl.worker import jpeg_rows
+    side = 48
     for bottom in (80 // scale, 83 // scale, 96 // scale, 97 // scale):   # block rows are 16 stored rows
-        cut = decoded(images._cut_below(Image.open(path), data, bottom, scale))
-        assert cut.shape[0] < full.shape[0] and np.array_equal(cut[:bottom], full[:bottom]), bottom
+        stored_bottom = bottom * scale
+        height = 2 * stored_bottom - side            # the centre crop spans stored rows height - bottom .. bottom
+        path = tmp_path / f"p{bottom}.jpg"
+        photo(side, height, seed=3).save(path, quality=90, subsampling="4:2:0")
+        recipe = Recipe(size=side // scale, crop_pct=1.0)   # the crop is `scale` times its output: a 1/scale decode
+        cuts, real_cut = [], jpeg_rows.cut
+        with monkeypatch.context() as m:
+            m.setattr(jpeg_rows, "cut", lambda data, frame, rows: cuts.append(rows) or real_cut(data, frame, rows))
+            got = load_eval(str(path), recipe)
+        with monkeypatch.context() as m:
+            m.setattr(jpeg_rows, "sequential_frame", lambda data: None)   # decoded whole
+            want = load_eval(str(path), recipe)
+        assert cuts and cuts[0] < height, (bottom, cuts)               # the file was cut
+        assert tuple(got.shape) == (3, side // scale, side // scale)
+        assert torch.equal(got, want), (bottom, (got.int() - want.int()).abs().max(dim=2).values.max(dim=0).values)
 
 
 def test_only_sequential_single_scan_jpegs_are_cut(tmp_path):
@@ -224,19 +232,20 @@ def test_a_truncated_file_is_bad_even_when_the_crop_lies_in_its_intact_top(tmp_p
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_resampling_in_stored_orientation_matches_orienting_the_photo_first(tmp_path, orientation):
     """The crop is drawn in displayed pixels and resampled in stored ones: a wrong mapping would crop the
-    wrong place. Compared with the plain way (orient the decoded photo, then crop and resize with the same
-    filter), at full decoding scale."""
+    wrong place. Compared with the plain way (orient the decoded photo first, and crop and resize that with
+    the same filter: the same loader on a lossless copy of the oriented photo, which has no EXIF turn and
+    draws the same crop from the same generator), at full decoding scale."""
     from PIL import ImageOps
-    from trainctl.worker.images import _crop_params, _resize
     exif = Image.Exif()
     exif[0x0112] = orientation
     path = tmp_path / "o.jpg"
     photo(300, 200, seed=orientation).save(path, quality=95, exif=exif)
     recipe = Recipe(size=128, crop_scale=(0.08, 1.0), hflip=0.0)   # < 2x reduction: no reduced-scale decode
     shown = ImageOps.exif_transpose(Image.open(path).convert("RGB"))
+    shown.save(tmp_path / "shown.png")
+    assert Image.open(tmp_path / "shown.png").getexif().get(0x0112, 1) == 1
     for i in range(20):
-        top, left, h, w = _crop_params(shown.width, shown.height, recipe, sample_rng(0, 0, i))
-        want = hwc(_resize(shown.crop((left, top, left + w, top + h)), recipe))
+        want = hwc(load_train(str(tmp_path / "shown.png"), recipe, sample_rng(0, 0, i)))
         got = hwc(load_train(str(path), recipe, sample_rng(0, 0, i)))
         # equal but for rounding (a level or two: the two resampling passes run in the other order on a
         # turned image); a misplaced crop is off by tens (the photo's noise)
@@ -245,15 +254,19 @@ def test_resampling_in_stored_orientation_matches_orienting_the_photo_first(tmp_
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
-def test_the_resampling_filter_is_pillows_whichever_library_runs_it(interpolation):
+def test_the_resampling_filter_is_pillows_whichever_library_runs_it(tmp_path, interpolation):
     """On x86 torch's antialiased uint8 kernel resamples (several times faster), elsewhere Pillow: the same
     filter, so a photo comes out the same to within a level or two (bicubic's overshoot is clipped between
-    the two passes, which the two libraries may run in different orders)."""
-    from trainctl.worker import images
-    recipe = Recipe(size=224, interpolation=interpolation)
+    the two passes, which the two libraries may run in different orders). The loader is given the whole
+    photo as its crop (scale 1, the photo's own aspect ratio, no flip) and resizes it to 224 x 224."""
+    from trainctl.worker.images import RESAMPLE
     for w, h in ((300, 257), (447, 390), (224, 224), (150, 100)):   # down, down, same, up
         crop = photo(w, h, seed=w)
-        ours = hwc(images._resize(crop, recipe))
-        pillow = np.asarray(crop.resize((224, 224), images.RESAMPLE[interpolation])).astype(int)
+        path = tmp_path / f"{w}x{h}.png"
+        crop.save(path)   # lossless: the loader sees these very pixels
+        recipe = Recipe(size=224, interpolation=interpolation, crop_scale=(1.0, 1.0), crop_ratio=(w / h, w / h),
+                        hflip=0.0)
+        ours = hwc(load_train(str(path), recipe, sample_rng(0, 0, 0)))
+        pillow = np.asarray(crop.resize((224, 224), RESAMPLE[interpolation])).astype(int)
         diff = np.abs(ours - pillow)
         assert diff.max() <= 2 and diff.mean() < 0.05, (w, h, diff.max(), diff.mean())

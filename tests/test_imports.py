@@ -1,35 +1,45 @@
-"""The supervisor stays small: it never imports torch, and takes only the worker's contract modules."""
+"""The dependency rule, checked at runtime: supervisor → contract ← worker; the supervisor and the
+contract never load torch, the worker never loads the supervisor. (A running supervisor process is
+checked too: tests/test_supervisor_process.py looks at the libraries it has mapped.)"""
 from __future__ import annotations
 
-import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
-CONTRACT = {"protocol", "config", "tomlout", "folders", "fsio"}
+RUNS_A_COMMAND = {"__main__", "command"}     # importing these runs the program
 
 
-def test_supervisor_modules_never_import_torch():
-    modules = [f"trainctl.supervisor.{p.stem}" for p in (ROOT / "supervisor").glob("*.py")
-               if p.stem not in ("__main__", "command")]   # these two run a command when imported
-    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules) +
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision'))\n"
-            "assert not bad, bad\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+def loaded_after_importing(package: str) -> list[str]:
+    """The modules in sys.modules of a fresh interpreter after importing every module of one of our packages."""
+    modules = [f"trainctl.{package}.{p.stem}" for p in sorted((ROOT / package).glob("*.py"))
+               if p.stem not in RUNS_A_COMMAND and p.stem != "__init__"]
+    code = "import json, sys\n" + "".join(f"import {m}\n" for m in modules) + "print(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
 
 
-def test_supervisor_takes_only_the_contract_modules_from_the_worker():
-    used = set()
-    for path in (ROOT / "supervisor").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trainctl.worker"):
-                parts = node.module.split(".")
-                used |= {parts[2]} if len(parts) > 2 else {alias.name for alias in node.names}
-    assert used <= CONTRACT, used - CONTRACT
+def ours(modules: list[str]) -> set[str]:
+    return {m.split(".")[1] for m in modules if m.startswith("trainctl.") and m.count(".") >= 1}
 
 
-def test_worker_never_imports_the_supervisor():
-    for path in (ROOT / "worker").glob("*.py"):
-        assert "trainctl.supervisor" not in path.read_text(), path.name
+def heavy(modules: list[str]) -> list[str]:
+    return [m for m in modules if m.split(".")[0] in ("torch", "timm", "torchvision")]
+
+
+@pytest.mark.parametrize("package,allowed", [("contract", {"contract"}), ("supervisor", {"supervisor", "contract"})])
+def test_the_supervisor_and_the_contract_load_no_torch_and_nothing_of_the_worker(package, allowed):
+    loaded = loaded_after_importing(package)
+    assert heavy(loaded) == []
+    assert ours(loaded) <= allowed, ours(loaded) - allowed
+
+
+def test_the_worker_never_loads_the_supervisor():
+    loaded = loaded_after_importing("worker")
+    assert heavy(loaded), "the worker's modules did load: torch is among them"
+    assert ours(loaded) <= {"worker", "contract"}, ours(loaded)

@@ -6,14 +6,12 @@ import dataclasses
 import pytest
 import timm
 import torch
+from conftest import config_text
 from safetensors.torch import save_file
 
-from trainctl.worker import device
-from trainctl.worker import faults
-from trainctl.worker.config import ConfigError, Profile, load
+from trainctl.contract.config import ConfigError, Profile, load
+from trainctl.worker import device, faults
 from trainctl.worker.model import build_model, recipe_for
-
-from conftest import config_text
 
 
 def cfg_with(tmp_path, dataset, **model):

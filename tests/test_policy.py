@@ -5,10 +5,10 @@ import signal
 
 import pytest
 
+from trainctl.contract.lifecycle import Event, Kill
+from trainctl.contract.protocol import ExitCode
 from trainctl.supervisor.classify import Exit, Kind, MemorySample, classify
-from trainctl.supervisor.policy import Attempt, Do, Settings, decide
-from trainctl.worker.protocol import (EXIT_CONFIG, EXIT_DISK_FULL, EXIT_EXCEPTION, EXIT_LOCKED, EXIT_OOM,
-                                      EXIT_STOPPED)
+from trainctl.supervisor.policy import Attempt, Do, Settings, decide, recall
 
 GiB = 2**30
 CALM = [MemorySample(at=t, worker=1 * GiB, available=20 * GiB, total=24 * GiB) for t in range(5)]
@@ -21,30 +21,33 @@ SOFT = 20 * GiB
 CLASSIFY = [
     # (exit, memory history, expected kind, words in the detail)
     (Exit(0), CALM, Kind.DONE, "finished"),
-    (Exit(EXIT_STOPPED), CALM, Kind.STOPPED, "stopped"),
-    (Exit(EXIT_CONFIG, error={"message": "[model] name = 'x' is not a timm model"}), CALM, Kind.CONFIG_ERROR, "timm model"),
-    (Exit(EXIT_DISK_FULL, error={"message": "only 0.1 GiB free"}), CALM, Kind.DISK_FULL, "GiB free"),
-    (Exit(EXIT_OOM, error={"message": "MPS backend out of memory (MPS allocated: 17 GB"}), CALM, Kind.OOM, "MPS backend"),
+    (Exit(ExitCode.STOPPED), CALM, Kind.STOPPED, "stopped"),
+    (Exit(ExitCode.CONFIG_ERROR, error={"message": "[model] name = 'x' is not a timm model"}), CALM,
+     Kind.CONFIG_ERROR, "timm model"),
+    (Exit(ExitCode.DISK_FULL, error={"message": "only 0.1 GiB free"}), CALM, Kind.DISK_FULL, "GiB free"),
+    (Exit(ExitCode.OUT_OF_MEMORY, error={"message": "MPS backend out of memory (MPS allocated: 17 GB"}), CALM,
+     Kind.OOM, "MPS backend"),
     (Exit(-signal.SIGKILL), NEAR_SOFT, Kind.OOM, "near the limit"),
     (Exit(-signal.SIGKILL), SYSTEM_LOW, Kind.OOM, "OOM killer"),
     (Exit(-signal.SIGKILL), CALM, Kind.KILLED, "no sign of memory pressure"),
     (Exit(-signal.SIGKILL), LONG_AGO, Kind.KILLED, "no sign"),          # pressure a minute ago does not count
     (Exit(-signal.SIGKILL), [], Kind.KILLED, "no sign"),
-    (Exit(-signal.SIGKILL, we_killed="memory_hard"), NEAR_SOFT, Kind.MEMORY_LIMIT, "hard memory limit"),
-    (Exit(EXIT_STOPPED, we_killed="memory_soft"), NEAR_SOFT, Kind.MEMORY_LIMIT, "soft memory limit"),
+    (Exit(-signal.SIGKILL, we_killed=Kill.MEMORY_HARD), NEAR_SOFT, Kind.MEMORY_LIMIT, "hard memory limit"),
+    (Exit(ExitCode.STOPPED, we_killed=Kill.MEMORY_SOFT), NEAR_SOFT, Kind.MEMORY_LIMIT, "soft memory limit"),
     (Exit(-signal.SIGSEGV, fault_log="Fatal Python error: Segmentation fault"), CALM, Kind.NATIVE_CRASH, "SIGSEGV"),
     (Exit(-signal.SIGBUS), CALM, Kind.NATIVE_CRASH, "SIGBUS"),
     (Exit(-signal.SIGABRT), CALM, Kind.NATIVE_CRASH, "SIGABRT"),
     (Exit(-signal.SIGILL), CALM, Kind.NATIVE_CRASH, "SIGILL"),
     (Exit(-signal.SIGFPE), CALM, Kind.NATIVE_CRASH, "SIGFPE"),
-    (Exit(-signal.SIGKILL, we_killed="hang"), CALM, Kind.HANG, "no progress"),
-    (Exit(-signal.SIGABRT, we_killed="hang"), CALM, Kind.HANG, "no progress"),
+    (Exit(-signal.SIGKILL, we_killed=Kill.HANG), CALM, Kind.HANG, "no progress"),
+    (Exit(-signal.SIGABRT, we_killed=Kill.HANG), CALM, Kind.HANG, "no progress"),
     (Exit(-signal.SIGTERM), CALM, Kind.KILLED, "not sent by trainctl"),
-    (Exit(EXIT_EXCEPTION, error={"type": "KeyError", "message": "'x'", "traceback": "tb"}), CALM, Kind.EXCEPTION, "KeyError"),
+    (Exit(ExitCode.INTERNAL_ERROR, error={"type": "KeyError", "message": "'x'", "traceback": "tb"}), CALM,
+     Kind.EXCEPTION, "KeyError"),
     (Exit(1), CALM, Kind.EXCEPTION, "without an error report"),
     (Exit(1, heartbeat_seen=False, output_tail="ModuleNotFoundError: torch"), CALM, Kind.BOOT_FAILURE, "before it came up"),
     (Exit(-signal.SIGSEGV, heartbeat_seen=False), CALM, Kind.BOOT_FAILURE, "SIGSEGV"),
-    (Exit(EXIT_LOCKED), CALM, Kind.BOOT_FAILURE, "another worker"),
+    (Exit(ExitCode.LOCKED), CALM, Kind.BOOT_FAILURE, "another worker"),
 ]
 
 
@@ -63,8 +66,8 @@ def test_classify_keeps_the_evidence():
     f = classify(Exit(-signal.SIGSEGV, fault_log="Fatal Python error: Segmentation fault\n  File x"), CALM, SOFT)
     assert f.signal == "SIGSEGV" and f.exit_code is None and "Segmentation fault" in f.evidence
     assert f.memory["worker"] == GiB
-    f = classify(Exit(EXIT_EXCEPTION, error={"type": "E", "message": "m", "traceback": "Traceback..."}), CALM, SOFT)
-    assert f.exit_code == EXIT_EXCEPTION and f.evidence == "Traceback..."
+    f = classify(Exit(ExitCode.INTERNAL_ERROR, error={"type": "E", "message": "m", "traceback": "Traceback..."}), CALM, SOFT)
+    assert f.exit_code == ExitCode.INTERNAL_ERROR and f.evidence == "Traceback..."
 
 
 S = Settings(max_restarts_per_profile=2, backoff_seconds=(2.0, 10.0, 60.0), same_step_limit=2)
@@ -88,7 +91,7 @@ DECIDE = [
     ([A(Kind.NATIVE_CRASH, step=5)], 3, Do.RESTART, 0, 2.0, "native_crash"),
     ([A(Kind.KILLED, step=5), A(Kind.HANG, step=9)], 3, Do.RESTART, 0, 10.0, "hang"),
     ([A(Kind.KILLED, step=1), A(Kind.HANG, step=2), A(Kind.EXCEPTION, step=3)], 3, Do.STEP_DOWN, 1, 2.0,
-     "3 failures on rung 0 without progress"),
+     "3 failures on rung 1 without progress"),
     ([A(Kind.KILLED, step=1), A(Kind.HANG, step=2), A(Kind.EXCEPTION, step=3, progressed=True)], 3,
      Do.RESTART, 0, 2.0, "exception"),                                      # progress resets the budget
     ([A(Kind.KILLED, step=1), A(Kind.KILLED, step=2, progressed=True), A(Kind.EXCEPTION, step=3)], 3,
@@ -103,13 +106,21 @@ DECIDE = [
     ([A(Kind.NATIVE_CRASH, rung=2, step=7), A(Kind.NATIVE_CRASH, rung=2, step=7)], 3, Do.GIVE_UP, 2, 0,
      "ladder exhausted: failed 2 times at step 7"),
     ([A(Kind.KILLED, step=1)] * 5, 1, Do.GIVE_UP, 0, 0, "ladder exhausted"),
+    # A clean stop (a person, or a service stopping) is neither a failure nor progress:
+    ([A(Kind.KILLED, step=1), A(Kind.STOPPED, step=1), A(Kind.HANG, step=2), A(Kind.EXCEPTION, step=3)], 3,
+     Do.STEP_DOWN, 1, 2.0, "3 failures on rung 1"),
+    ([A(Kind.NATIVE_CRASH, step=7), A(Kind.STOPPED, step=7), A(Kind.NATIVE_CRASH, step=7)], 3, Do.STEP_DOWN, 1, 2.0,
+     "failed 2 times at step 7"),
+    ([A(Kind.BOOT_FAILURE), A(Kind.STOPPED), A(Kind.BOOT_FAILURE)], 3, Do.GIVE_UP, 0, 0, "failed to start twice"),
+    ([A(Kind.KILLED, step=1), A(Kind.STOPPED, step=2, progressed=True), A(Kind.EXCEPTION, step=3)], 3,
+     Do.RESTART, 0, 2.0, "exception"),                                      # ...but its checkpoint is progress
 ]
 
 
 @pytest.mark.parametrize("history,ladder,do,rung,delay,words", DECIDE, ids=[f"{d[2].value}-{i}" for i, d in enumerate(DECIDE)])
 def test_decide(history, ladder, do, rung, delay, words):
     action = decide(history, ladder, S)
-    assert (action.do, action.profile_index, action.delay) == (do, rung, delay)
+    assert (action.do, action.rung_index, action.delay) == (do, rung, delay)
     assert words in action.reason
 
 
@@ -132,5 +143,45 @@ def test_a_crash_loop_is_bounded():
             action = decide(history, 3, S)
             if action.do is Do.GIVE_UP:
                 break
-            rung = action.profile_index
+            rung = action.rung_index
         assert action.do is Do.GIVE_UP and n <= 3 * (S.max_restarts_per_profile + 1), (kind, n)
+
+
+def ev(kind, attempt=None, rung=0, step=None, **data):
+    return {"kind": kind.value, "attempt": attempt, "rung": rung, "step": step, "time": 0.0, "data": data}
+
+
+def exit_event(attempt, rung, failure, step=3, progressed=False):
+    return ev(Event.EXIT, attempt, rung, step, failure=failure, detail="d", epoch=0, cursor=step * 16,
+              progressed=progressed)
+
+
+JOURNAL = [
+    ev(Event.SUPERVISOR_START), ev(Event.SPAWN, 1, 0), exit_event(1, 0, "killed"), ev(Event.RESTART, 1, 0),
+    ev(Event.SPAWN, 2, 0), exit_event(2, 0, "hang", progressed=True),
+    ev(Event.STEP_DOWN, 2, 1, **{"from": 0, "to": 1}),
+    ev(Event.SUPERVISOR_START),                     # the supervisor died in the backoff, and was started again
+]
+
+
+def test_recall_rebuilds_what_the_policy_knew_from_the_journal():
+    past = recall(JOURNAL)
+    assert (past.attempt, past.restarts, past.rung_index, past.forgotten) == (2, 2, 1, 0)
+    assert [(a.rung_index, a.kind, a.step, a.cursor, a.progressed) for a in past.history] == [
+        (0, Kind.KILLED, 3, 48, False), (0, Kind.HANG, 3, 48, True)]
+    assert recall([]) == recall([ev(Event.SUPERVISOR_START)]) and recall([]).rung_index is None
+
+
+def test_recall_forgets_what_a_budget_reset_granted_and_keeps_counting_attempts():
+    past = recall(JOURNAL + [ev(Event.BUDGET_RESET, 2, 1), ev(Event.SPAWN, 3, 1), exit_event(3, 1, "killed")])
+    assert past.attempt == 3 and past.forgotten == 2 and [a.kind for a in past.history] == [Kind.KILLED]
+
+
+def test_the_same_decision_whether_or_not_the_supervisor_died_in_between():
+    """Three failures on a rung without progress, recorded by two supervisor lifetimes: the third one still
+    exhausts max_restarts_per_profile = 2 (a fresh history would restart)."""
+    journal = [ev(Event.SPAWN, 1, 0), exit_event(1, 0, "killed", 1), ev(Event.SPAWN, 2, 0),
+               exit_event(2, 0, "hang", 2), ev(Event.SUPERVISOR_START), ev(Event.SPAWN, 3, 0)]
+    history = recall(journal).history + [A(Kind.EXCEPTION, step=3)]
+    assert decide(history, 2, S).do is Do.STEP_DOWN
+    assert decide(history[-1:], 2, S).do is Do.RESTART

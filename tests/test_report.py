@@ -5,7 +5,7 @@ from trainctl.supervisor.report import summarize
 
 
 def ev(t, kind, attempt=None, profile=0, **data):
-    return {"time": float(t), "kind": kind, "attempt": attempt, "profile": profile, "step": None, "data": data}
+    return {"time": float(t), "kind": kind, "attempt": attempt, "rung": profile, "step": None, "data": data}
 
 
 NIGHT = [
@@ -49,3 +49,12 @@ def test_work_is_redone_from_when_the_checkpoint_was_taken_not_when_the_supervis
     s = summarize(night)
     assert s["redone_seconds"] == 100 - 92
     assert s["training_seconds"] == (92 - 10) + (150 - 102)
+
+
+def test_a_supervisor_error_is_counted_and_its_stop_is_not_a_death():
+    night = NIGHT[:5] + [ev(150, "supervisor_error", 1, error="RuntimeError: x"),
+                         ev(151, "state", 1, to="stopped"), ev(300, "supervisor_start"), ev(300, "spawn", 2),
+                         ev(310, "worker_ready", 2), ev(400, "exit", 2, failure="done"),
+                         ev(401, "state", 2, to="succeeded")]
+    s = summarize(night)
+    assert s["supervisor_errors"] == 1 and s["supervisor_deaths"] == 0

@@ -10,11 +10,10 @@ import subprocess
 import sys
 
 import pytest
-
-from trainctl.worker.protocol import (EXIT_CONFIG, EXIT_DONE, EXIT_STOPPED, committed_checkpoints,
-                                      error_json_path, read_heartbeat)
-
 from conftest import assert_same_weights, config_text, make_run, run_worker, wait_for, weights
+
+from trainctl.contract.protocol import ExitCode, read_heartbeat
+from trainctl.contract.runfolder import committed_checkpoints, error_json_path
 
 KILLED = -signal.SIGKILL
 
@@ -30,7 +29,7 @@ def test_sigkill_at_random_moments_ends_bit_identical(tmp_path, dataset, referen
     kills = 0
     for attempt in range(1, 10):
         result = run_worker(run_dir, attempt=attempt, faults=",".join(faults))
-        if result.returncode == EXIT_DONE:
+        if result.returncode == ExitCode.OK:
             break
         assert result.returncode == KILLED, result.stdout + result.stderr
         kills += 1
@@ -50,12 +49,12 @@ def test_the_final_model_loads_into_timm_with_its_labels(reference_run):
 def test_switching_rung_mid_epoch_matches_up_to_summation_order(tmp_path, dataset, reference_run):
     """Batch 8 x accum 2 until killed at step 16, then batch 4 x accum 4 from the newest checkpoint to the end."""
     run_dir = make_run(tmp_path, "switch", config_text("switch", dataset))
-    assert run_worker(run_dir, 0, 1, faults="train_step:sigkill@16:once").returncode == KILLED
+    assert run_worker(run_dir, rung=1, attempt=1, faults="train_step:sigkill@16:once").returncode == KILLED
     # A background write may start a step early to be durable on time; never more than every_steps (3) behind.
     newest = committed_checkpoints(run_dir / "checkpoints")[-1].step
     assert 16 - 3 <= newest <= 15
-    result = run_worker(run_dir, 1, 2)
-    assert result.returncode == EXIT_DONE, result.stdout + result.stderr
+    result = run_worker(run_dir, rung=2, attempt=2)
+    assert result.returncode == ExitCode.OK, result.stdout + result.stderr
     assert "batch 4 x accum 4" in result.stdout
     wa, wb = weights(run_dir / "model.safetensors"), weights(reference_run / "model.safetensors")
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
@@ -72,40 +71,39 @@ def test_unreadable_images_are_listed_and_training_finishes(tmp_path, dataset):
            train / "stripes" / "notes.jpg": b"a text file with a picture's name\n"}
     for path, content in bad.items():
         path.write_bytes(content)
-    text = config_text("bad-images", dataset, replace={f'train_dir = "{dataset[0]}"': f'train_dir = "{train}"',
-                                                       "epochs = 3": "epochs = 1"})
+    text = config_text("bad-images", dataset, data={"train_dir": str(train)}, train={"epochs": 1})
     run_dir = make_run(tmp_path, "bad-images", text)
     result = run_worker(run_dir)
-    assert result.returncode == EXIT_DONE, result.stdout + result.stderr
+    assert result.returncode == ExitCode.OK, result.stdout + result.stderr
     listed = json.loads((run_dir / "bad_images.json").read_text())
     assert listed["count"] == 3 and set(listed["files"]) == {str(p) for p in bad}
     assert all(listed["files"].values())
-    assert read_heartbeat(run_dir)["bad_images"] == 3
+    assert read_heartbeat(run_dir).bad_images == 3
     assert result.stdout.count("unreadable image") == 3   # each logged once
 
 
 def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_stops(tmp_path, dataset):
-    text = config_text("signals", dataset, replace={"epochs = 3": "epochs = 200", "every_steps = 3": "every_steps = 0"})
+    text = config_text("signals", dataset, train={"epochs": 200}, checkpoint={"every_steps": 0})
     run_dir = make_run(tmp_path, "signals", text)
     env = {**os.environ, "TRAINCTL_FAULTS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir), "--attempt", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: (read_heartbeat(run_dir) or {}).get("step", 0) >= 2, 120, what="training to start")
+        wait_for(lambda: getattr(read_heartbeat(run_dir), "step", 0) >= 2, 120, what="training to start")
         proc.send_signal(signal.SIGUSR1)
         ck = wait_for(lambda: [c for c in committed_checkpoints(run_dir / "checkpoints")
                                if c.marker.get("requested")], 60, what="the requested checkpoint")
         requested = ck[0].step
-        wait_for(lambda: read_heartbeat(run_dir)["step"] >= requested + 3, 60, what="training to continue")
+        wait_for(lambda: getattr(read_heartbeat(run_dir), "step", 0) >= requested + 3, 60, what="training to continue")
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == EXIT_STOPPED, out
+    assert proc.returncode == ExitCode.STOPPED, out
     newest = committed_checkpoints(run_dir / "checkpoints")[-1]
     # The checkpoint is at the step it stopped at ("epoch" when that step happened to end an epoch).
-    assert newest.marker["reason"] in ("stop", "epoch") and newest.step == read_heartbeat(run_dir)["step"] > requested
+    assert newest.marker["reason"] in ("stop", "epoch") and newest.step == read_heartbeat(run_dir).step > requested
     assert "stopped at step" in out
 
 
@@ -113,7 +111,7 @@ def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_stops(tmp_pat
 def test_config_and_data_errors_exit_do_not_restart_and_write_nothing(tmp_path, dataset, case):
     train = tmp_path / "train"
     shutil.copytree(dataset[0], train)
-    text = config_text(case, dataset, replace={f'train_dir = "{dataset[0]}"': f'train_dir = "{train}"'})
+    text = config_text(case, dataset, data={"train_dir": str(train)})
     run_dir = make_run(tmp_path, case, text)
     expect = {"unknown_model": "Did you mean 'test_vit", "missing_data": "does not exist",
               "empty_class": "has no images", "changed_settings": "different settings (lr"}[case]
@@ -130,7 +128,7 @@ def test_config_and_data_errors_exit_do_not_restart_and_write_nothing(tmp_path, 
         config.write_text(config.read_text().replace("lr = 0.001", "lr = 0.002"))
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").glob("*")} if case == "changed_settings" else {}
     result = run_worker(run_dir, attempt=2)
-    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stdout + result.stderr
     error = json.loads(error_json_path(run_dir, 2).read_text())
     assert error["kind"] == "config_error" and expect in error["message"] and "Fix" in error["message"]
     assert expect in result.stderr and "Traceback" not in result.stderr

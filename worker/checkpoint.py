@@ -28,9 +28,14 @@ from typing import Callable
 
 import torch
 
-from . import fsio
-from .protocol import (CHECKPOINT_NAME, Committed, checkpoint_path, committed_checkpoints,
-                       marker_path)
+from trainctl.contract import fsio
+from trainctl.contract.runfolder import (
+    CHECKPOINT_NAME,
+    Committed,
+    checkpoint_path,
+    committed_checkpoints,
+    marker_path,
+)
 
 FORMAT = 1
 

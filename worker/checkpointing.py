@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import time
 
+from trainctl.contract.runfolder import Committed
+
 from .ckptwriter import Writer
-from .protocol import Committed
 from .report import say
 from .snapshot import capture, shares_training_memory
 
@@ -74,7 +75,7 @@ class Checkpointing:
         info = {"epoch": p.epoch, "cursor": p.cursor, "samples_seen": p.samples_seen, "reason": reason,
                 "taken": time.time(),   # when training stood at this step: re-done work after a crash counts from here
                 "requested": self.t.flags.checkpoint,   # SIGUSR1 answered (also when an epoch end came first)
-                "profile_index": self.t.profile_index, "attempt": self.t.reporter.fields["attempt"]}
+                "profile_index": self.t.rung_index, "attempt": self.t.reporter.fields["attempt"]}
         background = self.writer.background
         self.writer.submit(p.step, capture(self.t, background), info,
                            shares_training_memory=background and shares_training_memory(self.t))

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from trainctl.contract.runfolder import Committed
+
 from . import checkpoint
-from .protocol import Committed
 
 
 class Writer:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .folders import Folder, epoch_order
+from trainctl.contract.folders import Folder, epoch_order
+
 from .images import BadImage, Recipe, load_eval, load_train, sample_rng
 
 

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from .config import ConfigError, Profile
+from trainctl.contract.config import ConfigError, Profile
 
 # The texts of out-of-memory errors: CUDA, MPS ("MPS backend out of memory (MPS allocated: ..."),
 # the CPU allocator. Matched without requiring a full stop or the word "CUDA" (others miss MPS).

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from safetensors.torch import save_file
 
-from . import fsio
-from .protocol import LABELS_FILE, MODEL_FILE
+from trainctl.contract import fsio
+from trainctl.contract.protocol import Phase
+from trainctl.contract.runfolder import LABELS_FILE, MODEL_FILE
+
 from .report import say
 
 
 def write(t) -> None:
     """Export trainer `t`'s weights, loadable with safetensors.torch.load_file into timm.create_model."""
-    t.reporter.beat("exporting", force=True)
+    t.reporter.beat(Phase.EXPORTING, force=True)
     # Training is over and its last checkpoint is committed: free the optimizer's moments (twice the
     # model's size with AdamW) so that the export is not the night's memory peak.
     t.optimizer.state.clear()
@@ -22,7 +24,7 @@ def write(t) -> None:
     fsio.atomic_write_json(t.run_dir / LABELS_FILE, {
         "classes": classes, "index_to_class": {str(i): c for i, c in enumerate(classes)}})
     final = t.history[-1]["val_acc"] if t.history else None
-    t.reporter.beat("done", force=True, final_model=str(path), val_acc=final)
+    t.reporter.beat(Phase.DONE, force=True, final_model=str(path), val_acc=final)
     say(f"finished: {path}" + (f" (validation top-1 {final:.3f})" if final is not None else ""))
 
 

@@ -1,14 +1,11 @@
-"""Test-only fault injection, inert unless ``TRAINCTL_FAULTS`` is set.
+"""Test-only fault injection in the worker, inert unless ``TRAINCTL_FAULTS`` is set (the spec: `contract.faults`).
 
-Spec: comma-separated ``point:action[@step][:once|:rungN]``, e.g. ``train_step:sigkill@5:once``.
 Points: ``train_step`` (before an optimizer step; step = completed steps), ``boot``, and the
 checkpoint-write phases ``ckpt_begin``, ``ckpt_bytes`` (mid-write), ``ckpt_written``,
 ``ckpt_synced`` (fsynced, not renamed), ``ckpt_renamed`` (renamed, directory not fsynced),
 ``ckpt_committed`` (durable, no marker yet), ``ckpt_marked``.
 Actions: sigkill, sigsegv, sigbus, sigabrt, exception, mps_oom, cuda_oom, cpu_oom, hang, spin,
-grow_memory (fast, until killed), leak (keeps 40 MB more at every hit), enospc. ``once`` fires on
-the first attempt that reaches it only (a marker file in the run directory remembers it), so the
-next attempt recovers; ``rungN`` fires only on rung N of the ladder (0 = first).
+grow_memory (fast, until killed), leak (keeps 40 MB more at every hit), enospc.
 """
 from __future__ import annotations
 
@@ -18,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-from .protocol import ENV_FAULTS
+from trainctl.contract.faults import from_env
 
 MPS_OOM_TEXT = ("MPS backend out of memory (MPS allocated: 17.02 GB, other allocations: 1.21 GB, "
                 "max allowed: 18.13 GB). Tried to allocate 256.00 MB on private pool. Use "
@@ -32,33 +29,14 @@ _SIGNALS = {"sigkill": signal.SIGKILL, "sigsegv": signal.SIGSEGV, "sigbus": sign
 
 
 class Faults:
-    def __init__(self, spec: str, run_dir: Path, rung: int):
-        self.run_dir = Path(run_dir)
-        self.rules = []
-        for item in filter(None, (s.strip() for s in spec.split(","))):
-            parts = item.split(":")
-            point, action = parts[0], parts[1]
-            flag = parts[2] if len(parts) > 2 else ""
-            once = flag == "once"
-            if flag.startswith("rung") and int(flag[4:]) != rung:
-                continue
-            step = None
-            if "@" in action:
-                action, at = action.split("@")
-                step = int(at)
-            self.rules.append((point, action, step, once, item))
+    """The worker's fault injector: `hit` a point, and the actions due there are carried out."""
+
+    def __init__(self, run_dir: Path, rung_index: int):
+        self.injector = from_env(run_dir, rung_index)
         self._ballast = []
 
     def hit(self, point: str, step: int | None = None) -> None:
-        for rule_point, action, at, once, item in self.rules:
-            if rule_point != point or (at is not None and at != step):
-                continue
-            if once:
-                marker = self.run_dir / "faults-fired" / item.replace(":", "_").replace("@", "_")
-                if marker.exists():
-                    continue
-                marker.parent.mkdir(exist_ok=True)
-                marker.write_text(str(os.getpid()))
+        for action in self.injector.due(point, step):
             self._do(action)
 
     def _do(self, action: str) -> None:
@@ -91,14 +69,3 @@ class Faults:
                 time.sleep(0.1)
         else:
             raise ValueError(f"unknown fault action {action!r}")
-
-
-class _Inert:
-    def hit(self, point: str, step: int | None = None) -> None:
-        pass
-
-
-def from_env(run_dir: Path, rung: int):
-    """The fault injector for this process: inert unless TRAINCTL_FAULTS is set."""
-    spec = os.environ.get(ENV_FAULTS, "")
-    return Faults(spec, run_dir, rung) if spec else _Inert()

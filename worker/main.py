@@ -1,35 +1,31 @@
-"""Worker entry point: ``python -m trainctl.worker --run-dir DIR --profile N --attempt K``.
+"""Worker entry point: ``python -m trainctl.worker --run-dir DIR --rung N --attempt K``.
 
-Turns every way of ending into the exit-code contract of `protocol`, with evidence: faulthandler
-for native crashes, an error JSON for Python exceptions.
+Turns every way of ending into the exit codes of `trainctl.contract.protocol`, with evidence:
+faulthandler for native crashes, an error JSON for Python exceptions.
 """
 from __future__ import annotations
 
 import argparse
 import faulthandler
-import json
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from . import fsio
-from .protocol import (CONFIG_FILE, ENV_SUPERVISOR_PID, EVIDENCE_DIR, EXIT_CONFIG, EXIT_DISK_FULL,
-                       EXIT_EXCEPTION, EXIT_LOCKED, EXIT_OOM, ORPHAN_GRACE_SECONDS, WORKER_ENV, WORKER_LOCK,
-                       error_json_path, fault_log_path)
+from trainctl.contract import fsio
+from trainctl.contract.protocol import ENV_SUPERVISOR_PID, ORPHAN_GRACE_SECONDS, WORKER_ENV, ExitCode, Phase
+from trainctl.contract.runfolder import CONFIG_FILE, EVIDENCE_DIR, WORKER_LOCK, error_json_path, fault_log_path
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m trainctl.worker",
                                      description="trainctl training worker (normally started by the supervisor)")
     parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--profile", type=int, default=0, help="rung of the ladder (0 = first)")
+    parser.add_argument("--rung", type=int, default=1, help="rung of the ladder (1 = first)")
     parser.add_argument("--attempt", type=int, default=0, help="attempt number, names the evidence files")
-    parser.add_argument("--describe-step", nargs=2, type=int, metavar=("EPOCH", "CURSOR"),
-                        help="print the files of the optimizer step at (epoch, sample cursor) and exit")
     parser.add_argument("--standby", action="store_true",
-                        help="import torch and timm, then wait for 'GO PROFILE ATTEMPT' on stdin (warm standby)")
+                        help="import torch and timm, then wait for 'GO RUNG ATTEMPT' on stdin (warm standby)")
     return parser.parse_args(argv)
 
 
@@ -37,8 +33,6 @@ def main(argv=None) -> int:
     timings = {"process_start": time.time()}
     args = parse_args(argv)
     run_dir = args.run_dir.resolve()
-    if args.describe_step:
-        return describe_step(run_dir, *args.describe_step)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS; before CUDA starts
     for key, value in WORKER_ENV.items():   # when run by hand, not by the supervisor
         os.environ.setdefault(key, value)
@@ -47,54 +41,57 @@ def main(argv=None) -> int:
         faulthandler.enable(file=open(fault_log_path(run_dir, args.attempt), "a"), all_threads=True)
 
     import filelock
-    from .config import ConfigError, load
-    from .device import is_oom
-    from .faults import from_env
+
+    from trainctl.contract.config import ConfigError, load
+
     from .checkpoint import DiskFull
+    from .device import is_oom
+    from .faults import Faults
     from .report import Reporter, say
     from .signals import Flags, watch_parent
-    from .train import Trainer   # imports torch and timm: the slow part of booting
+    from .train import Trainer  # imports torch and timm: the slow part of booting
     timings["imported"] = time.time()
 
     if args.standby:   # warm: the imports are done; a crash elsewhere makes this the next worker
         line = sys.stdin.readline().split()
         if len(line) != 3 or line[0] != "GO":
             return 0   # the supervisor went away or let the standby go
-        args.profile, args.attempt = int(line[1]), int(line[2])
+        args.rung, args.attempt = int(line[1]), int(line[2])
         timings["go"] = time.time()
         faulthandler.enable(file=open(fault_log_path(run_dir, args.attempt), "a"), all_threads=True)
-    reporter = Reporter(run_dir, args.attempt, args.profile)
-    reporter.beat("booting", force=True, timings=timings)   # the first heartbeat: "the worker came up"
+    rung_index = args.rung - 1
+    reporter = Reporter(run_dir, args.attempt, rung_index)
+    reporter.beat(Phase.BOOTING, force=True, timings=timings)   # the first heartbeat: "the worker came up"
     flags = Flags()
     flags.install()
     if os.environ.get(ENV_SUPERVISOR_PID):
         watch_parent(int(os.environ[ENV_SUPERVISOR_PID]), flags)
-    faults = from_env(run_dir, args.profile)
+    faults = Faults(run_dir, rung_index)
     faults.hit("boot")
     lock = filelock.FileLock(run_dir / WORKER_LOCK)
     try:   # an orphaned worker of a dead supervisor may still be checkpointing: give it time
         lock.acquire(timeout=ORPHAN_GRACE_SECONDS + 15)
     except filelock.Timeout:
         say(f"another worker holds {run_dir / WORKER_LOCK}: not starting a second one on this run")
-        return EXIT_LOCKED
+        return ExitCode.LOCKED
     trainer = None
     try:
         cfg = load(run_dir / CONFIG_FILE)
-        if not 0 <= args.profile < len(cfg.profiles):
-            raise ConfigError(f"--profile {args.profile} is not a rung of the ladder (0..{len(cfg.profiles) - 1})")
-        trainer = Trainer(cfg, run_dir, args.profile, flags, reporter, faults)
+        if not 0 <= rung_index < len(cfg.profiles):
+            raise ConfigError(f"--rung {args.rung} is not a rung of the ladder (1..{len(cfg.profiles)})")
+        trainer = Trainer(cfg, run_dir, rung_index, flags, reporter, faults)
         trainer.setup()
         if trainer.progress.epoch < cfg.train.epochs:
             trainer.sanity_check()
         return trainer.fit()
     except ConfigError as e:
-        return report_error(run_dir, args.attempt, "config_error", e, EXIT_CONFIG, trainer)
+        return report_error(run_dir, args.attempt, "config_error", e, ExitCode.CONFIG_ERROR, trainer)
     except DiskFull as e:
-        return report_error(run_dir, args.attempt, "disk_full", e, EXIT_DISK_FULL, trainer)
+        return report_error(run_dir, args.attempt, "disk_full", e, ExitCode.DISK_FULL, trainer)
     except BaseException as e:   # noqa: BLE001 — every exception must leave evidence
         if is_oom(e):
-            return report_error(run_dir, args.attempt, "oom", e, EXIT_OOM, trainer)
-        return report_error(run_dir, args.attempt, "exception", e, EXIT_EXCEPTION, trainer)
+            return report_error(run_dir, args.attempt, "oom", e, ExitCode.OUT_OF_MEMORY, trainer)
+        return report_error(run_dir, args.attempt, "exception", e, ExitCode.INTERNAL_ERROR, trainer)
     finally:
         if getattr(trainer, "ckpt", None) is not None:
             trainer.ckpt.writer.drain()
@@ -114,15 +111,3 @@ def report_error(run_dir: Path, attempt: int, kind: str, exc: BaseException, cod
     if kind == "exception":
         traceback.print_exc()
     return code
-
-
-def describe_step(run_dir: Path, epoch: int, cursor: int) -> int:
-    """Print, as JSON, the image files of the optimizer step that starts at (epoch, cursor)."""
-    from .config import load
-    from .folders import epoch_order, scan
-    cfg = load(run_dir / CONFIG_FILE)
-    folder = scan(cfg.data.train_dir, cfg.data.extensions)
-    order = epoch_order(cfg.run.seed, epoch, len(folder))
-    indices = order[cursor:cursor + cfg.train.effective_batch_size]
-    print(json.dumps([folder.paths[int(i)] for i in indices]))
-    return 0

@@ -11,7 +11,8 @@ import timm.optim
 import timm.scheduler
 import torch
 
-from .config import Config, ConfigError
+from trainctl.contract.config import Config, ConfigError
+
 from .images import Recipe
 
 

@@ -6,8 +6,9 @@ import os
 import time
 from pathlib import Path
 
-from . import fsio
-from .protocol import BAD_IMAGES_FILE, HEARTBEAT_FILE, METRICS_FILE, read_json
+from trainctl.contract import fsio
+from trainctl.contract.protocol import HEARTBEAT_FIELDS, Phase
+from trainctl.contract.runfolder import BAD_IMAGES_FILE, HEARTBEAT_FILE, METRICS_FILE, read_json
 
 HEARTBEAT_MIN_INTERVAL = 0.5   # seconds between heartbeat writes, unless the phase changes
 
@@ -15,19 +16,22 @@ HEARTBEAT_MIN_INTERVAL = 0.5   # seconds between heartbeat writes, unless the ph
 class Reporter:
     """Owns heartbeat.json, metrics.jsonl and bad_images.json for one worker process."""
 
-    def __init__(self, run_dir: Path, attempt: int, profile_index: int):
+    def __init__(self, run_dir: Path, attempt: int, rung_index: int):
         self.run_dir = Path(run_dir)
-        self.fields: dict = {"pid": os.getpid(), "attempt": attempt, "profile_index": profile_index,
-                             "beat": 0, "phase": "booting"}
+        self.fields: dict = {"pid": os.getpid(), "attempt": attempt, "rung_index": rung_index,
+                             "beat": 0, "phase": Phase.BOOTING.value}
         self._last_write = 0.0
         existing = read_json(self.run_dir / BAD_IMAGES_FILE) or {}
         self.bad: dict[str, str] = existing.get("files", {})
 
-    def beat(self, phase: str | None = None, force: bool = False, **fields) -> None:
+    def beat(self, phase: Phase | None = None, force: bool = False, **fields) -> None:
         """Record progress; `beat` grows on every call, which is what proves the worker is alive."""
-        changed = phase is not None and phase != self.fields["phase"]
+        unknown = fields.keys() - HEARTBEAT_FIELDS
+        if unknown:   # the heartbeat is a typed contract (protocol.Heartbeat): no field it does not declare
+            raise TypeError(f"not heartbeat fields: {sorted(unknown)}")
+        changed = phase is not None and phase.value != self.fields["phase"]
         if phase is not None:
-            self.fields["phase"] = phase
+            self.fields["phase"] = phase.value
         self.fields["beat"] += 1
         self.fields.update(fields)
         now = time.monotonic()

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from .protocol import ORPHAN_GRACE_SECONDS
+from trainctl.contract.protocol import ORPHAN_GRACE_SECONDS
 
 PR_SET_PDEATHSIG = 1
 

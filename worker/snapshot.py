@@ -10,8 +10,9 @@ import random
 import numpy as np
 import torch
 
+from trainctl.contract.config import ConfigError
+
 from . import device as devicelib
-from .config import ConfigError
 from .checkpoint import FORMAT
 
 
@@ -72,7 +73,7 @@ def capture(t, background: bool = False) -> dict:
                 "torch": torch.get_rng_state(),
                 "device": to_cpu(devicelib.rng_states(t.device))},
         "profile": dataclasses.asdict(t.profile),
-        "profile_index": t.profile_index,
+        "profile_index": t.rung_index,
         "identity": t.identity,
         "config_hash": config_hash(t.identity),
         "history": list(t.history),

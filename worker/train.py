@@ -16,12 +16,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, export, folders, fsio
-from .checkpointing import Checkpointing
+from trainctl.contract import folders, fsio
+from trainctl.contract.config import Config, ConfigError, identity
+from trainctl.contract.protocol import ExitCode, Phase
+from trainctl.contract.runfolder import CHECKPOINT_DIR
+
+from . import checkpoint, data, export
 from . import device as devicelib
-from .config import Config, ConfigError, identity
+from .checkpointing import Checkpointing
 from .model import build_model, build_optimizer, build_scheduler, recipe_for
-from .protocol import CHECKPOINT_DIR, EXIT_DONE, EXIT_STOPPED
 from .report import Reporter, say
 from .snapshot import Progress, check_identity, restore
 
@@ -39,9 +42,9 @@ def step_seed(seed: int, step: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, profile_index: int, flags, reporter: Reporter, faults):
+    def __init__(self, cfg: Config, run_dir: Path, rung_index: int, flags, reporter: Reporter, faults):
         self.cfg, self.run_dir, self.flags, self.reporter, self.faults = cfg, Path(run_dir), flags, reporter, faults
-        self.profile_index, self.profile = profile_index, cfg.profiles[profile_index]
+        self.rung_index, self.profile = rung_index, cfg.profiles[rung_index]
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.progress, self.history = Progress(), []
         self.micro_batches = 0
@@ -55,12 +58,12 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.reporter.beat("loading", force=True)
+        self.reporter.beat(Phase.LOADING, force=True)
         self.train_set = folders.scan(cfg.data.train_dir, cfg.data.extensions)
         self.val_set = (folders.scan(cfg.data.val_dir, cfg.data.extensions, "[data] val_dir", self.train_set.classes)
                         if cfg.data.val_dir else None)
         E = cfg.train.effective_batch_size
-        self.accum = E // profile.batch_size
+        self.accum = cfg.grad_accum(self.rung_index)
         self.steps_per_epoch = len(self.train_set) // E
         if self.steps_per_epoch == 0:
             raise ConfigError(f"[data] train_dir has {len(self.train_set)} images, fewer than one "
@@ -128,7 +131,7 @@ class Trainer:
 
     def sanity_check(self) -> None:
         """One forward/backward on a real batch before training: finite loss and gradients."""
-        self.reporter.beat("sanity", force=True)
+        self.reporter.beat(Phase.SANITY, force=True)
         p = self.progress
         mb = self.train_data[(p.epoch, p.cursor) if p.epoch < self.cfg.train.epochs else (0, 0)]
         self.reporter.bad_images(mb.bad)
@@ -158,7 +161,7 @@ class Trainer:
         cfg, p, E = self.cfg, self.progress, self.cfg.train.effective_batch_size
         keys = data.train_keys(p.epoch, p.cursor, cfg.train.epochs, self.steps_per_epoch, E, self.profile.batch_size)
         batches = data.iterate(self.train_data, keys, self.workers, cfg.run.seed, self.device.type != "cpu")
-        self.reporter.beat("training", force=True, **self._position())
+        self.reporter.beat(Phase.TRAINING, force=True, **self._position())
         window = {"loss": 0.0, "correct": 0, "valid": 0, "start": time.monotonic(), "steps": 0}
         while p.epoch < cfg.train.epochs:
             if self.flags.stop:
@@ -174,7 +177,7 @@ class Trainer:
                           valid=window["valid"] + n_valid, steps=window["steps"] + 1)
             # Written at every step (not throttled): a crash report must name the step exactly.
             self.reporter.beat(loss=loss / max(n_valid, 1), lr=self._lr(), images_per_sec=round(ips, 2),
-                               force=True, **self._position(), **devicelib.memory_stats(self.device))
+                               force=True, memory=devicelib.memory_stats(self.device), **self._position())
             if p.step % cfg.train.log_every_steps == 0:
                 self._log(window)
                 window = {"loss": 0.0, "correct": 0, "valid": 0, "start": time.monotonic(), "steps": 0}
@@ -186,7 +189,7 @@ class Trainer:
                 self.ckpt.after_step()
         self.ckpt.finish()
         export.write(self)
-        return EXIT_DONE
+        return ExitCode.OK
 
     def _step(self, batches) -> tuple[float, int, int]:
         """One optimizer step over `accum` micro-batches; returns (summed loss, correct, valid)."""
@@ -232,7 +235,7 @@ class Trainer:
         record = {"kind": "train", "step": p.step, "epoch": p.epoch + (p.cursor / max(self.steps_per_epoch * self.cfg.train.effective_batch_size, 1)),
                   "loss": w["loss"] / max(w["valid"], 1), "acc": w["correct"] / max(w["valid"], 1),
                   "lr": self._lr(), "images_per_sec": w["steps"] * self.cfg.train.effective_batch_size / max(seconds, 1e-9),
-                  "profile_index": self.profile_index}
+                  "rung": self.rung_index + 1}
         self.reporter.metric(record)
         say(f"step {p.step}/{self.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
             f"acc {record['acc']:.3f} lr {record['lr']:.2e} {record['images_per_sec']:.1f} img/s")
@@ -251,7 +254,7 @@ class Trainer:
 
     def validate(self) -> tuple[float, float]:
         """Top-1 accuracy and mean loss on the validation folder (bad images excluded)."""
-        self.reporter.beat("validating", force=True)
+        self.reporter.beat(Phase.VALIDATING, force=True)
         dataset = data.MicroBatches(self.val_set, self.recipe, self.cfg.run.seed, self.profile.batch_size, False)
         batches = data.iterate(dataset, data.eval_keys(len(self.val_set), self.profile.batch_size),
                                self.workers, self.cfg.run.seed, self.device.type != "cpu")
@@ -265,10 +268,10 @@ class Trainer:
                 loss_sum, correct, valid = loss_sum + float(loss), correct + int(right), valid + int(mb.valid.sum())
                 self.reporter.beat()
         self.model.train()
-        self.reporter.beat("training", force=True)
+        self.reporter.beat(Phase.TRAINING, force=True)
         return correct / max(valid, 1), loss_sum / max(valid, 1)
 
     def _stop(self) -> int:
         self.ckpt.stop()
         say(f"stopped at step {self.progress.step} ({self.flags.stop_reason})")
-        return EXIT_STOPPED
+        return ExitCode.STOPPED

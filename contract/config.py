@@ -84,10 +84,6 @@ class Profile:
     memory_fraction: float = 0.0      # CUDA/MPS per-process memory cap; 0 = backend default
     empty_cache_every: int = 100      # MPS: torch.mps.empty_cache() every N micro-batches
 
-    def describe(self, effective_batch_size: int) -> str:
-        """'cpu batch 4 x accum 4' — how a rung is shown to people."""
-        return f"{self.device} batch {self.batch_size} x accum {effective_batch_size // self.batch_size}"
-
 
 @dataclass(frozen=True)
 class SupervisorSection:
@@ -122,8 +118,14 @@ class Config:
     def run_dir(self) -> Path:
         return self.run.runs_dir / self.run.name
 
-    def grad_accum(self, profile_index: int) -> int:
-        return self.train.effective_batch_size // self.profiles[profile_index].batch_size
+    def grad_accum(self, rung_index: int) -> int:
+        """Micro-batches per optimizer step on a rung: the effective batch is the same on every rung."""
+        return self.train.effective_batch_size // self.profiles[rung_index].batch_size
+
+    def rung_text(self, rung_index: int) -> str:
+        """'cpu batch 4 x accum 4': how a rung is shown to people."""
+        p = self.profiles[rung_index]
+        return f"{p.device} batch {p.batch_size} x accum {self.grad_accum(rung_index)}"
 
 
 SECTIONS = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,

@@ -63,3 +63,10 @@ def _images_under(folder: Path, extensions: tuple[str, ...]) -> list[str]:
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The sample order of an epoch: a pure function of (seed, epoch)."""
     return np.random.default_rng([seed, epoch, 0x0DE]).permutation(n)
+
+
+def step_files(cfg, epoch: int, cursor: int) -> list[str]:
+    """The image files of the optimizer step that starts at (epoch, sample cursor) of run config `cfg`."""
+    folder = scan(cfg.data.train_dir, cfg.data.extensions)
+    order = epoch_order(cfg.run.seed, epoch, len(folder))
+    return [folder.paths[int(i)] for i in order[cursor:cursor + cfg.train.effective_batch_size]]

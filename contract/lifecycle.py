@@ -1,4 +1,4 @@
-"""The run's lifecycle states and the transitions allowed between them.
+"""The run's lifecycle: its states and the transitions between them, the journal's event kinds, kill reasons.
 
 ::
 
@@ -35,7 +35,16 @@ class State(str, Enum):
 
     @property
     def final(self) -> bool:
+        """Nothing more happens under this supervisor (STOPPED and FAILED runs can be resumed)."""
         return self in (State.STOPPED, State.SUCCEEDED, State.FAILED)
+
+
+def is_final(value: str | None) -> bool:
+    """`State.final` for a state as read from a file (None or unknown: not final)."""
+    try:
+        return State(value).final
+    except ValueError:
+        return False
 
 
 ALLOWED = {
@@ -57,3 +66,33 @@ def check_transition(old: State, new: State) -> None:
     """Raise when `old → new` is not in the diagram above (a supervisor bug, never user input)."""
     if new not in ALLOWED[old]:
         raise BadTransition(f"illegal lifecycle transition {old.value} -> {new.value}")
+
+
+class Event(str, Enum):
+    """The kinds of event in the run's journal (journal.sqlite3), each with its own JSON details."""
+    SUPERVISOR_START = "supervisor_start"     # a supervisor took the run: pid, python
+    SUPERVISOR_ERROR = "supervisor_error"     # the supervisor itself failed: traceback, what it did then
+    BUDGET_RESET = "budget_reset"             # a person resumed: the restart budget starts afresh
+    ORPHAN = "orphan"                         # a previous supervisor's worker: pid, killed
+    STATE = "state"                           # a lifecycle transition: from, to, reason
+    SPAWN = "spawn"                           # an attempt began: pid, rung; step = its checkpoint's
+    WORKER_READY = "worker_ready"             # it passed the sanity check: device, skipped_checkpoints
+    CHECKPOINT = "checkpoint"                 # a commit seen in the heartbeat: path, taken
+    CHECKPOINT_REQUESTED = "checkpoint_requested"
+    HANG_DETECTED = "hang_detected"           # phase, silent_seconds
+    MEMORY_SOFT_LIMIT = "memory_soft_limit"   # worker, limit (bytes)
+    MEMORY_HARD_LIMIT = "memory_hard_limit"
+    EXIT = "exit"                             # an attempt ended: failure kind, signal, exit code, evidence...
+    RESTART = "restart"                       # delay, reason
+    STEP_DOWN = "step_down"                   # from, to (0-based rung indices), reason, same_step
+    GIVE_UP = "give_up"                       # reason, evidence
+    FINISH = "finish"                         # model
+    HOOK = "hook"                             # command, exit_code
+
+
+class Kill(str, Enum):
+    """Why the supervisor itself ended (or began to end) a worker."""
+    STOP = "stop"                   # a stop was requested: SIGTERM, it checkpoints and exits
+    HANG = "hang"                   # no progress: SIGABRT for the stacks, then SIGKILL
+    MEMORY_SOFT = "memory_soft"     # past the soft limit: SIGTERM, it checkpoints, next rung
+    MEMORY_HARD = "memory_hard"     # past the hard limit: SIGKILL at once

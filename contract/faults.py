@@ -1,0 +1,72 @@
+"""Test-only fault injection: the spec both processes read, inert unless ``TRAINCTL_FAULTS`` is set.
+
+Spec: comma-separated ``point:action[@step][:once|:rungN]``, e.g. ``train_step:sigkill@5:once``.
+``once`` fires in the first process that reaches it only (a marker file in the run folder remembers
+it), so the next attempt recovers; ``rungN`` fires only on rung N of the ladder (1 = first).
+The worker's points and actions are in `trainctl.worker.faults`. The supervisor has one point,
+``supervisor`` (each look at the worker, step = the step the worker reported; it fires from that
+step on, since a look may fall between steps), and one action, ``exception``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .protocol import ENV_FAULTS
+from .runfolder import FAULTS_FIRED_DIR
+
+
+@dataclass(frozen=True)
+class Rule:
+    point: str
+    action: str
+    step: int | None      # None: at every hit of the point
+    once: bool
+    text: str             # the rule as written (names its `once` marker)
+
+
+def parse(spec: str, rung_index: int | None = None) -> list[Rule]:
+    """The rules of `spec` that apply on this rung (all of them when `rung_index` is None)."""
+    rules = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        point, action = parts[0], parts[1]
+        flag = parts[2] if len(parts) > 2 else ""
+        if flag.startswith("rung") and rung_index is not None and int(flag[4:]) != rung_index + 1:
+            continue
+        step = None
+        if "@" in action:
+            action, at = action.split("@")
+            step = int(at)
+        rules.append(Rule(point, action, step, flag == "once", item))
+    return rules
+
+
+class Injector:
+    """The rules of this process; `due` answers which actions fire at a point."""
+
+    def __init__(self, rules: list[Rule], run_dir: Path):
+        self.rules, self.run_dir = rules, Path(run_dir)
+
+    def due(self, point: str, step: int | None = None, from_step_on: bool = False) -> list[str]:
+        """Actions of the rules at `point` that fire now (a `once` rule fires a single time per run)."""
+        fired = []
+        for rule in self.rules:
+            if rule.point != point:
+                continue
+            if rule.step is not None and (step is None or (step < rule.step if from_step_on else step != rule.step)):
+                continue
+            if rule.once:
+                marker = self.run_dir / FAULTS_FIRED_DIR / rule.text.replace(":", "_").replace("@", "_")
+                if marker.exists():
+                    continue
+                marker.parent.mkdir(exist_ok=True)
+                marker.write_text(str(os.getpid()))
+            fired.append(rule.action)
+        return fired
+
+
+def from_env(run_dir: Path, rung_index: int | None = None) -> Injector:
+    """This process's injector: no rules unless TRAINCTL_FAULTS is set."""
+    return Injector(parse(os.environ.get(ENV_FAULTS, ""), rung_index), run_dir)

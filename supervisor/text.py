@@ -1,0 +1,29 @@
+"""How numbers read to people: durations, ages, sizes, shares. One formatter each, for every view."""
+from __future__ import annotations
+
+
+def duration(seconds) -> str:
+    """'42s', '3m07s', '2h05m'; '—' when unknown."""
+    if seconds is None:
+        return "—"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def ago(seconds) -> str:
+    """'3m07s ago'; 'never' when unknown."""
+    return "never" if seconds is None else f"{duration(seconds)} ago"
+
+
+def gib(value) -> str:
+    """'1.25 GiB'; '—' when unknown or zero."""
+    return f"{value / 2**30:.2f} GiB" if isinstance(value, (int, float)) and value else "—"
+
+
+def percent(value) -> str:
+    """'93.1%'; '—' when unknown."""
+    return f"{value:.1%}" if isinstance(value, (int, float)) else "—"

@@ -1,0 +1,190 @@
+"""Table tests for `assess`, the pure core of watching a worker: every verdict, no processes, no clock."""
+from __future__ import annotations
+
+import dataclasses
+import signal
+
+import pytest
+
+from trainctl.contract.lifecycle import Event, Kill, State
+from trainctl.contract.protocol import Heartbeat, Phase
+from trainctl.supervisor.classify import MemorySample
+from trainctl.supervisor.watch import (
+    ABORT_GRACE_SECONDS,
+    TOUCH_SECONDS,
+    Enter,
+    KillGroup,
+    Limits,
+    Ping,
+    Ready,
+    Record,
+    Say,
+    Seen,
+    Send,
+    StartStandby,
+    Tell,
+    Touch,
+    Watch,
+    assess,
+    status_line,
+)
+
+GiB = 2**30
+LIMITS = Limits(hang_timeout=30, startup_timeout=100, stop_timeout=20, soft_limit=4 * GiB, hard_limit=8 * GiB)
+STANDBY = dataclasses.replace(LIMITS, warm_standby=True)
+
+
+def hb(beat: int, phase: Phase = Phase.TRAINING, step: int = 3, attempt: int = 1, **fields) -> Heartbeat:
+    return Heartbeat(pid=900, attempt=attempt, rung_index=0, beat=beat, phase=phase, step=step, epochs=3,
+                     total_steps=18, **fields)
+
+
+def mem(gib: float) -> MemorySample:
+    return MemorySample(at=0.0, worker=int(gib * GiB), available=20 * GiB, total=24 * GiB)
+
+
+BOOTING = Watch(attempt=1, rung_index=0, rung_text="cpu batch 8 x accum 2", restarts=0, start_step=0,
+                last_progress_at=0.0, touched_at=0.0)
+BOOTED = dataclasses.replace(BOOTING, beat=1, heartbeat=hb(1, Phase.BOOTING, step=0))
+TRAINING = dataclasses.replace(BOOTING, beat=5, heartbeat=hb(5), ready=True, last_progress_at=10.0, touched_at=10.0)
+
+
+def at(now: float, watch: Watch = TRAINING, **seen) -> tuple[Watch, Seen]:
+    """A look at time `now`; unless told otherwise, state.json was just written (no Touch in the expectation)."""
+    watch = dataclasses.replace(watch, touched_at=max(watch.touched_at, now - 1))
+    return watch, Seen(now=now, state=State.RUNNING if watch.ready else State.STARTING, **seen)
+
+
+def hang_record(step, phase: str, silent: float) -> Record:
+    return Record(Event.HANG_DETECTED, step, {"phase": phase, "silent_seconds": silent})
+
+
+SAY = "Say"   # the words are people's, checked apart; the table checks what is done
+CASES = [
+    # (what, (watch, seen), limits, commands in order, fields of the new watch)
+    ("booting: a first beat is progress and keeps the watchdog fed",
+     at(1, BOOTING, heartbeat=hb(1, Phase.BOOTING, step=0)), LIMITS, [Ping()],
+     {"beat": 1, "last_progress_at": 1, "ready": False}),
+    ("sanity check passed: ready, running, READY=1",
+     at(2, BOOTED, heartbeat=hb(2, Phase.TRAINING, step=0)), LIMITS,
+     [Record(Event.WORKER_READY, 0, {"device": None, "skipped_checkpoints": []}), Enter(State.RUNNING), "Ready",
+      "Tell", Ping()], {"ready": True, "touched_at": 2}),
+    ("ready with warm_standby: the next worker boots now",
+     at(2, BOOTED, heartbeat=hb(2, Phase.TRAINING, step=0)), STANDBY,
+     [Record(Event.WORKER_READY, 0, {"device": None, "skipped_checkpoints": []}), Enter(State.RUNNING), "Ready",
+      StartStandby(), "Tell", Ping()], {"ready": True}),
+    ("ready with a standby already waiting: no second one",
+     at(2, BOOTED, heartbeat=hb(2, Phase.TRAINING, step=0), has_standby=True), STANDBY,
+     [Record(Event.WORKER_READY, 0, {"device": None, "skipped_checkpoints": []}), Enter(State.RUNNING), "Ready",
+      "Tell", Ping()], {"ready": True}),
+    ("a new commit in the heartbeat is journaled once",
+     at(11, heartbeat=hb(6, last_checkpoint={"step": 3, "path": "p", "taken": 9.5})), LIMITS,
+     [Record(Event.CHECKPOINT, 3, {"path": "p", "taken": 9.5}), "Tell", Ping()], {"checkpoint_step": 3}),
+    ("the same commit seen again: nothing",
+     at(11, dataclasses.replace(TRAINING, checkpoint_step=3), heartbeat=hb(6, last_checkpoint={"step": 3})),
+     LIMITS, ["Tell", Ping()], {"checkpoint_step": 3}),
+    ("a heartbeat of another attempt is not this worker's progress",
+     at(20, heartbeat=hb(99, attempt=7)), LIMITS, ["Tell"], {"beat": 5, "last_progress_at": 10}),
+    ("training, silent, under the hang timeout: no verdict, no ping",
+     at(39.9), LIMITS, ["Tell"], {"kill": None}),
+    ("training, silent for the hang timeout: stacks (SIGABRT, SIGCONT for a stopped one), then a kill deadline",
+     at(40), LIMITS, [hang_record(3, "training", 30.0), SAY, Send(signal.SIGABRT), Send(signal.SIGCONT), "Tell"],
+     {"kill": Kill.HANG, "kill_deadline": 40 + ABORT_GRACE_SECONDS}),
+    ("booting, silent under the startup timeout: still healthy",
+     at(99, BOOTED), LIMITS, [Ping()], {"kill": None}),
+    ("booting, silent for the startup timeout (not the hang timeout): hung",
+     at(100, BOOTED), LIMITS, [hang_record(0, "booting", 100.0), SAY, Send(signal.SIGABRT), Send(signal.SIGCONT)],
+     {"kill": Kill.HANG, "kill_deadline": 100 + ABORT_GRACE_SECONDS}),
+    ("no heartbeat at all is booting too",
+     at(100, BOOTING), LIMITS, [hang_record(None, "booting", 100.0), SAY, Send(signal.SIGABRT),
+                                Send(signal.SIGCONT)], {"kill": Kill.HANG}),
+    ("below both memory limits: nothing",
+     at(11, heartbeat=hb(6), memory=mem(3.9)), LIMITS, ["Tell", Ping()], {"kill": None}),
+    ("past the soft memory limit: SIGTERM (it checkpoints), a stop deadline",
+     at(11, heartbeat=hb(6), memory=mem(5)), LIMITS,
+     [Record(Event.MEMORY_SOFT_LIMIT, None, {"worker": 5 * GiB, "limit": 4 * GiB}), SAY, Send(signal.SIGTERM), "Tell"],
+     {"kill": Kill.MEMORY_SOFT, "kill_deadline": 11 + 20}),
+    ("past the hard memory limit: killed at once",
+     at(11, heartbeat=hb(6), memory=mem(9)), LIMITS,
+     [Record(Event.MEMORY_HARD_LIMIT, None, {"worker": 9 * GiB, "limit": 8 * GiB}), SAY, KillGroup(), "Tell"],
+     {"kill": Kill.MEMORY_HARD}),
+    ("past the hard limit while the soft stop is under way: killed at once",
+     at(12, dataclasses.replace(TRAINING, kill=Kill.MEMORY_SOFT, kill_deadline=31), memory=mem(9)), LIMITS,
+     [Record(Event.MEMORY_HARD_LIMIT, None, {"worker": 9 * GiB, "limit": 8 * GiB}), SAY, KillGroup(), "Tell"],
+     {"kill": Kill.MEMORY_HARD, "kill_deadline": 31}),
+    ("still past the soft limit while its stop is under way: asked once",
+     at(12, dataclasses.replace(TRAINING, kill=Kill.MEMORY_SOFT, kill_deadline=31), memory=mem(5)), LIMITS,
+     ["Tell"], {"kill": Kill.MEMORY_SOFT}),
+    ("memory is not judged again once a hang is being dealt with",
+     at(41, dataclasses.replace(TRAINING, kill=Kill.HANG, kill_deadline=45), memory=mem(9)), LIMITS, ["Tell"],
+     {"kill": Kill.HANG}),
+    ("stop requested: STOPPING, SIGTERM, a deadline",
+     at(11, stop_requested=True), LIMITS,
+     [Enter(State.STOPPING, "stop requested"), SAY, Send(signal.SIGTERM), "Tell"],
+     {"stop_sent": True, "kill": Kill.STOP, "kill_deadline": 11 + 20, "touched_at": 11}),
+    ("stop requested while booting",
+     at(1, BOOTING, stop_requested=True), LIMITS, [Enter(State.STOPPING, "stop requested"), SAY, Send(signal.SIGTERM)],
+     {"kill": Kill.STOP, "kill_deadline": 21}),
+    ("stop requested while a hang kill is under way: its earlier deadline stands",
+     at(41, dataclasses.replace(TRAINING, kill=Kill.HANG, kill_deadline=45), stop_requested=True), LIMITS,
+     [Enter(State.STOPPING, "stop requested"), SAY, Send(signal.SIGTERM), "Tell"],
+     {"kill": Kill.HANG, "kill_deadline": 45}),
+    ("a stop request is carried out once",
+     at(12, dataclasses.replace(TRAINING, stop_sent=True, kill=Kill.STOP, kill_deadline=31), stop_requested=True),
+     LIMITS, ["Tell"], {"kill_deadline": 31}),
+    ("the kill deadline passes: the process group is killed",
+     at(31, dataclasses.replace(TRAINING, stop_sent=True, kill=Kill.STOP, kill_deadline=31), stop_requested=True),
+     LIMITS, [SAY, KillGroup(), "Tell"], {"kill_deadline": None}),
+    ("checkpoint requested: SIGUSR1, journaled",
+     at(11, heartbeat=hb(6), checkpoint_requested=True), LIMITS,
+     [Send(signal.SIGUSR1), Record(Event.CHECKPOINT_REQUESTED), "Tell", Ping()], {}),
+    ("watchdog: a new beat since the last ping, so a ping",
+     at(11, heartbeat=hb(6)), LIMITS, ["Tell", Ping()], {"fresh_beat": False, "last_progress_at": 11}),
+    ("watchdog: no new beat since the last ping, so no ping",
+     at(11, heartbeat=hb(5)), LIMITS, ["Tell"], {"fresh_beat": False, "last_progress_at": 10}),
+    ("watchdog: never while trainctl is ending the worker, however it beats",
+     at(11, dataclasses.replace(TRAINING, stop_sent=True, kill=Kill.STOP, kill_deadline=31), heartbeat=hb(6)),
+     LIMITS, ["Tell"], {}),
+    ("state.json is rewritten every TOUCH_SECONDS (status's 'last seen')",
+     (TRAINING, Seen(now=10 + TOUCH_SECONDS, heartbeat=hb(6), state=State.RUNNING)), LIMITS,
+     [Touch(), "Tell", Ping()], {"touched_at": 10 + TOUCH_SECONDS}),
+]
+
+
+def shape(commands: list) -> list:
+    return [type(c).__name__ if isinstance(c, (Say, Tell, Ready)) else c for c in commands]
+
+
+@pytest.mark.parametrize("what,look,limits,expected,fields", CASES, ids=[c[0] for c in CASES])
+def test_assess(what, look, limits, expected, fields):
+    watch, seen = look
+    new, commands = assess(watch, seen, limits)
+    assert shape(commands) == expected
+    for name, value in fields.items():
+        assert getattr(new, name) == value, name
+
+
+def test_the_table_covers_every_command_and_kill():
+    seen = {type(c) for case in CASES for c in case[3] if not isinstance(c, str)}
+    seen |= {Say, Tell, Ready}
+    assert seen == {Send, KillGroup, Enter, Record, Say, Ready, Tell, Ping, Touch, StartStandby}
+    assert {case[4].get("kill") for case in CASES} >= set(Kill)
+
+
+def test_people_read_what_is_happening():
+    _, commands = assess(*at(40), LIMITS)
+    assert "no progress for 30 s (phase training)" in next(c.message for c in commands if isinstance(c, Say))
+    _, commands = assess(*at(11, memory=mem(5)), LIMITS)
+    assert "5.00 GiB is past the soft limit" in next(c.message for c in commands if isinstance(c, Say))
+
+
+def test_the_service_status_line_names_progress_rung_and_restarts():
+    line = status_line(dataclasses.replace(TRAINING, heartbeat=hb(5, loss=0.5), restarts=2), State.RUNNING)
+    assert line == "running: epoch 1/3 step 3/18 loss 0.5000 | rung 1 (cpu batch 8 x accum 2) | restarts 2"
+
+
+def test_assess_is_pure():
+    """Same look, same answer; the watch it was given is untouched."""
+    watch, seen = at(40)
+    first, second = assess(watch, seen, LIMITS), assess(watch, seen, LIMITS)
+    assert first == second and watch.kill is None
