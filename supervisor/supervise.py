@@ -26,7 +26,7 @@ from typing import Callable
 
 import filelock
 
-from trainctl.contract import faults, folders, fsio
+from trainctl.contract import faults, fsio
 from trainctl.contract.config import Config, load
 from trainctl.contract.lifecycle import Event, Kill, State, check_transition
 from trainctl.contract.protocol import ORPHAN_GRACE_SECONDS, ExitCode, read_heartbeat
@@ -418,6 +418,7 @@ class Supervisor:
         last = self.history[-1]
         if last.epoch is None or last.cursor is None:
             return []
+        from trainctl.contract import folders   # numpy: loaded only when a run gives up, not for every night
         try:
             return folders.step_files(self.cfg, last.epoch, last.cursor)
         except (OSError, ValueError):
