@@ -65,9 +65,7 @@ def images_per_second(times: list[float], args) -> float:
 
 
 def trainctl_run(args, folder: Path, supervised: bool, deterministic: bool = True) -> float:
-    from trainctl.supervisor.demo_data import (
-        small_config,  # not at the top: the plain loop's process runs this file
-    )
+    from trainctl.supervisor.demo_data import small_config  # not at the top: the plain loop's process runs this file
     root = Path(tempfile.mkdtemp(prefix="trainctl-tput-"))
     epochs = math.ceil(args.steps / (args.photos // args.batch))   # as many as `steps` needs
     run_dir = frozen_run(root / "run.toml", small_config(

@@ -1,4 +1,4 @@
-"""Size-bounded logs: copy-then-truncate, safe because every writer opened the file with O_APPEND."""
+"""Logs: size-bounded by copy-then-truncate (safe because every writer opened the file with O_APPEND), and read from the end."""
 from __future__ import annotations
 
 import os
@@ -25,3 +25,14 @@ def rotate_if_needed(path: Path, max_bytes: int = MAX_BYTES, keep: int = KEEP) -
     # Writers append (O_APPEND), so after truncation their next line lands at the new end.
     os.truncate(path, 0)
     return True
+
+
+def tail(path: Path, limit: int) -> str:
+    """The last `limit` bytes of a file as text ("" when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""

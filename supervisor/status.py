@@ -9,15 +9,8 @@ from trainctl.contract.config import FROZEN_HEADER
 from trainctl.contract.lifecycle import Event, State, is_final
 from trainctl.contract.protocol import read_heartbeat
 from trainctl.contract.records import CheckpointStatus, Crash, RungStatus, Status
-from trainctl.contract.runfolder import (
-    BAD_IMAGES_FILE,
-    CONFIG_FILE,
-    METRICS_FILE,
-    MODEL_FILE,
-    REPORT_FILE,
-    newest_checkpoint,
-    read_json,
-)
+from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, REPORT_FILE,
+                                         newest_checkpoint, read_json)
 
 from . import runstate
 from .journal import read_events

@@ -24,50 +24,21 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-import filelock
-
-from trainctl.contract import faults, fsio
+from trainctl.contract import faults
 from trainctl.contract.config import Config, load
-from trainctl.contract.lifecycle import Event, Kill, State, check_transition
-from trainctl.contract.protocol import ORPHAN_GRACE_SECONDS, ExitCode, read_heartbeat
-from trainctl.contract.records import RunState
-from trainctl.contract.runfolder import (
-    CONFIG_FILE,
-    LOG_DIR,
-    LOGS,
-    MODEL_FILE,
-    REPORT_FILE,
-    WORKER_LOCK,
-    WORKER_LOG,
-    error_json_path,
-    fault_log_path,
-    newest_checkpoint,
-    read_error,
-)
+from trainctl.contract.lifecycle import Event, Kill, State
+from trainctl.contract.protocol import ExitCode, read_heartbeat
+from trainctl.contract.runfolder import (CONFIG_FILE, LOG_DIR, MODEL_FILE, REPORT_FILE, WORKER_LOG,
+                                         error_json_path, fault_log_path, newest_checkpoint, read_error)
 
-from . import logfiles, report, runstate
+from . import logfiles, report, runstate, takeover
 from .classify import Exit, Failure, Kind, MemorySample, classify
+from .diary import Diary
 from .host import Host
-from .journal import Journal, read_events
+from .journal import read_events
 from .policy import CLEAN, Action, Attempt, Do, Settings, decide, recall
-from .trouble import Trouble
-from .watch import (
-    Enter,
-    KillGroup,
-    Limits,
-    Ping,
-    Ready,
-    Record,
-    Say,
-    Seen,
-    Send,
-    StartStandby,
-    Tell,
-    Touch,
-    Watch,
-    assess,
-    take_heartbeat,
-)
+from .watch import (Enter, KillGroup, Limits, Ping, Ready, Record, Say, Seen, Send, StartStandby, Tell, Touch,
+                    Watch, assess, take_heartbeat)
 
 ERROR_JSON_KINDS = (Kind.EXCEPTION, Kind.OOM, Kind.CONFIG_ERROR, Kind.DISK_FULL)
 MEMORY_HISTORY = 120
@@ -94,7 +65,6 @@ class Supervisor:
         self.rung_index = min(max(rung, 0), len(cfg.profiles) - 1)
         self.attempt, self.restarts, self.history = past.attempt, past.restarts, list(past.history)
         self.fresh_budget = fresh_budget
-        self.state, self.reason = State.STARTING, None
         self.memory: collections.deque[MemorySample] = collections.deque(maxlen=MEMORY_HISTORY)
         self.worker = None
         self.watch: Watch | None = None    # the attempt in flight, as last assessed
@@ -102,8 +72,7 @@ class Supervisor:
         self.awake = None
         self.stop_requested = False
         self.checkpoint_requested = False
-        self.journal = Journal(self.run_dir, self.echo, self.host.clock)
-        self.state_file = Trouble("state.json", self.echo)
+        self.diary = Diary(self.run_dir, self.echo, self.host.clock, int(s.log_max_mb * 2**20), self._facts)
         self.faults = faults.from_env(self.run_dir)
 
     # ---- requests from signal handlers (they only set flags) -------------------------------------
@@ -132,15 +101,15 @@ class Supervisor:
                 self.standby.release()
             if self.awake is not None:
                 self.awake.stop()
-            self.journal.flush()
-            self.journal.close()
+            self.diary.close()
 
     def _supervise(self) -> int:
         self._record(Event.SUPERVISOR_START, pid=os.getpid(), python=sys.executable)
         if self.fresh_budget:
-            self._grant_fresh_budget()
-        self._settle_orphans()
-        self._clean_temps()
+            takeover.grant_fresh_budget(self.history, self._record, self.echo)
+            self.history = []
+        takeover.settle_orphans(self.host, self.run_dir, self._record, self.echo)
+        takeover.remove_interrupted_writes(self.run_dir, self.echo)
         self._set_state(State.STARTING)
         if self.cfg.supervisor.keep_awake:
             self.awake = self.host.keep_awake(self.cfg.run.name, os.getpid(), self.echo)
@@ -173,7 +142,7 @@ class Supervisor:
                      rung=dataclasses.asdict(self.cfg.profiles[self.rung_index]))
         self.echo(f"attempt {self.attempt}: worker pid {self.worker.pid} on rung {self.rung_index + 1} ({text}), "
                   f"from {'step ' + str(start_step) if start_step is not None else 'the start'}")
-        self._write_state(durable=True)
+        self.diary.write(durable=True)
         now = self.host.clock()
         return Watch(self.attempt, self.rung_index, text, self.restarts, start_step or 0, last_progress_at=now,
                      touched_at=now, checkpoint_step=start_step)
@@ -191,7 +160,7 @@ class Supervisor:
             w, commands = assess(w, self._seen(hb, sample, requested), self.limits)
             self.watch = w
             self._carry_out(w, commands)
-            self.journal.flush()
+            self.diary.flush()
             self.worker.wait(self.cfg.supervisor.poll_seconds)   # returns at once when the worker exits
         self.worker.kill_group()   # loader processes that outlived the worker
         w, commands = take_heartbeat(w, self._seen(self._heartbeat(w)), self.limits)   # its last word
@@ -216,7 +185,7 @@ class Supervisor:
                 case Enter(state, reason):
                     self._set_state(state, reason)
                 case Record(event, step, data):
-                    self.journal.record(event, w.attempt, w.rung_index, step, **data)
+                    self.diary.record(event, w.attempt, w.rung_index, step, **data)
                 case Say(message):
                     self.echo(message)
                 case Ready(status):
@@ -226,15 +195,17 @@ class Supervisor:
                 case Ping():
                     self.host.notifier.watchdog()
                 case Touch():
-                    self._touch()
+                    self.diary.touch()
+                    if self.awake is not None:
+                        self.awake.check()
                 case StartStandby():
                     self.standby = self.host.spawn_standby(self.run_dir)   # the next worker, already booted
 
     def _classify(self, w: Watch, rc: int) -> Failure:
         ended = Exit(returncode=rc, heartbeat_seen=w.heartbeat is not None,
                      we_killed=w.kill if w.kill is not Kill.STOP else None, error=read_error(self.run_dir, w.attempt),
-                     fault_log=_tail(fault_log_path(self.run_dir, w.attempt), 8000),
-                     output_tail=_tail(self.run_dir / LOG_DIR / WORKER_LOG, 3000))
+                     fault_log=logfiles.tail(fault_log_path(self.run_dir, w.attempt), 8000),
+                     output_tail=logfiles.tail(self.run_dir / LOG_DIR / WORKER_LOG, 3000))
         return classify(ended, list(self.memory), self.limits.soft_limit)
 
     def _judge(self, w: Watch, failure: Failure) -> Action:
@@ -255,11 +226,11 @@ class Supervisor:
         clean = failure.kind in CLEAN
         evidence = (error_json_path(self.run_dir, w.attempt) if failure.kind in ERROR_JSON_KINDS
                     else fault_log_path(self.run_dir, w.attempt))
-        self.journal.record(Event.EXIT, w.attempt, w.rung_index, step, failure=failure.kind.value,
-                            signal=failure.signal, exit_code=failure.exit_code, detail=failure.detail, epoch=epoch,
-                            cursor=cursor, memory=failure.memory, evidence=None if clean else str(evidence),
-                            progressed=progressed, checkpoints_written=hb.checkpoints_written if hb else 0,
-                            checkpoint_blocked_seconds=hb.checkpoint_blocked_seconds if hb else 0.0)
+        self.diary.record(Event.EXIT, w.attempt, w.rung_index, step, failure=failure.kind.value,
+                          signal=failure.signal, exit_code=failure.exit_code, detail=failure.detail, epoch=epoch,
+                          cursor=cursor, memory=failure.memory, evidence=None if clean else str(evidence),
+                          progressed=progressed, checkpoints_written=hb.checkpoints_written if hb else 0,
+                          checkpoint_blocked_seconds=hb.checkpoint_blocked_seconds if hb else 0.0)
         if not clean:
             self.echo(f"attempt {w.attempt} ended: {failure.kind.value} — {failure.detail}")
 
@@ -283,7 +254,7 @@ class Supervisor:
             return self._end(State.FAILED, reason, ExitCode.FAILED)
         self.restarts += 1
         if action.do is Do.STEP_DOWN:
-            self.journal.record(Event.STEP_DOWN, self.attempt, action.rung_index, **{
+            self.diary.record(Event.STEP_DOWN, self.attempt, action.rung_index, **{
                 "from": self.rung_index, "to": action.rung_index, "reason": action.reason,
                 "same_step": action.same_step})
             self.echo(f"stepping down to rung {action.rung_index + 1} ({self.cfg.rung_text(action.rung_index)}): "
@@ -300,7 +271,7 @@ class Supervisor:
         """Final state: the morning report, the service manager told, the person's hook run."""
         self._set_state(state, reason)
         hb = read_heartbeat(self.run_dir)
-        self.journal.flush()
+        self.diary.flush()
         summary = report.write(self.run_dir, state.value, reason, hb.val_acc if hb else None)
         self.host.notifier.stopping(f"{state.value}" + (f": {reason}" if reason else ""))
         hook = {State.SUCCEEDED: self.cfg.supervisor.on_finish, State.FAILED: self.cfg.supervisor.on_failure}.get(state)
@@ -338,80 +309,32 @@ class Supervisor:
         return ExitCode.INTERNAL_ERROR
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _record(self, event: Event, step: int | None = None, **data) -> None:
-        self.journal.record(event, self.attempt, self.rung_index, step, **data)
+    @property
+    def state(self) -> State:
+        return self.diary.state
 
-    def _grant_fresh_budget(self) -> None:
-        """A person resumed the run: the crash-loop budget starts again (said, and journaled)."""
-        failed = [a for a in self.history if a.kind not in CLEAN]
-        if failed:
-            self._record(Event.BUDGET_RESET, attempts=len(self.history), failed=len(failed))
-            self.echo(f"resumed by hand: a fresh restart budget ({len(failed)} earlier failed attempt(s) no "
-                      f"longer count toward max_restarts_per_profile and same_step_limit)")
-        self.history = []
+    def _record(self, event: Event, step: int | None = None, **data) -> None:
+        self.diary.record(event, self.attempt, self.rung_index, step, **data)
 
     def _set_state(self, new: State, reason: str | None = None) -> None:
-        if new is not self.state:
-            check_transition(self.state, new)
-            self._record(Event.STATE, **{"from": self.state.value, "to": new.value, "reason": reason})
-            self.state = new
-        self.reason = reason
-        self._write_state(durable=True)
+        self.diary.enter(new, reason, self.attempt, self.rung_index)
 
-    def _write_state(self, durable: bool) -> None:
+    def _facts(self) -> dict:
+        """state.json's fields besides the state and its reason."""
         alive = self.worker is not None and self.worker.poll() is None
-        state = RunState(self.state, self.reason, self.cfg.run.name, os.getpid(), self.worker.pid if alive else None,
-                         self.rung_index, dataclasses.asdict(self.cfg.profiles[self.rung_index]),
-                         self.cfg.grad_accum(self.rung_index), len(self.cfg.profiles), self.attempt, self.restarts,
-                         dataclasses.asdict(self.memory[-1]) if self.memory else None)
-        try:
-            runstate.write_state(self.run_dir, state, durable)
-        except OSError as e:
-            self.state_file.failed(e, "the run goes on; `trainctl status` may show an older state until it heals")
-        else:
-            self.state_file.healed()
-
-    def _touch(self) -> None:
-        self._write_state(durable=False)
-        for name in LOGS:
-            try:
-                logfiles.rotate_if_needed(self.run_dir / LOG_DIR / name, int(self.cfg.supervisor.log_max_mb * 2**20))
-            except OSError as e:
-                self.echo(f"could not rotate {name}: {e}")
-        if self.awake is not None:
-            self.awake.check()
+        return {"run_name": self.cfg.run.name, "supervisor_pid": os.getpid(),
+                "worker_pid": self.worker.pid if alive else None, "rung_index": self.rung_index,
+                "rung": dataclasses.asdict(self.cfg.profiles[self.rung_index]),
+                "grad_accum": self.cfg.grad_accum(self.rung_index), "ladder_size": len(self.cfg.profiles),
+                "attempt": self.attempt, "restarts": self.restarts,
+                "memory": dataclasses.asdict(self.memory[-1]) if self.memory else None}
 
     def _wait(self, seconds: float) -> None:
         """Back off, in short ticks so a stop request is not kept waiting."""
         until = self.host.clock() + seconds
         while not self.stop_requested and (left := until - self.host.clock()) > 0:
-            self.journal.flush()
+            self.diary.flush()
             self.host.sleep(min(left, self.cfg.supervisor.poll_seconds))
-
-    def _settle_orphans(self) -> None:
-        """A worker left by a supervisor that died gets its grace period, then is killed."""
-        found = self.host.find_orphans(self.run_dir)
-        if not found:
-            return
-        self.echo(f"an orphaned worker of a previous supervisor is still running (pid "
-                  f"{', '.join(str(p.pid) for p in found)}): letting it checkpoint and exit")
-        for pid, killed in self.host.settle_orphans(found, ORPHAN_GRACE_SECONDS + 5):
-            self._record(Event.ORPHAN, pid=pid, killed=killed)
-            if killed:
-                self.echo(f"orphaned worker {pid} did not exit in time: killed its process group")
-
-    def _clean_temps(self) -> None:
-        """Leftovers of interrupted writes in the run directory, when no worker can be writing."""
-        lock = filelock.FileLock(self.run_dir / WORKER_LOCK)
-        try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
-            return   # an orphaned worker is still finishing: its files are its own
-        try:
-            for name in fsio.remove_stale_temps(self.run_dir):
-                self.echo(f"removed {name} (an interrupted write)")
-        finally:
-            lock.release()
 
     def _files_of_step(self) -> list[str]:
         """The images of the step that keeps failing (the order is a pure function of seed and epoch)."""
@@ -423,16 +346,6 @@ class Supervisor:
             return folders.step_files(self.cfg, last.epoch, last.cursor)
         except (OSError, ValueError):
             return []
-
-
-def _tail(path: Path, limit: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - limit))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 def serve(run_dir: Path, start_rung: int | None = None, fresh_budget: bool = False,

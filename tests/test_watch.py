@@ -9,25 +9,9 @@ import pytest
 from trainctl.contract.lifecycle import Event, Kill, State
 from trainctl.contract.protocol import Heartbeat, Phase
 from trainctl.supervisor.classify import MemorySample
-from trainctl.supervisor.watch import (
-    ABORT_GRACE_SECONDS,
-    TOUCH_SECONDS,
-    Enter,
-    KillGroup,
-    Limits,
-    Ping,
-    Ready,
-    Record,
-    Say,
-    Seen,
-    Send,
-    StartStandby,
-    Tell,
-    Touch,
-    Watch,
-    assess,
-    status_line,
-)
+from trainctl.supervisor.watch import (ABORT_GRACE_SECONDS, TOUCH_SECONDS, Enter, KillGroup, Limits, Ping, Ready,
+                                       Record, Say, Seen, Send, StartStandby, Tell, Touch, Watch, assess,
+                                       status_line)
 
 GiB = 2**30
 LIMITS = Limits(hang_timeout=30, startup_timeout=100, stop_timeout=20, soft_limit=4 * GiB, hard_limit=8 * GiB)

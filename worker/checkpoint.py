@@ -29,13 +29,8 @@ from typing import Callable
 import torch
 
 from trainctl.contract import fsio
-from trainctl.contract.runfolder import (
-    CHECKPOINT_NAME,
-    Committed,
-    checkpoint_path,
-    committed_checkpoints,
-    marker_path,
-)
+from trainctl.contract.runfolder import (CHECKPOINT_NAME, Committed, checkpoint_path, committed_checkpoints,
+                                         marker_path)
 
 FORMAT = 1
 
