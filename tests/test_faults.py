@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import LONG, assert_same_weights, config_text, events, make_run, run_worker, wait_for
 from PIL import Image
 
 from trainctl.contract.lifecycle import State
@@ -20,6 +19,8 @@ from trainctl.contract.protocol import ExitCode, Phase, read_heartbeat
 from trainctl.contract.runfolder import committed_checkpoints, error_json_path
 from trainctl.supervisor.process import run_processes
 from trainctl.supervisor.runstate import read_state
+
+from conftest import LONG, assert_same_weights, config_text, events, make_run, run_worker, wait_for
 
 ONE_RUNG = [{"device": "cpu", "batch_size": 8}]                       # the ladder: batch 8 only
 EVERY = 3                                                              # [checkpoint] every_steps
@@ -171,3 +172,16 @@ def test_a_checkpoint_from_another_model_is_refused(tmp_path, dataset):
     message = json.loads(error_json_path(run_dir, 1).read_text())["message"]
     assert "different settings" in message and "model" in message and "test_vit" in message
     assert not (run_dir / "model.safetensors").exists()
+
+
+def test_a_checkpoint_request_arriving_during_a_snapshot_is_answered_not_swallowed(tmp_path, dataset):
+    """SIGUSR1 lands while a snapshot is being taken (here: as step 3's synchronous write begins). It asks
+    for one more checkpoint; the snapshot in progress must not wipe it out. Found under load in CI: the
+    request flag was cleared after the write had been handed over, losing a request that came meanwhile."""
+    text = config_text("usr1", dataset, train={"epochs": 2}, checkpoint={"async_write": False})
+    run_dir = make_run(tmp_path, "usr1", text)
+    result = run_worker(run_dir, faults="ckpt_begin:sigusr1@3:once")
+    assert result.returncode == ExitCode.OK, result.stdout + result.stderr
+    commits = [line for line in result.stdout.splitlines() if "committed" in line]
+    assert any("checkpoint at step 3 committed" in line and "interval" in line for line in commits), commits
+    assert any("checkpoint at step 4 committed" in line and "requested" in line for line in commits), commits

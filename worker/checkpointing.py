@@ -29,12 +29,18 @@ class Checkpointing:
         self.snapshot_time = time.monotonic()
         self.lead_steps, self.lead_seconds = 0, 0.0
         self.blocked_seconds, self.written = 0.0, 0
+        self.answered = 0                  # checkpoint requests (SIGUSR1) a snapshot has answered
         self.step_seconds = 0.0            # moving average of one optimizer step
         self._last_step_at = time.monotonic()
 
     @property
     def step(self) -> int:
         return self.t.progress.step
+
+    @property
+    def requested(self) -> bool:
+        """A checkpoint was asked for (SIGUSR1) since the last snapshot."""
+        return self.t.flags.checkpoint_requests > self.answered
 
     def after_step(self) -> None:
         """Collect a finished write, snapshot if due, and hold the line on the promise."""
@@ -43,7 +49,7 @@ class Checkpointing:
         self.step_seconds = took if not self.step_seconds else 0.9 * self.step_seconds + 0.1 * took
         self._collect(self.writer.poll())
         if self._due():
-            self.snapshot("requested" if self.t.flags.checkpoint else "interval")
+            self.snapshot("requested" if self.requested else "interval")
         if self.every_steps and self.step - self.committed_step >= self.every_steps:
             started = time.monotonic()
             self._collect(self.writer.wait())
@@ -61,7 +67,7 @@ class Checkpointing:
     def _due(self) -> bool:
         if self.writer.busy or self.snapshot_step == self.step:
             return False
-        if self.t.flags.checkpoint:
+        if self.requested:
             return True
         if self.every_steps and self.step - self.committed_step >= self.every_steps - self.lead_steps:
             return True
@@ -72,14 +78,15 @@ class Checkpointing:
         started = time.monotonic()
         self._collect(self.writer.wait())
         p = self.t.progress
+        asked = self.t.flags.checkpoint_requests   # answered by this snapshot; any later one by the next
         info = {"epoch": p.epoch, "cursor": p.cursor, "samples_seen": p.samples_seen, "reason": reason,
                 "taken": time.time(),   # when training stood at this step: re-done work after a crash counts from here
-                "requested": self.t.flags.checkpoint,   # SIGUSR1 answered (also when an epoch end came first)
+                "requested": asked > self.answered,   # SIGUSR1 answered (also when an epoch end came first)
                 "profile_index": self.t.rung_index, "attempt": self.t.reporter.fields["attempt"]}
+        self.answered = asked
         background = self.writer.background
         self.writer.submit(p.step, capture(self.t, background), info,
                            shares_training_memory=background and shares_training_memory(self.t))
-        self.t.flags.checkpoint = False
         self.snapshot_step, self.snapshot_time = p.step, time.monotonic()
         self.blocked_seconds += self.snapshot_time - started
         self.t.reporter.beat(checkpoint_blocked_seconds=round(self.blocked_seconds, 3))

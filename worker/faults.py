@@ -4,7 +4,7 @@ Points: ``train_step`` (before an optimizer step; step = completed steps), ``boo
 checkpoint-write phases ``ckpt_begin``, ``ckpt_bytes`` (mid-write), ``ckpt_written``,
 ``ckpt_synced`` (fsynced, not renamed), ``ckpt_renamed`` (renamed, directory not fsynced),
 ``ckpt_committed`` (durable, no marker yet), ``ckpt_marked``.
-Actions: sigkill, sigsegv, sigbus, sigabrt, exception, mps_oom, cuda_oom, cpu_oom, hang, spin,
+Actions: sigkill, sigsegv, sigbus, sigabrt, sigusr1 (a checkpoint request), exception, mps_oom, cuda_oom, cpu_oom, hang, spin,
 grow_memory (fast, until killed), leak (keeps 40 MB more at every hit), enospc.
 """
 from __future__ import annotations
@@ -45,6 +45,8 @@ class Faults:
         if action in _SIGNALS:
             os.kill(os.getpid(), _SIGNALS[action])
             time.sleep(5)  # a handled SIGABRT/SEGV returns here only if the signal was blocked
+        elif action == "sigusr1":   # a checkpoint request arriving at that very moment
+            os.kill(os.getpid(), signal.SIGUSR1)
         elif action == "exception":
             raise RuntimeError("injected fault: a Python exception in the training step")
         elif action == "mps_oom":

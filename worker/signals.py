@@ -18,8 +18,10 @@ class Flags:
 
     def __init__(self):
         self.stop = False
-        self.checkpoint = False
         self.stop_reason = ""
+        # SIGUSR1s received. A count, not a flag the loop clears: a request that arrives while a snapshot
+        # is being taken must not be wiped out by that snapshot (`Checkpointing` answers them by count).
+        self.checkpoint_requests = 0
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_term)
@@ -30,7 +32,7 @@ class Flags:
         self.stop, self.stop_reason = True, signal.Signals(signum).name
 
     def _on_usr1(self, _signum, _frame) -> None:
-        self.checkpoint = True
+        self.checkpoint_requests += 1
 
     def orphaned(self, *_args) -> None:
         """The supervisor is gone: checkpoint and stop; if that stalls, SIGALRM ends the process."""
