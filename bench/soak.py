@@ -160,8 +160,8 @@ def soak_round(root: Path, number: int, budget: int, rng: random.Random, kinds: 
         service = restarted(service, run_dir, env, log)
         if service.poll() is not None:
             break
-        try:
-            wait_for(lambda: current_worker(run_dir), 120, what="a training worker")
+        try:   # a service that exits meanwhile (a planted supervisor error: 70) is restarted at the loop's top
+            wait_for(lambda: current_worker(run_dir) or service.poll() is not None, 120, what="a training worker")
         except TimeoutError:
             break
         time.sleep(rng.uniform(0, 2.5))
