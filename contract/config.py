@@ -299,3 +299,33 @@ def identity(c: Config) -> dict:
             "label_smoothing": c.train.label_smoothing, "grad_clip": c.train.grad_clip,
             "crop_scale": list(c.data.crop_scale), "crop_ratio": list(c.data.crop_ratio),
             "hflip": c.data.hflip}
+
+
+# The settings an unfinished run's checkpoints fix, and where each lives in the TOML file: `identity` (the
+# worker refuses a checkpoint when one differs), [data] extensions (they choose the training set, which the
+# checkpoint also fixes) and [train] warmup_lr (the checkpoint's own scheduler state keeps the old value: a
+# new one would be ignored without a word). An exact run's data order, augmentations and learning-rate
+# schedule are functions of these. Everything else may change on resume: the ladder ([[profiles]]),
+# [supervisor], [checkpoint], [data] val_dir and max_image_pixels, log_every_steps, threads, deterministic.
+FIXED_ON_RESUME = {
+    "model": "[model] name", "img_size": "[model] img_size", "pretrained": "[model] pretrained",
+    "weights": "[model] weights", "train_dir": "[data] train_dir", "crop_scale": "[data] crop_scale",
+    "crop_ratio": "[data] crop_ratio", "hflip": "[data] hflip", "seed": "[run] seed", "epochs": "[train] epochs",
+    "effective_batch_size": "[train] effective_batch_size", "lr": "[train] lr", "opt": "[train] opt",
+    "weight_decay": "[train] weight_decay", "sched": "[train] sched", "warmup_epochs": "[train] warmup_epochs",
+    "warmup_lr": "[train] warmup_lr", "min_lr": "[train] min_lr", "label_smoothing": "[train] label_smoothing",
+    "grad_clip": "[train] grad_clip", "extensions": "[data] extensions",
+}
+
+
+def fixed_on_resume(c: Config) -> dict:
+    """The values of the settings in FIXED_ON_RESUME."""
+    return {**identity(c), "warmup_lr": c.train.warmup_lr, "extensions": list(c.data.extensions)}
+
+
+def resume_changes(frozen: Config, edited: Config) -> list[str]:
+    """'[train] epochs: 3 → 2' for each setting fixed by the run's checkpoints that `edited` changes."""
+    before, after = fixed_on_resume(frozen), fixed_on_resume(edited)
+    keys = list(FIXED_ON_RESUME) + sorted((before.keys() | after.keys()) - FIXED_ON_RESUME.keys())
+    return [f"{FIXED_ON_RESUME.get(key, key)}: {before.get(key)!r} → {after.get(key)!r}"
+            for key in keys if before.get(key) != after.get(key)]

@@ -1,6 +1,7 @@
 """The rules a config must follow beyond its types: ranges, consistency, sizes. Standard library only."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DEVICES = ("cpu", "cuda", "mps", "auto")
@@ -24,7 +25,8 @@ def validate(c, where: str = "config") -> None:
     if c.model.img_size is not None and not 8 <= c.model.img_size <= 4096:
         _fail(where, "[model] img_size", c.model.img_size, "is out of range", "use a size between 8 and 4096")
     if c.model.weights and not Path(c.model.weights).is_file():
-        _fail(where, "[model] weights", c.model.weights, "is not a file", "give the path of a local .safetensors or .pth file, or \"\"")
+        _fail(where, "[model] weights", c.model.weights, "is not a file",
+              "give the path of a local .safetensors or .pth file, or \"\"")
     d = c.data
     lo, hi = d.crop_scale
     if not 0 < lo <= hi <= 1:
@@ -57,7 +59,8 @@ def validate(c, where: str = "config") -> None:
         _fail(where, "[checkpoint] every_steps/every_seconds", (k.every_steps, k.every_seconds),
               "must not be negative", "use 0 to turn one off")
     if k.keep_last < 1:
-        _fail(where, "[checkpoint] keep_last", k.keep_last, "must be at least 1", "keep 1 or more checkpoints (3 is a good default)")
+        _fail(where, "[checkpoint] keep_last", k.keep_last, "must be at least 1",
+              "keep 1 or more checkpoints (3 is a good default)")
     for i, p in enumerate(c.profiles):
         key = f"[[profiles]] #{i + 1}"
         if p.device not in DEVICES:
@@ -79,39 +82,78 @@ def validate(c, where: str = "config") -> None:
     s = c.supervisor
     if s.max_restarts_per_profile < 0 or s.same_step_limit < 1:
         _fail(where, "[supervisor] max_restarts_per_profile/same_step_limit",
-              (s.max_restarts_per_profile, s.same_step_limit), "is out of range", "use max_restarts_per_profile >= 0 and same_step_limit >= 1")
+              (s.max_restarts_per_profile, s.same_step_limit), "is out of range",
+              "use max_restarts_per_profile >= 0 and same_step_limit >= 1")
     if not s.backoff_seconds or any(b < 0 for b in s.backoff_seconds):
-        _fail(where, "[supervisor] backoff_seconds", list(s.backoff_seconds), "must be a non-empty list of non-negative seconds", "use e.g. [2, 10, 60]")
+        _fail(where, "[supervisor] backoff_seconds", list(s.backoff_seconds),
+              "must be a non-empty list of non-negative seconds", "use e.g. [2, 10, 60]")
     for key in ("hang_timeout_seconds", "startup_timeout_seconds", "stop_timeout_seconds", "poll_seconds",
                 "log_max_mb"):
         if getattr(s, key) <= 0:
             _fail(where, f"[supervisor] {key}", getattr(s, key), "must be positive", "use a number of seconds above 0")
+    total = machine_memory()
     for key in ("memory_soft_limit", "memory_hard_limit"):
-        try:
-            parse_memory_limit(getattr(s, key), total=1 << 40)
-        except ValueError as e:
-            _fail(where, f"[supervisor] {key}", getattr(s, key), f"is not understood ({e})", "use a share like \"85%\", a size like \"12GB\", or \"\" for off")
+        _check_memory_limit(where, f"[supervisor] {key}", getattr(s, key), total)
 
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+def _check_memory_limit(where: str, key: str, text: str, total: int | None) -> None:
+    """A limit people can read one way only, and high enough for a worker to boot under it."""
+    share = text.strip().endswith("%")
+    try:
+        limit = parse_memory_limit(text, total=total or 1 << 40)
+    except ValueError as e:
+        _fail(where, key, text, f"is not understood ({e})", "use a share like \"85%\", a size like \"12GB\", or \"\" for off")
+    if limit is None or limit >= MIN_MEMORY_LIMIT or (share and not total):
+        return
+    of = f" ({limit / 2**30:.2f} GiB of this machine's {total / 2**30:.1f} GiB)" if share else ""
+    _fail(where, key, text, f"is below the {MIN_MEMORY_LIMIT >> 30} GiB a worker needs to boot{of}, so every attempt "
+          f"would be stopped before it trains", "use a share like \"85%\", a size of 1GB or more, or \"\" for off")
+
+
+# A worker with torch and timm imported holds about 0.75 GiB before its first image (bench/RESULTS.md:
+# 747 MiB for a warm standby); a memory limit below this would stop every attempt while it boots.
+MIN_MEMORY_LIMIT = 1 << 30
+
+
+def machine_memory() -> int | None:
+    """This machine's RAM in bytes (standard library only), or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+_UNITS = {"b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 
 
 def parse_memory_limit(text: str, total: int) -> int | None:
-    """'85%' of `total` bytes, or '12GB' / '512MiB' / '1000000' bytes; '' = no limit (None)."""
+    """'85%' of `total` bytes, or a size with its unit ('12GB', '512MiB', '1000000B'); '' = no limit (None).
+
+    A bare number is refused: "85" is more likely a forgotten '%' than 85 bytes.
+    """
     text = text.strip().lower()
     if not text:
         return None
     if text.endswith("%"):
-        share = float(text[:-1])
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            raise ValueError(f"{text[:-1]!r} is not a number") from None
         if not 0 < share <= 100:
             raise ValueError("a share must be between 0% and 100%")
         return int(total * share / 100)
     number = text.rstrip("abcdefghijklmnopqrstuvwxyz ")
     unit = text[len(number):].strip()
+    if not unit and number:
+        raise ValueError(f"a bare number has no unit: write \"{number}%\" for a share of RAM or a size like "
+                         f"\"{number}GB\"")
     if unit not in _UNITS or not number:
-        raise ValueError("expected a number with an optional unit (KB, MB, GB, TB)")
-    value = int(float(number) * _UNITS[unit])
+        raise ValueError("expected a share like 85% or a number with a unit (B, KB, MB, GB, TB)")
+    try:
+        value = int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise ValueError(f"{number!r} is not a number") from None
     if value <= 0:
         raise ValueError("a size must be positive")
     return value

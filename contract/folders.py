@@ -24,7 +24,7 @@ class Folder:
 
 def scan(root: Path, extensions: tuple[str, ...], what: str = "[data] train_dir",
          classes: tuple[str, ...] | None = None) -> Folder:
-    """Scan an ImageFolder; with `classes` given (validation), folders must be among them."""
+    """Scan an ImageFolder of two or more classes; with `classes` given (validation), a subset of them."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"{what} {root} does not exist or is not a folder. Fix: point it at a folder "
@@ -38,6 +38,10 @@ def scan(root: Path, extensions: tuple[str, ...], what: str = "[data] train_dir"
         if unknown:
             raise ConfigError(f"{what} {root} has class folders the training set lacks: {unknown}. "
                               f"Fix: use the same class folder names as the training set.")
+    elif len(found) < 2:   # one class trains to loss 0 and a model that always says that class
+        raise ConfigError(f"{what} {root} has one class folder ({found[0]!r}); classification needs at least two. "
+                          f"Fix: add a folder of images for each other class beside {root / found[0]}, or point "
+                          f"{what} at the folder that holds the class folders.")
     else:
         classes = tuple(found)
     paths, labels = [], []

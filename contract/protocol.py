@@ -29,7 +29,7 @@ class ExitCode(IntEnum):
     """Every exit code of every trainctl process, in one table (README: 'Exit codes')."""
     OK = 0                # all: succeeded, stopped on request, or nothing to do; the worker: training done
     FAILED = 1            # CLI, supervisor: the run failed, the policy gave up (a person must look)
-    USAGE = 2             # CLI, supervisor, worker: a bad command line (argparse's own code)
+    USAGE = 2             # CLI, supervisor, worker: a bad command line (argparse's own code), an ambiguous run name
     BAD_CONFIG = 3        # CLI, supervisor: bad config or data
     NOT_FOUND = 4         # CLI: no such run
     RUNNING = 5           # CLI, supervisor: refused, another supervisor holds the run

@@ -20,6 +20,7 @@ from .demo_data import CLASSES, make_dataset, small_config
 from .foreground import run_foreground
 from .launch import check_data, freeze
 from .status import gather
+from .text import plural
 
 HEADER = """\
 # The trainctl demo: 4 classes of synthetic shapes, a tiny timm model (test_resnet, 0.37M parameters), the CPU.
@@ -57,7 +58,7 @@ def run_demo(folder: Path, fast: bool, console: Console) -> int:
     chance = 1 / len(CLASSES)
     if st.state == State.SUCCEEDED and val:
         console.print(f"[bold green]demo finished:[/] validation accuracy {val[-1]:.1%} (chance is {chance:.0%}), "
-                      f"{st.restarts} restart(s), crashes: {', '.join(c.kind for c in st.crashes) or 'none'}.\n"
+                      f"{plural(st.restarts, 'restart')}, crashes: {', '.join(c.kind for c in st.crashes) or 'none'}.\n"
                       f"  model:  {escape(st.final_model)}\n  status: trainctl status {escape(str(cfg.run_dir))}",
                       highlight=False)
     return code

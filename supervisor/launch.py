@@ -1,10 +1,14 @@
-"""Starting a run: check its data, check that it may start, freeze its config, launch its supervisor.
+"""Starting a run: check its config and data, check that it may start, freeze its config, launch its supervisor.
 
 Shared by `trainctl start`, `resume`, `demo` and `service install`; the supervisor runs here in the
-foreground, or detached in its own session.
+foreground, or detached in its own session. Everything that can be checked is checked before the run
+folder is made or changed: a refused command changes nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +21,9 @@ from trainctl.contract.config import Config, ConfigError, to_toml
 from trainctl.contract.folders import scan
 from trainctl.contract.lifecycle import State, is_final
 from trainctl.contract.protocol import ExitCode, read_heartbeat
-from trainctl.contract.runfolder import CONFIG_FILE, LOG_DIR, MODEL_FILE, SUPERVISOR_LOG, newest_checkpoint
+from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CONFIG_FILE, EVIDENCE_DIR, FAULTS_FIRED_DIR, HEARTBEAT_FILE,
+                                         JOURNAL_FILE, LABELS_FILE, LOG_DIR, LOGS, METRICS_FILE, MODEL_FILE, REPORT_FILE,
+                                         REPORT_JSON, STATE_FILE, SUPERVISOR_LOG, newest_checkpoint)
 
 from . import runstate
 from .runs import remember
@@ -25,6 +31,12 @@ from .status import is_run_dir
 from .terminal import console, error
 
 BOOT_WAIT_SECONDS = 120.0
+PREFLIGHT_SECONDS = 300.0    # a torch + timm import: seconds, or minutes on a cold disk
+RUNNING_PID_WAIT_SECONDS = 5.0
+# What a run that never trained leaves behind: cleared before a new start takes its folder.
+HISTORY_FILES = (STATE_FILE, JOURNAL_FILE, JOURNAL_FILE + "-wal", JOURNAL_FILE + "-shm", HEARTBEAT_FILE, METRICS_FILE,
+                 BAD_IMAGES_FILE, LABELS_FILE, REPORT_FILE, REPORT_JSON)
+HISTORY_DIRS = (EVIDENCE_DIR, FAULTS_FIRED_DIR)
 
 
 class Refused(Exception):
@@ -41,6 +53,13 @@ def check_data(cfg: Config) -> None:
                           f"({cfg.train.effective_batch_size}). Fix: add images or lower effective_batch_size.")
 
 
+def running(run_dir: Path, not_pid: int | None = None) -> str:
+    """'NAME is already running (supervisor pid N)': the one way a refusal for a running run reads."""
+    pid = getattr(runstate.read_state(run_dir), "supervisor_pid", None)
+    known = pid is not None and pid != not_pid
+    return f"{Path(run_dir).name} is already running" + (f" (supervisor pid {pid})" if known else "")
+
+
 def check_can_start(run_dir: Path) -> None:
     """A new run may not take a folder that holds another run (running, unfinished or succeeded)."""
     if not run_dir.exists():
@@ -51,7 +70,7 @@ def check_can_start(run_dir: Path) -> None:
                           ExitCode.REFUSED)
         return
     if runstate.supervisor_alive(run_dir):
-        raise Refused(f"run {run_dir.name} is already running. See: trainctl status {run_dir.name}", ExitCode.RUNNING)
+        raise Refused(running(run_dir), ExitCode.RUNNING)
     saved = runstate.read_state(run_dir)
     if saved and saved.state is State.SUCCEEDED:
         raise Refused(f"run {run_dir.name} already succeeded ({run_dir / MODEL_FILE}). Fix: give the new run "
@@ -61,7 +80,49 @@ def check_can_start(run_dir: Path) -> None:
         raise Refused(f"{run_dir} holds an unfinished run (newest checkpoint: step {newest.step}). "
                       f"Continue it with: trainctl resume {run_dir.name} — or choose another [run] name.",
                       ExitCode.REFUSED)
-    # Never trained (e.g. it failed on a config error): nothing to lose, start it afresh.
+    # Never trained (e.g. it failed on a config error): nothing to lose; `clear_history` starts it afresh.
+
+
+def preflight(config_path: Path) -> None:
+    """What only torch and timm can check (model name, devices, weights file, optimizer, scheduler), in a
+    worker process, before a run folder exists: a ConfigError now instead of a failed run later.
+
+    A check that cannot run at all (a broken environment) is said and passed over: the worker checks again.
+    """
+    cmd = [sys.executable, "-m", "trainctl.worker", "--check-config", str(config_path)]
+    env = {k: v for k, v in os.environ.items() if k != "TRAINCTL_SUPERVISOR_PID"}
+    with console.status("checking the model and the devices (imports torch and timm)..."):
+        try:
+            result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env,
+                                    timeout=PREFLIGHT_SECONDS)
+        except subprocess.TimeoutExpired:
+            error("warning", f"the pre-flight check took over {PREFLIGHT_SECONDS:.0f} s; going on without it")
+            return
+    if result.returncode == ExitCode.OK:
+        return
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    if result.returncode == ExitCode.CONFIG_ERROR and lines:
+        raise ConfigError(lines[-1].removeprefix("[trainctl] config_error: "))
+    error("warning", f"the pre-flight check could not run (exit {result.returncode}: "
+                     f"{lines[-1] if lines else 'no output'}); going on, the worker checks again")
+
+
+def clear_history(run_dir: Path) -> None:
+    """Before a new start takes the folder of a run that never trained: its state, journal, report, evidence
+    and logs go (only trainctl's own files), so the new run's history begins empty."""
+    if not is_run_dir(run_dir) or newest_checkpoint(run_dir) is not None:
+        return
+    lock = runstate.acquire(run_dir, timeout=0)   # a start racing this one may not lose its files to us
+    try:
+        for name in HISTORY_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        for name in HISTORY_DIRS:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for log in LOGS:
+            for path in [run_dir / LOG_DIR / log, *(run_dir / LOG_DIR).glob(f"{log}.[0-9]")]:
+                path.unlink(missing_ok=True)
+    finally:
+        lock.release()
 
 
 def freeze(run_dir: Path, cfg: Config) -> None:
@@ -71,15 +132,21 @@ def freeze(run_dir: Path, cfg: Config) -> None:
     remember(run_dir)
 
 
-def launch(run_dir: Path, rung_index: int | None, foreground: bool, fresh_budget: bool = False) -> int:
-    """Supervise the run here (foreground) or start a detached supervisor; return the exit code."""
+def launch(run_dir: Path, rung_index: int | None, foreground: bool, fresh_budget: bool = False,
+           headline: str | None = None) -> int:
+    """Supervise the run here (foreground) or start a detached supervisor; return the exit code.
+
+    `headline` is what the person is told once it runs ("started run NAME" unless given).
+    """
+    headline = headline or f"started run {run_dir.name}"
     if foreground:
         from .foreground import run_foreground
-        return run_foreground(run_dir, rung_index, console, fresh_budget)
-    return start_detached(run_dir, rung_index, fresh_budget)
+        return run_foreground(run_dir, rung_index, console, fresh_budget, headline)
+    return start_detached(run_dir, rung_index, fresh_budget, headline)
 
 
-def start_detached(run_dir: Path, rung_index: int | None, fresh_budget: bool = False) -> int:
+def start_detached(run_dir: Path, rung_index: int | None, fresh_budget: bool = False,
+                   headline: str | None = None) -> int:
     """Start the supervisor in its own session; return once it is up and its worker passed its sanity check."""
     cmd = [sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)]
     if rung_index is not None:
@@ -87,7 +154,9 @@ def start_detached(run_dir: Path, rung_index: int | None, fresh_budget: bool = F
     if fresh_budget:
         cmd.append("--fresh-budget")
     (run_dir / LOG_DIR).mkdir(exist_ok=True)
-    with open(run_dir / LOG_DIR / SUPERVISOR_LOG, "ab") as log:
+    log_path = run_dir / LOG_DIR / SUPERVISOR_LOG
+    with open(log_path, "ab") as log:
+        offset = log.tell()   # our supervisor's lines start here (another one may append too)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)
     deadline = time.monotonic() + BOOT_WAIT_SECONDS
@@ -97,9 +166,10 @@ def start_detached(run_dir: Path, rung_index: int | None, fresh_budget: bool = F
             saved = runstate.read_state(run_dir)
             mine = saved is not None and saved.supervisor_pid == proc.pid
             if rc is not None and not (mine and is_final(saved.state)):
-                tail = (run_dir / LOG_DIR / SUPERVISOR_LOG).read_text(errors="replace").strip().splitlines()[-3:]
-                raise Refused("the supervisor did not start: " + " | ".join(tail),
-                              rc if rc in (ExitCode.RUNNING, ExitCode.BAD_CONFIG) else ExitCode.FAILED)
+                if rc == ExitCode.RUNNING:   # another start won the race: its lines are not ours to show
+                    raise Refused(_winner(run_dir, proc.pid), ExitCode.RUNNING)
+                raise Refused("the supervisor did not start: " + _own_lines(log_path, offset),
+                              rc if rc == ExitCode.BAD_CONFIG else ExitCode.FAILED)
             if mine and saved.state is State.FAILED:
                 reason = saved.reason or "unknown"
                 error("error", reason.removeprefix("config_error: "))
@@ -110,7 +180,36 @@ def start_detached(run_dir: Path, rung_index: int | None, fresh_budget: bool = F
                 break
             time.sleep(0.2)
     name = escape(run_dir.name)
-    console.print(f"[green]started[/] run [bold]{name}[/] — supervisor pid {proc.pid}\n"
+    console.print(f"[green]{escape(headline or f'started run {run_dir.name}')}[/] — supervisor pid {proc.pid}\n"
                   f"  folder:  {escape(str(run_dir))}\n  status:  trainctl status {name}\n"
-                  f"  logs:    trainctl logs {name} -f\n  stop:    trainctl stop {name}", highlight=False)
+                  f"  logs:    trainctl logs {name} -f\n  stop:    trainctl stop {name}", highlight=False, soft_wrap=True)
     return ExitCode.OK
+
+
+def _winner(run_dir: Path, loser: int) -> str:
+    """The refusal when another supervisor holds the run, with its pid once its state.json names it."""
+    def named() -> bool:   # a live pid that is not the loser's (not one left by an earlier, dead supervisor)
+        pid = getattr(runstate.read_state(run_dir), "supervisor_pid", None)
+        if pid in (None, loser):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    deadline = time.monotonic() + RUNNING_PID_WAIT_SECONDS
+    while not named() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return running(run_dir, not_pid=loser) if named() else f"{run_dir.name} is already running"
+
+
+def _own_lines(log_path: Path, offset: int) -> str:
+    """What our supervisor said about why it stopped (its own 'trainctl supervisor:' lines, else the last lines)."""
+    with contextlib.suppress(OSError), open(log_path, "rb") as f:
+        f.seek(offset)
+        lines = f.read().decode("utf-8", "replace").strip().splitlines()
+        own = [line for line in lines if line.startswith("trainctl supervisor")]
+        return " | ".join((own or lines)[-3:]) or "no output"
+    return "no output"

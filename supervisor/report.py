@@ -78,7 +78,9 @@ def summarize(events: list[dict]) -> dict:
         "training_seconds": round(training, 1), "redone_seconds": round(redone, 1),
         "restart_seconds": round(restarts, 1), "startup_seconds": round(startup, 1),
         "checkpoint_blocked_seconds": round(blocked, 1),
-        "goodput": round((supervised - redone - restarts - blocked) / supervised, 4) if supervised > 0 else None,
+        # A run that never trained (a config error at boot) has no goodput, not 100%.
+        "goodput": (round((supervised - redone - restarts - blocked) / supervised, 4)
+                    if supervised > 0 and training > 0 else None),
         "crashes": len(crashes),
         "supervisor_deaths": sum(1 for *_, ended in lifetimes[:-1] if not ended),
         "supervisor_errors": sum(1 for e in events if e["kind"] == Event.SUPERVISOR_ERROR),

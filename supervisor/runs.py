@@ -1,4 +1,8 @@
-"""Finding runs: by directory path, by name in the registry of runs started here, or under ./runs."""
+"""Finding runs: by directory path, by name in the registry of runs started here, or under ./runs.
+
+A bare name (no '/') is a run's name first: a folder of that name in the current directory counts only
+when it is a run folder itself, so a data folder that shares a run's name does not hide the run.
+"""
 from __future__ import annotations
 
 import json
@@ -6,12 +10,19 @@ import os
 from pathlib import Path
 
 from trainctl.contract import fsio
+from trainctl.contract.lifecycle import State
+from trainctl.contract.runfolder import newest_checkpoint
 
+from . import runstate
 from .status import is_run_dir
 
 
 class RunNotFound(LookupError):
     pass
+
+
+class AmbiguousRun(LookupError):
+    """A name shared by runs in different folders: the person must give the folder."""
 
 
 def registry_path() -> Path:
@@ -48,17 +59,37 @@ def resolve(run: str | None) -> Path:
             raise RunNotFound("no runs found. Start one with: trainctl start --config FILE (or try: trainctl demo)")
         return runs[0]
     path = Path(run).expanduser()
-    if path.is_dir():
+    if is_path(run):
         if is_run_dir(path):
             return path.resolve()
-        raise RunNotFound(f"{path} is a folder but not a trainctl run directory (no config.toml and state). "
-                          f"Give a run name or the run's own folder (<runs_dir>/<name>).")
-    for candidate in known_runs() + local_runs():
-        if candidate.name == run:
-            return candidate
+        if path.is_dir():
+            raise RunNotFound(f"{path} is a folder but not a trainctl run directory (no config.toml and state). "
+                              f"Give a run name or the run's own folder (<runs_dir>/<name>).")
+        raise RunNotFound(f"no run folder {path}. See: trainctl list")
+    matches = list(dict.fromkeys(p for p in known_runs() + local_runs() if p.name == run))
+    if is_run_dir(path) and path.resolve() not in matches:
+        matches.append(path.resolve())
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise AmbiguousRun(f"run name {run!r} is ambiguous: {' and '.join(str(p) for p in matches)}. "
+                           f"Fix: give the run's folder instead of its name.")
     names = sorted({p.name for p in known_runs() + local_runs()})
     hint = f" Known runs: {', '.join(names[:10])}." if names else " No runs are known yet."
-    raise RunNotFound(f"run {run!r} not found.{hint} See: trainctl list")
+    folder = f" (./{run} is a folder, but not a trainctl run)" if path.is_dir() else ""
+    raise RunNotFound(f"run {run!r} not found{folder}.{hint} See: trainctl list")
+
+
+def is_path(run: str) -> bool:
+    """'runs/x', './x', '/abs/x', '~/x', '.', '..': a folder, never a name ([run] name has no '/')."""
+    return os.sep in run or "/" in run or run.startswith("~") or run in (".", "..")
+
+
+def never_trained(run_dir: Path) -> bool:
+    """A run that failed on a config error before its first checkpoint: not a run people need to see in `list`."""
+    saved = runstate.read_state(run_dir)
+    return (saved is not None and saved.state is State.FAILED and (saved.reason or "").startswith("config_error")
+            and newest_checkpoint(run_dir) is None)
 
 
 def local_runs() -> list[Path]:

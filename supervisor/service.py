@@ -8,6 +8,7 @@ Exit codes (`ExitCode`): 1 (the run failed) and 3 (bad config) are final, restar
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import plistlib
 import re
@@ -27,7 +28,6 @@ UNIT = """\
 # Written by `trainctl service install`; run-specific timeouts are in the instance's drop-in.
 [Unit]
 Description=trainctl training run %f
-After=network-online.target
 StartLimitIntervalSec=1800
 StartLimitBurst=5
 
@@ -132,18 +132,23 @@ def launchd_plist(run_dir: Path, cfg: Config) -> dict:
         "StandardOutPath": log,
         "StandardErrorPath": log,
         "EnvironmentVariables": {"PYTHONUNBUFFERED": "1", "PYTORCH_ENABLE_MPS_FALLBACK": "1",
-                                 "PATH": os.environ.get("PATH", "/usr/bin:/bin:/usr/sbin:/sbin"),
+                                 "PATH": unique_path(os.environ.get("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")),
                                  "HOME": os.path.expanduser("~")},
     }
+
+
+def unique_path(path: str) -> str:
+    """$PATH with each folder once, in its first place (shells that source their profile twice repeat them)."""
+    return os.pathsep.join(dict.fromkeys(p for p in path.split(os.pathsep) if p))
 
 
 def launchd_path(run_dir: Path) -> Path:
     return Path(os.path.expanduser("~")) / "Library" / "LaunchAgents" / f"{launchd_label(run_dir)}.plist"
 
 
-def plan_install(run_dir: Path, manager: str) -> tuple[dict[Path, bytes], list[list[str]]]:
-    """Files to write and commands to run to install and start the run's service."""
-    cfg = load(run_dir / CONFIG_FILE)
+def plan_install(run_dir: Path, manager: str, cfg: Config | None = None) -> tuple[dict[Path, bytes], list[list[str]]]:
+    """Files to write and commands to run to install and start the run's service (`cfg`: default the frozen one)."""
+    cfg = cfg or load(run_dir / CONFIG_FILE)
     if manager == "systemd":
         files = {p: t.encode() for p, t in systemd_files(run_dir, cfg).items()}
         return files, [["systemctl", "--user", "daemon-reload"],
@@ -182,3 +187,36 @@ def execute(commands: list[list[str]]) -> None:
             raise ServiceError(f"`{' '.join(cmd)}` failed: {why[-1] if why else result.returncode}. "
                                + ("Is there a user session bus? Log in on a console or use "
                                   "`loginctl enable-linger $USER`." if cmd[0] == "systemctl" else ""))
+
+
+def install(run_dir: Path, manager: str, files: dict[Path, bytes], commands: list[list[str]]) -> None:
+    """Write the files and run the commands; on any failure put back what was there before (ServiceError)."""
+    before: dict[Path, bytes | None] = {}
+    made: list[Path] = []   # folders this install created, deepest last
+    ran = 0
+    try:
+        for path, content in files.items():
+            made += [d for d in reversed(path.parents) if not d.exists()]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            before[path] = path.read_bytes() if path.exists() else None
+            path.write_bytes(content)
+        for cmd in commands:
+            execute([cmd])
+            ran += 1
+    except (ServiceError, OSError) as e:
+        for path, old in before.items():
+            with contextlib.suppress(OSError):
+                if old is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    path.write_bytes(old)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if ran:   # the manager may have enabled or loaded part of it: undo that too, as far as it goes
+            for cmd in plan_uninstall(run_dir, manager)[1]:
+                with contextlib.suppress(OSError):
+                    subprocess.run(cmd, capture_output=True, text=True)
+        raise ServiceError(f"{str(e).rstrip('. ')}. Nothing was installed (the files written were removed). Run the supervisor "
+                           f"yourself instead: trainctl resume {Path(run_dir).name} --foreground (under tmux, screen "
+                           f"or nohup).") from None

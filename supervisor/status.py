@@ -9,8 +9,8 @@ from trainctl.contract.config import FROZEN_HEADER
 from trainctl.contract.lifecycle import Event, State, is_final
 from trainctl.contract.protocol import read_heartbeat
 from trainctl.contract.records import CheckpointStatus, Crash, RungStatus, Status
-from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, REPORT_FILE,
-                                         newest_checkpoint, read_json)
+from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CONFIG_FILE, EVIDENCE_DIR, METRICS_FILE, MODEL_FILE,
+                                         REPORT_FILE, newest_checkpoint, read_json)
 
 from . import runstate
 from .journal import read_events
@@ -45,41 +45,67 @@ def gather(run_dir: Path) -> Status:
         reason = f"supervisor not running — last seen {ago(seen_ago)}, resume with: trainctl resume {run_dir.name}"
     rung = (RungStatus(saved.rung_index + 1, saved.ladder_size, saved.rung.get("device"), saved.rung.get("batch_size"),
                        saved.grad_accum) if saved else RungStatus())
-    crashes, restarts = _history(run_dir)
+    crashes, restarts, last_step = _history(run_dir)
     newest = newest_checkpoint(run_dir)
+    # A booting worker's heartbeats say step 0 until it has loaded its checkpoint (they carry no total yet):
+    # meanwhile the run stands where its newest checkpoint (or its last attempt) left it.
+    placed = hb is not None and hb.total_steps is not None
+    step = hb.step if placed else newest.step if newest else last_step or 0
+    worker_alive = alive and saved is not None and saved.worker_pid is not None
+    # The report and its summary belong to the end the supervisor recorded; a resumed run's are the old end's.
+    ended = is_final(recorded)
     model = run_dir / MODEL_FILE
     report = run_dir / REPORT_FILE
     return Status(
         run_name=saved.run_name if saved and saved.run_name else run_dir.name, run_dir=str(run_dir), state=state,
         reason=reason, supervisor_alive=alive, supervisor_pid=saved.supervisor_pid if alive and saved else None,
         worker_pid=saved.worker_pid if alive and saved else None, updated_at=updated, last_seen_seconds=seen_ago,
-        rung=rung, phase=hb.phase.value if hb else None, step=hb.step if hb else 0,
-        total_steps=hb.total_steps if hb else None, epoch=hb.epoch if hb else None, epochs=hb.epochs if hb else None,
-        samples_seen=hb.samples_seen if hb else 0, loss=hb.loss if hb else None, lr=hb.lr if hb else None,
+        rung=rung, phase=hb.phase.value if hb else None, step=step,
+        total_steps=hb.total_steps if hb else None, epoch=hb.epoch if placed else None,
+        epochs=hb.epochs if hb else None, samples_seen=hb.samples_seen if placed else 0,
+        loss=hb.loss if hb else None, lr=hb.lr if hb else None,
         images_per_sec=hb.images_per_sec if hb else None, val_acc=hb.val_acc if hb else None,
-        eta_seconds=_eta(state, hb), memory={**((saved.memory if saved else None) or {}), **(hb.memory if hb else {})},
+        eta_seconds=_eta(state, hb),
+        memory={**((saved.memory if saved else None) or {}), **(hb.memory if hb else {})} if worker_alive else {},
         restarts=restarts, crashes=crashes,
         last_checkpoint=CheckpointStatus(newest.step, str(newest.path),
                                          round(now - newest.marker.get("created", now), 1)) if newest else None,
         final_model=str(model) if model.exists() and state == State.SUCCEEDED else None,
         bad_images=(read_json(run_dir / BAD_IMAGES_FILE) or {}).get("count", 0),
-        report=str(report) if report.exists() else None, summary=read_summary(run_dir) if report.exists() else None,
+        report=str(report) if ended and report.exists() else None,
+        summary=read_summary(run_dir) if ended and report.exists() else None,
         recorded_state=stale, metrics=recent_metrics(run_dir))
 
 
-def _history(run_dir: Path) -> tuple[list[Crash], int]:
-    crashes, restarts = [], 0
+def _history(run_dir: Path) -> tuple[list[Crash], int, int | None]:
+    """The crashes, the restarts, and the step the last attempt to end had reached."""
+    crashes, restarts, last_step = [], 0, None
     for e in read_events(run_dir, (Event.EXIT, Event.RESTART, Event.STEP_DOWN)):
         if e["kind"] != Event.EXIT:
             restarts += 1
             continue
+        last_step = e["step"] if e["step"] is not None else last_step
         d = e["data"]
         if d.get("failure") in CLEAN:
             continue
         crashes.append(Crash(at=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(e["time"])), kind=d.get("failure"),
                              signal=d.get("signal"), exit_code=d.get("exit_code"), rung=(e["rung"] or 0) + 1,
-                             step=e["step"], detail=d.get("detail"), evidence=d.get("evidence")))
-    return crashes, restarts
+                             step=e["step"], detail=d.get("detail"), evidence=_evidence(run_dir, d.get("evidence"))))
+    return crashes, restarts, last_step
+
+
+def _evidence(run_dir: Path, recorded: str | None) -> str | None:
+    """The crash's evidence file if it holds something (a SIGKILL leaves an empty fault log), else None.
+    Looked for where it was written, then in this folder's evidence/ (the run folder may have moved)."""
+    if not recorded:
+        return None
+    for path in (Path(recorded), run_dir / EVIDENCE_DIR / Path(recorded).name):
+        try:
+            if path.is_file() and path.stat().st_size > 0:
+                return str(path)
+        except OSError:
+            continue
+    return None
 
 
 def recent_metrics(run_dir: Path, keep: int = 40) -> dict:

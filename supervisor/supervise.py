@@ -45,7 +45,20 @@ MEMORY_HISTORY = 120
 
 
 def _print_line(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+    """A timestamped line on stdout. Once its reader is gone (EPIPE, EIO) stdout is pointed at /dev/null and
+    supervision goes on: the journal and state.json keep the record, nothing prints a BrokenPipeError at exit."""
+    try:
+        print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+    except OSError as e:
+        import errno
+        if e.errno in (errno.EPIPE, errno.EIO, errno.ENXIO):
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            finally:
+                os.close(null)
 
 
 class Supervisor:
@@ -80,6 +93,10 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
         signal.signal(signal.SIGINT, lambda *_: self.request_stop())
         signal.signal(signal.SIGUSR1, lambda *_: self.request_checkpoint())
+        # A hung-up terminal (a closed window, a dropped SSH session) ends nothing: training goes on to its end
+        # and records it; what can no longer be written is dropped (foreground.py, _print_line). A handler,
+        # not SIG_IGN, which the hooks would inherit; the worker has a session of its own and gets no SIGHUP.
+        signal.signal(signal.SIGHUP, lambda *_: None)
 
     def request_stop(self) -> None:
         self.stop_requested = True

@@ -27,3 +27,8 @@ def gib(value) -> str:
 def percent(value) -> str:
     """'93.1%'; '—' when unknown."""
     return f"{value:.1%}" if isinstance(value, (int, float)) else "—"
+
+
+def plural(count: int, word: str) -> str:
+    """'1 checkpoint', '3 checkpoints', '0 checkpoints'."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"

@@ -1,4 +1,4 @@
-"""Rich renderings of a run's status (the dict from `status.gather`) and of the list of runs."""
+"""Rich renderings of a run's status (the `Status` from `status.gather`) and of the list of runs."""
 from __future__ import annotations
 
 import time
@@ -12,7 +12,7 @@ from rich.text import Text
 from trainctl.contract.lifecycle import State
 from trainctl.contract.records import Status
 
-from .text import ago, duration, gib
+from .text import ago, duration, gib, percent, plural
 
 STATE_STYLE = {State.STARTING: "cyan", State.RUNNING: "green", State.BACKOFF: "yellow", State.STOPPING: "yellow",
                State.STOPPED: "magenta", State.SUCCEEDED: "bold green", State.FAILED: "bold red"}
@@ -50,6 +50,8 @@ def render_status(st: Status):
         bar.add_row(ProgressBar(total=total, completed=step, width=30),
                     f"step {step}/{total}  epoch {min((st.epoch or 0) + 1, st.epochs or 1)}/{st.epochs or '?'}")
         row("progress", bar)
+    elif step:   # a worker booting: where the run stands until it has loaded its checkpoint
+        row("progress", f"step {step}" + (f" (worker {st.phase})" if st.phase else ""))
     m = st.metrics
     if m.get("loss"):
         row("loss", f"{m['loss'][-1]:.4f}  {sparkline(m['loss'])}")
@@ -71,26 +73,41 @@ def render_status(st: Status):
     if st.final_model:
         row("model", st.final_model)
     summary = st.summary
-    if summary and summary.get("goodput") is not None:
-        row("night", f"wall {duration(summary['wall_seconds'])}, goodput {summary['goodput']:.1%} (training "
+    if summary:   # goodput "—": the run never trained (a config error at boot)
+        row("night", f"wall {duration(summary['wall_seconds'])}, goodput {percent(summary['goodput'])} (training "
                      f"{duration(summary['training_seconds'])}, re-done {duration(summary['redone_seconds'])}, "
-                     f"restarts {duration(summary['restart_seconds'])}), {summary['checkpoints_written']} checkpoints")
+                     f"restarts {duration(summary['restart_seconds'])}), "
+                     f"{plural(summary['checkpoints_written'], 'checkpoint')}")
     if st.report:
         row("report", st.report)
     if st.supervisor_alive:
         row("pids", f"supervisor {st.supervisor_pid}, worker {st.worker_pid or '—'}")
     parts = [grid]
     if st.crashes:
-        crashes = Table("when", "kind", "signal/exit", "rung", "step", "detail", box=None, header_style="dim")
-        for c in st.crashes[-8:]:
+        shown = st.crashes[-8:]
+        evidence = any(c.evidence for c in shown)   # only files that exist and hold something (status.gather)
+        crashes = Table("when", "kind", "signal/exit", "rung", "step", "detail", *(["evidence"] if evidence else []),
+                        box=None, header_style="dim")
+        for c in shown:
             crashes.add_row(c.at[11:], c.kind, c.signal or str(c.exit_code), str(c.rung),
-                            str(c.step if c.step is not None else "—"), Text((c.detail or "")[:70]))
+                            str(c.step if c.step is not None else "—"), Text((c.detail or "")[:70]),
+                            *([Text(_within(c.evidence, st.run_dir))] if evidence else []))
         parts += [Text(f"crashes ({len(st.crashes)})", style="bold"), crashes]
     return Panel(Group(*parts), title=title, title_align="left", subtitle=st.run_dir, subtitle_align="right")
 
 
+def _within(path: str | None, folder: str) -> str:
+    """`path` relative to the run folder when it lies in it ('evidence/attempt-002.error.json'); '' for none."""
+    if not path:
+        return ""
+    prefix = folder.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
 def render_list(rows: list[Status]):
     table = Table("run", "state", "progress", "val acc", "updated", "folder", header_style="bold")
+    for column in table.columns:   # long names and folders wrap onto more lines instead of being cut
+        column.overflow = "fold"
     now = time.time()
     for st in rows:
         progress = f"{st.step}/{st.total_steps}" if st.total_steps else "—"

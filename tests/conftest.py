@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from trainctl.contract import config as configlib
 from trainctl.contract import fsio
@@ -58,6 +60,16 @@ def run_worker(run_dir: Path, rung: int = 1, attempt: int = 1, faults: str = "",
     return subprocess.run([sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir), "--rung",
                            str(rung), "--attempt", str(attempt)], env=env, capture_output=True, text=True,
                           timeout=timeout, **popen)
+
+
+def photo(w: int, h: int, seed: int = 0, noise: float = 8):
+    """A smooth colour gradient with noise (a PIL image): JPEG-friendly, and its orientation is visible."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 255, w)[None, :, None]
+    y = np.linspace(0, 255, h)[:, None, None]
+    base = np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
+                           np.full((h, w, 1), 60.0)], axis=2)
+    return Image.fromarray(np.clip(base + rng.normal(0, noise, (h, w, 3)), 0, 255).astype(np.uint8))
 
 
 def weights(path: Path) -> dict:

@@ -1,18 +1,24 @@
 """`trainctl` as people and scripts use it: real subprocesses, a detached supervisor, real crashes."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib.metadata
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
-from conftest import config_text, wait_for
+from conftest import LONG, config_text, events, make_run, wait_for
 
 from trainctl.contract.protocol import ExitCode
+from trainctl.supervisor.cli import build_parser
+from trainctl.supervisor.runs import remember
 
 
 @pytest.fixture
@@ -167,3 +173,132 @@ def test_a_bug_in_a_command_is_an_internal_error_not_a_failed_run(monkeypatch, c
     assert cli.main(["status", "anything"]) == ExitCode.INTERNAL_ERROR == 70
     err = capsys.readouterr().err
     assert "internal error" in err and "RuntimeError: a bug" in err and "Traceback" in err
+
+
+def absent_device() -> str:
+    """A device this machine does not have: MPS off macOS, CUDA on a Mac."""
+    return "cuda" if sys.platform == "darwin" else "mps"
+
+
+def registered(env) -> list[str]:
+    path = Path(env["XDG_STATE_HOME"]) / "trainctl" / "runs.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def test_what_only_the_worker_could_tell_is_checked_before_a_run_folder_exists(tmp_path, dataset, env):
+    device = absent_device()
+    cases = {
+        "unknown-model": ({"model": {"name": "tset_vit"}}, ["[model] name = 'tset_vit' is not a timm model",
+                                                            "Did you mean 'test_vit'"]),
+        "unknown-tag": ({"model": {"name": "test_vit.bogus"}}, ["no pretrained tag 'bogus'", "test_vit.r160_in1k"]),
+        "absent-device": ({"profiles": [{"device": "cpu", "batch_size": 8}, {"device": device, "batch_size": 4}]},
+                          ["[[profiles]] #2 (rung 2)", f"device '{device}'"]),
+        "unknown-optimizer": ({"train": {"opt": "adamz"}}, ["[train] opt = 'adamz'"]),
+    }
+    for name, (sections, words) in cases.items():
+        (tmp_path / f"{name}.toml").write_text(config_text("pre", dataset, **sections))
+        result = trainctl("start", "--config", f"{name}.toml", env=env, cwd=tmp_path)
+        assert result.returncode == ExitCode.BAD_CONFIG, (name, result.stdout, result.stderr)
+        assert all(w in result.stderr for w in words) and "Traceback" not in result.stderr, (name, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "runs" / "pre").exists() and registered(env) == [], name   # nothing was made
+    (tmp_path / "good.toml").write_text(config_text("pre", dataset, model={"name": "test_vit.r160_in1k"}))
+    checked = subprocess.run([sys.executable, "-m", "trainctl.worker", "--check-config", str(tmp_path / "good.toml")],
+                             capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0 and "config ok" in checked.stdout, checked.stderr   # a pretrained tag is a name
+
+
+def test_a_run_that_never_trained_is_left_out_and_a_new_start_begins_afresh(tmp_path, dataset, env):
+    from safetensors.torch import save_file
+    import torch
+    save_file({"unrelated.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))   # readable, but not this model's
+    (tmp_path / "bad.toml").write_text(config_text("neverfit", dataset, model={"weights": "other.safetensors"}, train=LONG))
+    (tmp_path / "good.toml").write_text(config_text("neverfit", dataset, train=LONG))
+    failed = trainctl("start", "--config", "bad.toml", env=env, cwd=tmp_path)
+    assert failed.returncode == ExitCode.BAD_CONFIG and "does not fit" in failed.stderr, failed.stdout + failed.stderr
+    run_dir = tmp_path / "runs" / "neverfit"
+    assert status("neverfit", env, tmp_path)["state"] == "failed"       # still there for status and logs...
+    listed = trainctl("list", "--json", env=env, cwd=tmp_path)
+    assert [r["run_name"] for r in json.loads(listed.stdout)] == []      # ...but not a run to list
+    table = trainctl("list", env=env, cwd=tmp_path)
+    assert "neverfit" not in table.stdout and "1 run(s) that never trained" in table.stdout
+    everything = trainctl("list", "--all", "--json", env=env, cwd=tmp_path)
+    assert [r["run_name"] for r in json.loads(everything.stdout)] == ["neverfit"]
+    started = trainctl("start", "--config", "good.toml", env=env, cwd=tmp_path)
+    try:
+        assert started.returncode == ExitCode.OK, started.stdout + started.stderr
+        st = status("neverfit", env, tmp_path)
+        assert st["crashes"] == [] and st["restarts"] == 0 and st["report"] is None
+        assert [e["data"].get("failure") for e in events(run_dir, "exit")] == []
+        assert [e["attempt"] for e in events(run_dir, "spawn")] == [1]
+        assert not list((run_dir / "evidence").glob("*.error.json"))
+    finally:
+        st = status("neverfit", env, tmp_path)
+        end({st["supervisor_pid"], st["worker_pid"]}, run_dir)
+
+
+def test_a_run_name_means_the_run_not_a_folder_here_and_a_shared_name_is_ambiguous(tmp_path, dataset, env, monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", env["XDG_STATE_HOME"])
+    found = {}
+    for place in ("a", "b"):
+        (tmp_path / place).mkdir()
+        found[place] = make_run(tmp_path / place, "oneclass", config_text("oneclass", dataset))
+    work = tmp_path / "work"
+    (work / "oneclass" / "images").mkdir(parents=True)      # a data folder named like the run
+    remember(found["a"])
+    st = trainctl("status", "oneclass", "--json", env=env, cwd=work)
+    assert st.returncode == ExitCode.OK, st.stderr
+    assert json.loads(st.stdout)["run_dir"] == str(found["a"])
+    remember(found["b"])
+    both = trainctl("status", "oneclass", env=env, cwd=work)
+    assert both.returncode == ExitCode.USAGE and "ambiguous" in both.stderr, both.stderr
+    assert str(found["a"]) in both.stderr and str(found["b"]) in both.stderr
+    st = trainctl("status", str(found["b"]), "--json", env=env, cwd=work)     # a folder is never ambiguous
+    assert json.loads(st.stdout)["run_dir"] == str(found["b"])
+    here = trainctl("status", "./oneclass", env=env, cwd=work)
+    assert here.returncode == ExitCode.NOT_FOUND and "not a trainctl run" in here.stderr
+
+
+def subcommands(parser) -> dict:
+    """Every parser under `parser`, by its command line ('trainctl service install', ...)."""
+    found = {parser.prog: parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found.update(subcommands(sub))
+    return found
+
+
+def test_help_describes_every_command_and_argument_and_lists_the_exit_codes(tmp_path, env):
+    version = trainctl("--version", env=env, cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"trainctl {importlib.metadata.version('trainctl')}"
+    for prog, parser in subcommands(build_parser()).items():
+        assert parser.description, f"{prog} has no description"
+        for action in parser._actions:
+            assert action.help, f"{prog}: {action.dest} has no help"
+    top = trainctl("--help", env=env, cwd=tmp_path).stdout
+    for code in (0, 1, 2, 3, 4, 5, 6, 7, 70, 130):
+        assert re.search(rf"^\s+{code}\s+\w", top, re.M), f"exit code {code} is not in trainctl --help"
+    assert "default: the most recent run" in trainctl("logs", "--help", env=env, cwd=tmp_path).stdout
+
+
+def column(table: str, index: int) -> str:
+    """The text of one column of a rich table, its folded lines joined."""
+    return "".join(line.split("│")[index].strip() for line in table.splitlines() if line.count("│") >= 3)
+
+
+def test_list_folds_long_names_and_folders_and_gives_json(tmp_path, dataset, env, monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", env["XDG_STATE_HOME"])
+    names = ["a-run-with-a-long-descriptive-name-eva02-base-birds-224-lr5e5", "short"]
+    dirs = [make_run(tmp_path, name, config_text(name, dataset)) for name in names]
+    for run_dir in dirs:
+        remember(run_dir)
+    narrow = trainctl("list", env={**env, "COLUMNS": "80"}, cwd=tmp_path)
+    assert narrow.returncode == 0 and "…" not in narrow.stdout, narrow.stdout
+    assert all(len(line) <= 80 for line in narrow.stdout.splitlines())
+    assert column(narrow.stdout, 1) == "".join(reversed(names))          # most recent first, every letter
+    assert column(narrow.stdout, -2) == "".join(str(d) for d in reversed(dirs))
+    listed = json.loads(trainctl("list", "--json", env=env, cwd=tmp_path).stdout)
+    assert [(r["run_name"], r["run_dir"]) for r in listed] == [(n, str(d)) for n, d in zip(reversed(names), reversed(dirs))]
+    for st in listed:
+        check_schema(st)

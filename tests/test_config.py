@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from trainctl.contract import config as c
+from trainctl.contract import config_rules
 from trainctl.supervisor.demo_data import small_config
 
 # The tests' config: the demo's small run with a two-rung ladder, relative data and runs paths, and
@@ -71,7 +72,7 @@ def test_missing_profiles_use_the_default_ladder(tmp_path):
 
 
 @pytest.mark.parametrize("text,total,expected", [
-    ("85%", 1000, 850), ("12GB", 0, 12 << 30), ("512 MiB", 0, 512 << 20), ("1000", 0, 1000), ("", 5, None),
+    ("85%", 1000, 850), ("12GB", 0, 12 << 30), ("512 MiB", 0, 512 << 20), ("1000B", 0, 1000), ("", 5, None),
     ("1.5g", 0, int(1.5 * 2**30)),
 ])
 def test_memory_limits(text, total, expected):
@@ -114,6 +115,11 @@ BAD = [
     (("[supervisor]\n", "[supervisor]\nmax_restart_per_profile = 2\n"),
      ["max_restart_per_profile", "Did you mean 'max_restarts_per_profile'"]),
     (("[supervisor]\n", "[supervisor]\nmemory_hard_limit = \"150%\"\n"), ["memory_hard_limit", "between 0% and 100%"]),
+    # A bare number is not 85 bytes (every attempt stopped at boot): it needs a unit or a '%'.
+    (("[supervisor]\n", "[supervisor]\nmemory_soft_limit = \"85\"\n"),
+     ["[supervisor] memory_soft_limit", "'85'", "bare number", "\"85%\""]),
+    (("[supervisor]\n", "[supervisor]\nmemory_hard_limit = \"600MB\"\n"),
+     ["[supervisor] memory_hard_limit", "below the 1 GiB a worker needs to boot"]),
     (("[train]\nepochs = 3", "[train]\nepochs = 3\nepochs = 4"), ["not valid TOML"]),
 ]
 
@@ -140,3 +146,25 @@ def test_missing_and_unreadable_config_files(tmp_path):
 def test_profiles_must_be_tables(tmp_path):
     with pytest.raises(c.ConfigError, match="array of tables"):
         load_text(tmp_path, "profiles = 3\n" + GOOD.split("[[profiles]]")[0])
+
+
+@pytest.mark.parametrize("share,words", [("85%", None), ("10%", "0.80 GiB of this machine's 8.0 GiB")])
+def test_a_share_of_ram_below_what_a_worker_needs_is_refused(tmp_path, monkeypatch, share, words):
+    monkeypatch.setattr(config_rules, "machine_memory", lambda: 8 << 30)
+    text = GOOD.replace("[supervisor]\n", f'[supervisor]\nmemory_soft_limit = "{share}"\n', 1)
+    if words is None:
+        assert load_text(tmp_path, text).supervisor.memory_soft_limit == share
+        return
+    with pytest.raises(c.ConfigError) as err:
+        load_text(tmp_path, text)
+    assert "[supervisor] memory_soft_limit" in str(err.value) and words in str(err.value)
+
+
+def test_resume_changes_name_each_setting_the_checkpoints_fix(tmp_path):
+    frozen = load_text(tmp_path, GOOD)
+    allowed = load_text(tmp_path, good(checkpoint={"keep_last": 5}, supervisor={"hang_timeout_seconds": 99},
+                                       train={"log_every_steps": 1}, profiles=[{"device": "cpu", "batch_size": 2}]))
+    assert c.resume_changes(frozen, allowed) == []
+    changed = load_text(tmp_path, good(train={"epochs": 2, "lr": 0.01, "warmup_lr": 0.5}, run={"seed": 3}))
+    assert c.resume_changes(frozen, changed) == ["[run] seed: 42 → 3", "[train] epochs: 3 → 2",
+                                                 "[train] lr: 0.001 → 0.01", "[train] warmup_lr: 1e-05 → 0.5"]

@@ -1,14 +1,19 @@
 """Micro-batches: the same pixels whatever the batch size, the loader processes or the resume point."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import config_text, make_run, run_worker
 
 from trainctl.contract.config import ConfigError
 from trainctl.contract.folders import epoch_order, scan
+from trainctl.contract.protocol import ExitCode
 from trainctl.worker import data
 from trainctl.worker.images import Recipe
 
@@ -38,6 +43,52 @@ def test_scan_errors(tmp_path, dataset):
     (tmp_path / "val" / "zebra" / "z.jpg").write_bytes(b"x")
     with pytest.raises(ConfigError, match="zebra"):
         scan(tmp_path / "val", EXT, "[data] val_dir", ("circle",))
+
+
+def one_class(tmp_path, dataset):
+    """A training folder with a single class folder (of real images) in it."""
+    root = tmp_path / "train"
+    shutil.copytree(dataset[0] / "circle", root / "circle")
+    return root
+
+
+def test_a_single_class_training_folder_is_refused_naming_the_folder_and_the_class(tmp_path, dataset):
+    root = one_class(tmp_path, dataset)
+    with pytest.raises(ConfigError) as caught:
+        scan(root, EXT)
+    message = str(caught.value)
+    assert message.startswith(f"[data] train_dir {root} has one class folder ('circle')"), message
+    assert "classification needs at least two" in message and "Fix:" in message and "\n" not in message
+
+
+def test_a_validation_folder_may_hold_a_subset_of_the_classes_even_one(tmp_path, dataset):
+    root = one_class(tmp_path, dataset)
+    folder = scan(root, EXT, "[data] val_dir", ("circle", "square"))
+    assert folder.classes == ("circle", "square") and set(folder.labels) == {0} and len(folder) == 24
+
+
+def test_start_refuses_a_single_class_dataset_before_making_a_run_folder(tmp_path, dataset):
+    """The CLI's early data check (`trainctl start`): one clear line, exit 3, nothing written."""
+    root = one_class(tmp_path, dataset)
+    (tmp_path / "one.toml").write_text(config_text("one", (root, dataset[1])))
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "COLUMNS": "120", "TRAINCTL_FAULTS": ""}
+    result = subprocess.run([sys.executable, "-c", "from trainctl.supervisor.cli import main; raise SystemExit(main())",
+                             "start", "--config", "one.toml"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == ExitCode.BAD_CONFIG, result.stdout + result.stderr
+    said = " ".join(result.stderr.split())   # the message may be wrapped to the terminal's width
+    assert f"{root} has one class folder ('circle')" in said and "Fix:" in said and "Traceback" not in said, said
+    assert not (tmp_path / "runs" / "one").exists()
+
+
+def test_the_worker_refuses_a_single_class_dataset(tmp_path, dataset):
+    """A run folder made before the data lost its other classes: the worker stops with a config error, no model."""
+    root = one_class(tmp_path, dataset)
+    run_dir = make_run(tmp_path, "one", config_text("one", (root, None)))
+    result = run_worker(run_dir)
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stdout + result.stderr
+    assert f"{root} has one class folder ('circle')" in result.stdout + result.stderr
+    assert not (run_dir / "model.safetensors").exists() and not list((run_dir / "checkpoints").glob("*"))
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only():

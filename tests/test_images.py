@@ -10,22 +10,14 @@ from PIL import Image
 
 from trainctl.worker.images import BadImage, Recipe, load_eval, load_train, sample_rng
 
+from conftest import photo
+
 RECIPE = Recipe(size=32, crop_scale=(0.5, 1.0), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 def hwc(pixels: torch.Tensor) -> np.ndarray:
     """A loader's (3, H, W) output as an (H, W, 3) int array, to compare with Pillow's."""
     return pixels.permute(1, 2, 0).numpy().astype(int)
-
-
-def photo(w: int, h: int, seed: int = 0) -> Image.Image:
-    """A smooth colour gradient with noise: JPEG-friendly, and orientation is visible."""
-    rng = np.random.default_rng(seed)
-    x = np.linspace(0, 255, w)[None, :, None]
-    y = np.linspace(0, 255, h)[:, None, None]
-    base = np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
-                           np.full((h, w, 1), 60.0)], axis=2)
-    return Image.fromarray(np.clip(base + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +72,19 @@ def test_readable_kinds_give_fixed_size_rgb(files, kind):
         assert img.dtype == torch.uint8 and tuple(img.shape) == (3, 32, 32)
 
 
-@pytest.mark.parametrize("kind,reason", [("truncated", "truncated"), ("empty", "not an image"),
+@pytest.mark.parametrize("kind,reason", [("truncated", "truncated"), ("empty", "empty file"),
                                          ("text", "not an image"), ("bomb", "max_image_pixels")])
 def test_unreadable_kinds_raise_bad_image_with_a_reason(files, kind, reason):
     with pytest.raises(BadImage, match=reason):
         load_train(str(files[kind]), RECIPE, sample_rng(1, 0, 3))
-    with pytest.raises(BadImage):
+    with pytest.raises(BadImage, match=reason):
         load_eval(str(files[kind]), RECIPE)
+
+
+def test_a_zero_byte_file_is_called_an_empty_file(files):
+    with pytest.raises(BadImage) as caught:
+        load_train(str(files["empty"]), RECIPE, sample_rng(1, 0, 3))
+    assert str(caught.value) == "empty file (0 bytes)"   # not "not an image Pillow can read"
 
 
 def test_sixteen_bit_keeps_its_range(files):
@@ -123,7 +121,7 @@ def test_large_jpegs_decode_at_reduced_scale(files, monkeypatch):
         return real(self, mode, size)
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
-    load_eval(str(files["big"]), RECIPE)
+    load_train(str(files["big"]), RECIPE, sample_rng(1, 0, 3))   # a crop of at least half the photo, to 32 px
     assert seen and max(seen[0]) < 1200
 
 
@@ -141,7 +139,8 @@ def test_reduced_scale_crops_of_odd_sized_photos_stay_inside_the_image(tmp_path,
 @pytest.mark.parametrize("kind", ["4:4:4", "4:2:2", "4:2:0", "L", "CMYK"])
 def test_decoding_only_down_to_the_crop_is_bit_identical_to_a_full_decode(tmp_path, monkeypatch, kind):
     """Every EXIF orientation (a cut removes the stored bottom, which some show on top or on the left),
-    reduced DCT scales 1 to 1/8, the widest resize filter: the cut decode must not change one byte."""
+    reduced DCT scales 1 to 1/8, the widest resize filter: the cut decode must not change one byte.
+    (Training crops only: validation images are decoded whole, as timm does.)"""
     from trainctl.worker import jpeg_rows
     paths = []
     for orientation in range(1, 9):
@@ -157,7 +156,7 @@ def test_decoding_only_down_to_the_crop_is_bit_identical_to_a_full_decode(tmp_pa
 
     def decode_all():
         return [load_train(str(p), r, sample_rng(0, 0, i)).numpy().tobytes() for p in paths for r in recipes
-                for i in range(12)] + [load_eval(str(p), r).numpy().tobytes() for p in paths for r in recipes]
+                for i in range(12)]
 
     cuts, real_cut = [], jpeg_rows.cut
     monkeypatch.setattr(jpeg_rows, "cut", lambda data, frame, rows: cuts.append(rows) or real_cut(data, frame, rows))
@@ -173,8 +172,9 @@ def test_a_cut_leaves_every_row_above_it_exact_even_at_a_block_row_boundary(tmp_
     """4:2:0 chroma is upsampled from the chroma row below too: a file cut right under the crop would
     change the crop's last row (by up to tens of levels). The cut keeps one block row (MCU row) more.
 
-    Each photo is a portrait whose centre crop (crop_pct 1, resized to its own decoded size) ends at
-    decoded row `bottom`; the decode cut below it must give the very bytes of a whole-file decode."""
+    Each photo is a portrait whose centre square crop (a training crop that cannot fit its scale and ratio
+    falls back to it; resized to its own decoded size) ends at decoded row `bottom`; the decode cut below it
+    must give the very bytes of a whole-file decode."""
     from trainctl.worker import jpeg_rows
     side = 48
     for bottom in (80 // scale, 83 // scale, 96 // scale, 97 // scale):   # block rows are 16 stored rows
@@ -182,14 +182,16 @@ def test_a_cut_leaves_every_row_above_it_exact_even_at_a_block_row_boundary(tmp_
         height = 2 * stored_bottom - side            # the centre crop spans stored rows height - bottom .. bottom
         path = tmp_path / f"p{bottom}.jpg"
         photo(side, height, seed=3).save(path, quality=90, subsampling="4:2:0")
-        recipe = Recipe(size=side // scale, crop_pct=1.0)   # the crop is `scale` times its output: a 1/scale decode
+        # The whole area at ratio 1 never fits a portrait: the crop is the centre square, `scale` times its
+        # output (a 1/scale decode).
+        recipe = Recipe(size=side // scale, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0)
         cuts, real_cut = [], jpeg_rows.cut
         with monkeypatch.context() as m:
             m.setattr(jpeg_rows, "cut", lambda data, frame, rows: cuts.append(rows) or real_cut(data, frame, rows))
-            got = load_eval(str(path), recipe)
+            got = load_train(str(path), recipe, sample_rng(0, 0, 0))
         with monkeypatch.context() as m:
             m.setattr(jpeg_rows, "sequential_frame", lambda data: None)   # decoded whole
-            want = load_eval(str(path), recipe)
+            want = load_train(str(path), recipe, sample_rng(0, 0, 0))
         assert cuts and cuts[0] < height, (bottom, cuts)               # the file was cut
         assert tuple(got.shape) == (3, side // scale, side // scale)
         assert torch.equal(got, want), (bottom, (got.int() - want.int()).abs().max(dim=2).values.max(dim=0).values)

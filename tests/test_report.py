@@ -58,3 +58,11 @@ def test_a_supervisor_error_is_counted_and_its_stop_is_not_a_death():
                          ev(401, "state", 2, to="succeeded")]
     s = summarize(night)
     assert s["supervisor_errors"] == 1 and s["supervisor_deaths"] == 0
+
+
+def test_a_run_that_never_trained_has_no_goodput():
+    """A worker that failed on a config error before training: nothing was lost, but nothing trained either."""
+    night = [ev(0, "supervisor_start"), ev(0, "spawn", 1), ev(13, "exit", 1, failure="config_error"),
+             ev(13, "state", 1, to="failed")]
+    s = summarize(night)
+    assert s["training_seconds"] == 0 and s["goodput"] is None and s["crashes"] == 1

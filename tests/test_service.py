@@ -90,7 +90,7 @@ def test_the_launchd_plist_loads_and_keeps_the_run_alive(tmp_path, dataset):
 
 
 @pytest.mark.parametrize("manager", ["systemd", "launchd"])
-def test_dry_runs_print_exactly_what_they_would_do(tmp_path, dataset, manager, monkeypatch):
+def test_dry_runs_print_exactly_what_they_would_do_and_change_nothing(tmp_path, dataset, manager, monkeypatch):
     for key, value in {"XDG_CONFIG_HOME": tmp_path / "config", "HOME": tmp_path / "home",
                        "XDG_STATE_HOME": tmp_path / "state"}.items():
         monkeypatch.setenv(key, str(value))
@@ -100,18 +100,98 @@ def test_dry_runs_print_exactly_what_they_would_do(tmp_path, dataset, manager, m
                       env=env, cwd=tmp_path)
     assert result.returncode == ExitCode.OK, result.stderr
     run_dir = tmp_path / "runs" / "dry"
-    files, commands = service.plan_install(run_dir, manager)
-    paths, removals = service.plan_uninstall(run_dir, manager)
+    files, commands = service.plan_install(run_dir, manager, load(tmp_path / "c.toml"))
     for path, content in files.items():
         assert f"# would write {path}:" in result.stdout
         assert content.decode().strip() in result.stdout
-        assert not path.exists()                       # a dry run writes nothing outside the run folder
+        assert not path.exists()
     assert [line for line in result.stdout.splitlines() if line.startswith("# would run: ")] == [
         "# would run: " + shlex.join(cmd) for cmd in commands]
+    # Nothing at all was made: no run folder, no entry in the registry, nothing for `list` to show.
+    assert not run_dir.exists() and not (tmp_path / "state").exists()
+    assert "no runs yet" in trainctl("list", env=env, cwd=tmp_path).stdout
+    run_dir = make_run(tmp_path, "dry", config_text("dry", dataset))
+    paths, removals = service.plan_uninstall(run_dir, manager)
     result = trainctl("service", "uninstall", "dry", "--dry-run", "--manager", manager, env=env, cwd=tmp_path)
     assert result.returncode == ExitCode.OK, result.stderr
     assert result.stdout.splitlines() == (["# would run: " + shlex.join(c) for c in removals]
                                           + [f"# would remove {p}" for p in paths])
+
+
+def test_a_dry_run_may_look_at_a_running_run_and_a_real_install_over_it_is_refused(tmp_path, dataset, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    text = config_text("busy", dataset, train={"epochs": 100})
+    (tmp_path / "busy.toml").write_text(text)
+    run_dir = make_run(tmp_path, "busy", text)
+    supervisor = subprocess.Popen([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)],
+                                  env={**os.environ, "TRAINCTL_FAULTS": ""}, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (s := read_state(run_dir)) and s.supervisor_pid == supervisor.pid and s.state == "running",
+                 120, what="the run to be running")
+        frozen = (run_dir / "config.toml").read_bytes()
+        for args in (["--config", str(tmp_path / "busy.toml")], [str(run_dir)]):
+            dry = trainctl("service", "install", *args, "--dry-run", "--manager", "systemd", cwd=tmp_path)
+            assert dry.returncode == ExitCode.OK and "# would run: systemctl --user enable --now" in dry.stdout, dry.stderr
+        real = trainctl("service", "install", str(run_dir), "--manager", "systemd", cwd=tmp_path)
+        assert real.returncode == ExitCode.RUNNING, real.stdout + real.stderr
+        assert f"busy is already running (supervisor pid {supervisor.pid})" in real.stderr
+        assert "trainctl stop busy" in real.stderr
+        assert not service.unit_dir().exists() and (run_dir / "config.toml").read_bytes() == frozen
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(timeout=240)
+
+
+def fake_systemctl(folder: Path, fail_on: str) -> Path:
+    """A systemctl stand-in that logs its arguments and fails, as systemd does, at `fail_on` (no user bus)."""
+    folder.mkdir()
+    script = folder / "systemctl"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "$SYSTEMCTL_LOG"\ncase "$*" in *{fail_on}*)\n'
+                      '  echo "Failed to connect to bus: No medium found" >&2; exit 1;;\nesac\nexit 0\n')
+    script.chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize("fail_on", ["daemon-reload", "enable"])
+def test_a_failed_install_puts_back_what_was_there_and_says_what_to_do(tmp_path, dataset, fail_on):
+    run_dir = make_run(tmp_path, "rb", config_text("rb", dataset))
+    unit_dir = tmp_path / "config" / "systemd" / "user"
+    unit_dir.mkdir(parents=True)
+    (unit_dir / "trainctl@.service").write_text("# another run's install put this here\n")
+    (unit_dir / "other.service").write_text("[Unit]\n")
+    bin_dir = fake_systemctl(tmp_path / "bin", fail_on)
+    log = tmp_path / "systemctl.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SYSTEMCTL_LOG": str(log),
+           "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    result = trainctl("service", "install", str(run_dir), "--manager", "systemd", env=env)
+    assert result.returncode == ExitCode.REFUSED, result.stdout + result.stderr
+    message = " ".join(result.stderr.split())
+    assert "Failed to connect to bus" in message and "Nothing was installed" in message
+    assert "trainctl resume rb --foreground" in message and "tmux" in message
+    assert sorted(p.name for p in unit_dir.iterdir()) == ["other.service", "trainctl@.service"]
+    assert (unit_dir / "trainctl@.service").read_text() == "# another run's install put this here\n"
+    calls = log.read_text().splitlines()
+    if fail_on == "enable":   # systemd may have enabled part of it: undone, then reloaded without our files
+        assert calls[-2:] == [f"--user disable --now {service.instance(run_dir)}", "--user daemon-reload"]
+    else:
+        assert calls == ["--user daemon-reload"]
+
+
+def test_the_user_unit_and_the_plist_say_only_what_does_something(tmp_path, dataset, monkeypatch):
+    assert "network-online" not in service.unit(sys.executable)   # a user manager has no network targets
+    monkeypatch.setenv("PATH", "/opt/bin:/usr/bin:/bin:/opt/bin:/usr/bin::/sbin")
+    run_dir = make_run(tmp_path, "path", config_text("path", dataset))
+    plist = service.launchd_plist(run_dir, load(run_dir / "config.toml"))
+    assert plist["EnvironmentVariables"]["PATH"] == "/opt/bin:/usr/bin:/bin:/sbin"
+
+
+def test_service_install_checks_the_config_before_it_creates_anything(tmp_path, dataset):
+    (tmp_path / "c.toml").write_text(config_text("unknown", dataset, model={"name": "tset_vit"}))
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_STATE_HOME": str(tmp_path / "state")}
+    result = trainctl("service", "install", "--config", str(tmp_path / "c.toml"), "--manager", "systemd", env=env)
+    assert result.returncode == ExitCode.BAD_CONFIG and "is not a timm model" in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "config").exists() and not (tmp_path / "state").exists()
 
 
 def test_a_missing_service_manager_is_a_clear_error(tmp_path, dataset):

@@ -22,7 +22,8 @@ MPS_OOM_TEXT = ("MPS backend out of memory (MPS allocated: 17.02 GB, other alloc
                 "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable upper limit for memory allocations "
                 "(may cause system failure).")
 CUDA_OOM_TEXT = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.78 GiB total capacity)"
-CPU_OOM_TEXT = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes."
+CPU_OOM_TEXT = ("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                "allocate 8589934592 bytes.")
 
 _SIGNALS = {"sigkill": signal.SIGKILL, "sigsegv": signal.SIGSEGV, "sigbus": signal.SIGBUS,
             "sigabrt": signal.SIGABRT}

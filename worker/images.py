@@ -3,8 +3,10 @@ flip) or eval.
 
 All randomness comes from the generator passed in, which the caller derives from
 (seed, epoch, sample index): the result never depends on batch size, workers or restarts.
-JPEGs are decoded at a reduced DCT scale (``draft``) whenever the crop allows it, and only down
+Training JPEGs are decoded at a reduced DCT scale (``draft``) whenever the crop allows it, and only down
 to the last row the crop needs (jpeg_rows); the result is bit-identical to a full decode's.
+Validation images are decoded whole and get timm's eval transform pixel for pixel (tests/test_eval_transform.py),
+so a validation accuracy here is the accuracy timm's own evaluation would measure.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ from . import jpeg_rows
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 _TRANSPOSED = {5, 6, 7, 8}   # EXIF orientations that swap width and height
+# The same turns for a whole Pillow image (as ImageOps.exif_transpose).
+_ORIENT_PIL = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}
 # How each EXIF orientation turns the stored image into the displayed one (as ImageOps.exif_transpose),
 # for a (3, H, W) tensor.
 _ORIENT = {2: lambda t: t.flip(2), 3: lambda t: t.flip(1, 2), 4: lambda t: t.flip(1), 5: lambda t: t.transpose(1, 2),
@@ -48,6 +54,7 @@ class Recipe:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     max_pixels: int = 89_478_485
+    crop_mode: str = "center"   # timm's eval crop: "center", "squash" or "border"
 
     @property
     def fill(self) -> tuple[int, int, int]:
@@ -72,14 +79,47 @@ def load_train(path: str, recipe: Recipe, rng: np.random.Generator) -> torch.Ten
 
 
 def load_eval(path: str, recipe: Recipe) -> torch.Tensor:
-    """Resize the short side to size / crop_pct and take the centre crop, as timm's eval transform."""
-    img, data = _open(path, recipe.max_pixels)
+    """timm's eval transform (resize by 1 / crop_pct, centre crop), pixel for pixel, of the upright image.
+
+    Beyond timm: the EXIF orientation is applied first, and 16-bit and transparent images are converted as
+    `_to_rgb` does (timm's ``convert("RGB")`` clips 16-bit to white and drops transparency)."""
+    img, _ = _open(path, recipe.max_pixels)
     orientation = _orientation(img)
-    width, height = _oriented_size(img, orientation)
-    scale_size = math.floor(recipe.size / recipe.crop_pct)
-    side = recipe.size * min(width, height) / scale_size   # the crop's side in source pixels
-    left, top = (width - side) / 2, (height - side) / 2
-    return _crop_resize(img, data, orientation, (left, top, left + side, top + side), recipe)
+    try:
+        img.load()   # the whole image at full scale: a reduced or cut decode would change timm's pixels
+        img = _to_rgb(img, recipe.fill)
+    except Exception as e:   # truncated data, corrupt streams
+        raise BadImage(_reason(e)) from None
+    if orientation in _ORIENT_PIL:
+        img = img.transpose(_ORIENT_PIL[orientation])
+    img = img.resize(_eval_size(img.width, img.height, recipe), RESAMPLE.get(recipe.interpolation, Image.BICUBIC))
+    return _chw(_centre_crop(img, recipe.size, recipe.fill))
+
+
+def _eval_size(width: int, height: int, r: Recipe) -> tuple[int, int]:
+    """(width, height) after timm's eval resize: torchvision's Resize(scale) by default (short side to `scale`,
+    the long side truncated), a square for "squash", the long side to `scale` for "border"."""
+    scale = math.floor(r.size / r.crop_pct)
+    if r.crop_mode == "squash":
+        return scale, scale
+    if r.crop_mode == "border":   # timm's ResizeKeepRatio(longest=1)
+        ratio = max(height / scale, width / scale)
+        return round(width / ratio), round(height / ratio)
+    if width <= height:
+        return scale, int(scale * height / width)
+    return int(scale * width / height), scale
+
+
+def _centre_crop(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
+    """torchvision's CenterCrop (timm's CenterCropOrPad where a side is short: padded with `fill` first)."""
+    width, height = img.size
+    if width < size or height < size:
+        pad_left, pad_top = max(size - width, 0) // 2, max(size - height, 0) // 2
+        padded = Image.new("RGB", (max(width, size), max(height, size)), fill)
+        padded.paste(img, (pad_left, pad_top))
+        img, width, height = padded, padded.width, padded.height
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
 
 
 def _open(path: str, max_pixels: int) -> tuple[Image.Image, bytes]:
@@ -87,6 +127,8 @@ def _open(path: str, max_pixels: int) -> tuple[Image.Image, bytes]:
     try:
         with open(path, "rb") as f:   # one read; the bytes are needed again for a cut decode
             data = f.read()
+        if not data:
+            raise BadImage("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = max_pixels
@@ -95,6 +137,8 @@ def _open(path: str, max_pixels: int) -> tuple[Image.Image, bytes]:
         raise BadImage(f"larger than [data] max_image_pixels = {max_pixels} ({e.args[0].split('.')[0]})") from None
     except FileNotFoundError:
         raise BadImage("file disappeared") from None
+    except BadImage:
+        raise
     except Exception as e:   # UnidentifiedImageError, OSError, SyntaxError from broken headers
         raise BadImage(_reason(e)) from None
     if img.width < 1 or img.height < 1:

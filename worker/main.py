@@ -2,6 +2,8 @@
 
 Turns every way of ending into the exit codes of `trainctl.contract.protocol`, with evidence:
 faulthandler for native crashes, an error JSON for Python exceptions.
+``python -m trainctl.worker --check-config FILE`` is the pre-flight `trainctl start` runs before a run
+folder exists (`preflight.py`).
 """
 from __future__ import annotations
 
@@ -21,17 +23,25 @@ from trainctl.contract.runfolder import CONFIG_FILE, EVIDENCE_DIR, WORKER_LOCK, 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m trainctl.worker",
                                      description="trainctl training worker (normally started by the supervisor)")
-    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--run-dir", type=Path, help="the run folder (required unless --check-config)")
     parser.add_argument("--rung", type=int, default=1, help="rung of the ladder (1 = first)")
     parser.add_argument("--attempt", type=int, default=0, help="attempt number, names the evidence files")
     parser.add_argument("--standby", action="store_true",
                         help="import torch and timm, then wait for 'GO RUNG ATTEMPT' on stdin (warm standby)")
-    return parser.parse_args(argv)
+    parser.add_argument("--check-config", type=Path, metavar="FILE",
+                        help="check what only torch and timm can check in a config file, write nothing, exit")
+    args = parser.parse_args(argv)
+    if args.run_dir is None and args.check_config is None:
+        parser.error("--run-dir is required")
+    return args
 
 
 def main(argv=None) -> int:
     timings = {"process_start": time.time()}
     args = parse_args(argv)
+    if args.check_config is not None:
+        from .preflight import check_config
+        return check_config(args.check_config)
     run_dir = args.run_dir.resolve()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS; before CUDA starts
     for key, value in WORKER_ENV.items():   # when run by hand, not by the supervisor

@@ -114,7 +114,7 @@ def recipe_for(cfg: Config, model: torch.nn.Module) -> Recipe:
                   crop_pct=float(data_cfg["crop_pct"]), crop_scale=cfg.data.crop_scale,
                   crop_ratio=cfg.data.crop_ratio, hflip=cfg.data.hflip,
                   mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
-                  max_pixels=cfg.data.max_image_pixels)
+                  max_pixels=cfg.data.max_image_pixels, crop_mode=str(data_cfg.get("crop_mode") or "center"))
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 from trainctl.contract import fsio
@@ -11,6 +12,7 @@ from trainctl.contract.protocol import HEARTBEAT_FIELDS, Phase
 from trainctl.contract.runfolder import BAD_IMAGES_FILE, HEARTBEAT_FILE, METRICS_FILE, read_json
 
 HEARTBEAT_MIN_INTERVAL = 0.5   # seconds between heartbeat writes, unless the phase changes
+RATE_WINDOW_SECONDS = 60.0     # images/s (and so the ETA) is measured over about this much of the latest steps
 
 
 class Reporter:
@@ -61,3 +63,36 @@ class Reporter:
 def say(message: str) -> None:
     """One line on the worker's console (which the supervisor sends to logs/worker.log)."""
     print(f"[trainctl] {message}", flush=True)
+
+
+class StepRate:
+    """Images per second over about the last `window` seconds of optimizer steps, counting the steps' own time."""
+    # One step's rate swings with every loader hiccup (54 to 13 images/s, the ETA from 50 s to 3 min); a minute
+    # of steps does not. Time that is no step's (checkpoint waits, validation) the caller leaves out; the
+    # window is counted in step time, so a long pause does not empty it either.
+
+    def __init__(self, window: float = RATE_WINDOW_SECONDS):
+        self.window = window
+        self._steps: deque[tuple[float, int]] = deque()   # (seconds, images), oldest first
+        self._seconds, self._images = 0.0, 0
+        self._warming = True   # the first step of a process carries start-up (loader processes, allocations)
+
+    def add(self, seconds: float, images: int) -> None:
+        """Count one optimizer step that took `seconds` of its own time for `images` images."""
+        if self._warming and self._steps:   # a second step is in: the first one's start-up no longer counts
+            self._steps.clear()
+            self._seconds, self._images, self._warming = 0.0, 0, False
+        seconds = max(seconds, 1e-9)   # a clock that did not move still counted a step
+        self._steps.append((seconds, images))
+        self._seconds += seconds
+        self._images += images
+        # Drop the oldest steps while the rest still cover the window.
+        while len(self._steps) > 1 and self._seconds - self._steps[0][0] >= self.window:
+            old_seconds, old_images = self._steps.popleft()
+            self._seconds -= old_seconds
+            self._images -= old_images
+
+    @property
+    def per_second(self) -> float | None:
+        """The rate, or None before the first step."""
+        return self._images / self._seconds if self._steps else None

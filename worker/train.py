@@ -25,7 +25,7 @@ from . import checkpoint, data, export
 from . import device as devicelib
 from .checkpointing import Checkpointing
 from .model import build_model, build_optimizer, build_scheduler, recipe_for
-from .report import Reporter, say
+from .report import Reporter, StepRate, say
 from .snapshot import Progress, check_identity, restore
 
 
@@ -41,6 +41,17 @@ def step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step, 0x57E9]).generate_state(1)[0])
 
 
+def pixel_stats(recipe, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's mean and std in uint8 pixel units, shaped (1, 3, 1, 1) to broadcast over a batch."""
+    return (torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(recipe.std, device=device).view(1, 3, 1, 1) * 255)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images → float, normalised in place (no extra full-size temporaries); `mean`, `std` from pixel_stats."""
+    return images.float().sub_(mean).div_(std)
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, rung_index: int, flags, reporter: Reporter, faults):
         self.cfg, self.run_dir, self.flags, self.reporter, self.faults = cfg, Path(run_dir), flags, reporter, faults
@@ -48,6 +59,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.progress, self.history = Progress(), []
         self.micro_batches = 0
+        self.rate = StepRate()
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -93,8 +105,7 @@ class Trainer:
             say(f"resumed from {found.path.name}: epoch {self.progress.epoch + 1}, step {self.progress.step}, "
                 f"sample {self.progress.cursor} of the epoch")
         self.ckpt = Checkpointing(self, background=cfg.checkpoint.async_write)
-        self.mean = torch.tensor(self.recipe.mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(self.recipe.std, device=self.device).view(1, 3, 1, 1) * 255
+        self.mean, self.std = pixel_stats(self.recipe, self.device)
         self.train_data = data.MicroBatches(self.train_set, self.recipe, cfg.run.seed, profile.batch_size, True)
         self.workers = devicelib.loader_workers(profile, self.device)
         self.reporter.beat(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
@@ -113,9 +124,8 @@ class Trainer:
 
     # ---- the parts of a step ------------------------------------------------------------------
     def _inputs(self, mb: data.MicroBatch) -> torch.Tensor:
-        """uint8 → float on the device, normalised in place (no extra full-size temporaries)."""
-        x = mb.images.to(self.device, non_blocking=True).float()
-        return x.sub_(self.mean).div_(self.std)
+        """uint8 → float on the device, normalised."""
+        return normalize(mb.images.to(self.device, non_blocking=True), self.mean, self.std)
 
     def _forward(self, mb: data.MicroBatch):
         """Summed loss over the valid samples, and the count of correct predictions."""
@@ -162,25 +172,26 @@ class Trainer:
         keys = data.train_keys(p.epoch, p.cursor, cfg.train.epochs, self.steps_per_epoch, E, self.profile.batch_size)
         batches = data.iterate(self.train_data, keys, self.workers, cfg.run.seed, self.device.type != "cpu")
         self.reporter.beat(Phase.TRAINING, force=True, **self._position())
-        window = {"loss": 0.0, "correct": 0, "valid": 0, "start": time.monotonic(), "steps": 0}
+        window = {"loss": 0.0, "correct": 0, "valid": 0}
         while p.epoch < cfg.train.epochs:
             if self.flags.stop:
                 return self._stop()
             self.faults.hit("train_step", p.step)
-            started = time.monotonic()
+            started, blocked = time.monotonic(), self.ckpt.blocked_seconds
             loss, correct, n_valid = self._step(batches)
+            # The step's own time: not the wait for a checkpoint write to release the weights (before_update).
+            self.rate.add(time.monotonic() - started - (self.ckpt.blocked_seconds - blocked), E)
             p.step, p.cursor, p.samples_seen = p.step + 1, p.cursor + E, p.samples_seen + E
             if "first_step" not in self.reporter.fields.get("timings", {}):
                 self._timing("first_step")
-            ips = E / max(time.monotonic() - started, 1e-9)
             window.update(loss=window["loss"] + loss, correct=window["correct"] + correct,
-                          valid=window["valid"] + n_valid, steps=window["steps"] + 1)
+                          valid=window["valid"] + n_valid)
             # Written at every step (not throttled): a crash report must name the step exactly.
-            self.reporter.beat(loss=loss / max(n_valid, 1), lr=self._lr(), images_per_sec=round(ips, 2),
+            self.reporter.beat(loss=loss / max(n_valid, 1), lr=self._lr(), images_per_sec=self._images_per_sec(),
                                force=True, memory=devicelib.memory_stats(self.device), **self._position())
             if p.step % cfg.train.log_every_steps == 0:
                 self._log(window)
-                window = {"loss": 0.0, "correct": 0, "valid": 0, "start": time.monotonic(), "steps": 0}
+                window = {"loss": 0.0, "correct": 0, "valid": 0}
             if p.cursor >= self.steps_per_epoch * E:
                 self._end_epoch()
             elif self.flags.stop:
@@ -230,11 +241,17 @@ class Trainer:
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def _images_per_sec(self) -> float | None:
+        """The smoothed rate (report.StepRate) that the heartbeat, the metrics lines and the ETA share."""
+        rate = self.rate.per_second
+        return None if rate is None else round(rate, 2)
+
     def _log(self, w: dict) -> None:
-        p, seconds = self.progress, time.monotonic() - w["start"]
-        record = {"kind": "train", "step": p.step, "epoch": p.epoch + (p.cursor / max(self.steps_per_epoch * self.cfg.train.effective_batch_size, 1)),
+        p = self.progress
+        epoch_samples = max(self.steps_per_epoch * self.cfg.train.effective_batch_size, 1)
+        record = {"kind": "train", "step": p.step, "epoch": p.epoch + p.cursor / epoch_samples,
                   "loss": w["loss"] / max(w["valid"], 1), "acc": w["correct"] / max(w["valid"], 1),
-                  "lr": self._lr(), "images_per_sec": w["steps"] * self.cfg.train.effective_batch_size / max(seconds, 1e-9),
+                  "lr": self._lr(), "images_per_sec": self._images_per_sec(),
                   "rung": self.rung_index + 1}
         self.reporter.metric(record)
         say(f"step {p.step}/{self.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
