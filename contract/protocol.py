@@ -35,6 +35,7 @@ class ExitCode(IntEnum):
     RUNNING = 5           # CLI, supervisor: refused, another supervisor holds the run
     REFUSED = 6           # CLI: refused, the run's state does not allow it
     TIMEOUT = 7           # CLI: timed out waiting
+    CANNOT_CONTINUE = 65  # worker: the run cannot go on as it is (see `CannotContinue`); restarting will not help
     INTERNAL_ERROR = 70   # supervisor, worker: an uncaught exception (EX_SOFTWARE); evidence kept, restart it
     DISK_FULL = 74        # worker: no space for a checkpoint; the previous one is intact
     STOPPED = 75          # worker: stopped on request after writing a checkpoint
@@ -42,6 +43,17 @@ class ExitCode(IntEnum):
     CONFIG_ERROR = 78     # worker: bad config or data, restarting will not help
     LOCKED = 79           # worker: another worker holds this run
     INTERRUPTED = 130     # CLI: Ctrl-C
+
+
+class CannotContinue(RuntimeError):
+    """The worker's verdict that training must not go on until a person looks: it exits
+    `ExitCode.CANNOT_CONTINUE` with `kind` in its error JSON, and the supervisor gives up with `str(self)`."""
+    KINDS = ("diverged", "data_error", "no_checkpoint")   # the supervisor's failure kinds of the same names
+
+    def __init__(self, kind: str, message: str):
+        assert kind in self.KINDS, kind
+        super().__init__(message)
+        self.kind = kind
 
 
 # Environment passed from supervisor to worker.

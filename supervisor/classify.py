@@ -28,6 +28,13 @@ class Kind(str, Enum):
     HANG = "hang"
     EXCEPTION = "exception"
     BOOT_FAILURE = "boot_failure"
+    # The worker's own verdicts (ExitCode.CANNOT_CONTINUE, protocol.CannotContinue): a person must look.
+    DIVERGED = "diverged"              # the loss stopped being a number
+    DATA_ERROR = "data_error"          # the data went away or changed under the run
+    NO_CHECKPOINT = "no_checkpoint"    # checkpoints exist but none verifies: never silently start over
+
+
+CANNOT_CONTINUE_KINDS = {Kind.DIVERGED.value, Kind.DATA_ERROR.value, Kind.NO_CHECKPOINT.value}
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,10 @@ def classify(ended: Exit, memory_history: list[MemorySample], soft_limit: int | 
         return Failure(Kind.STOPPED, "stopped after a checkpoint", **base)
     if rc == ExitCode.CONFIG_ERROR:
         return Failure(Kind.CONFIG_ERROR, message or "configuration or data error", **base)
+    if rc == ExitCode.CANNOT_CONTINUE:
+        kind = (ended.error or {}).get("kind")
+        if kind in CANNOT_CONTINUE_KINDS:
+            return Failure(Kind(kind), message or kind, **base)
     if rc == ExitCode.DISK_FULL:
         return Failure(Kind.DISK_FULL, message or "no space left for a checkpoint", **base)
     if rc == ExitCode.OUT_OF_MEMORY:

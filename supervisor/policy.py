@@ -1,6 +1,7 @@
 """What to do after an attempt ends: a pure function of the attempt history and the ladder.
 
-- done → finish; stopped → stop; config_error / disk_full → give up (restarting cannot help).
+- done → finish; stopped → stop; config_error, disk_full and the worker's own
+  verdicts (diverged, data_error, no_checkpoint) → give up (restarting cannot help).
 - boot_failure twice in a row → give up (the worker cannot start).
 - oom / memory_limit → step down at once (the same rung would run out again).
 - The same step failing `same_step_limit` times on a rung → step down; on the last rung, give up
@@ -24,6 +25,8 @@ from trainctl.contract.lifecycle import Event
 from .classify import Kind
 
 CLEAN = (Kind.DONE, Kind.STOPPED)
+# Restarting cannot help: a person must change something first.
+GIVE_UP_AT_ONCE = (Kind.CONFIG_ERROR, Kind.DISK_FULL, Kind.DIVERGED, Kind.DATA_ERROR, Kind.NO_CHECKPOINT)
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def decide(history: list[Attempt], ladder_size: int, s: Settings) -> Action:
         return Action(Do.FINISH, rung, reason="training finished")
     if cur.kind is Kind.STOPPED:
         return Action(Do.STOP, rung, reason="stopped on request")
-    if cur.kind in (Kind.CONFIG_ERROR, Kind.DISK_FULL):
+    if cur.kind in GIVE_UP_AT_ONCE:
         return Action(Do.GIVE_UP, rung, reason=f"{cur.kind.value}: {cur.detail}")
     failed = [a for a in history if a.kind not in CLEAN]
     if cur.kind is Kind.BOOT_FAILURE and len(failed) >= 2 and failed[-2].kind is Kind.BOOT_FAILURE:

@@ -48,6 +48,13 @@ CLASSIFY = [
     (Exit(1, heartbeat_seen=False, output_tail="ModuleNotFoundError: torch"), CALM, Kind.BOOT_FAILURE, "before it came up"),
     (Exit(-signal.SIGSEGV, heartbeat_seen=False), CALM, Kind.BOOT_FAILURE, "SIGSEGV"),
     (Exit(ExitCode.LOCKED), CALM, Kind.BOOT_FAILURE, "another worker"),
+    (Exit(ExitCode.CANNOT_CONTINUE, error={"kind": "diverged", "message": "loss not finite since step 10"}), CALM,
+     Kind.DIVERGED, "step 10"),
+    (Exit(ExitCode.CANNOT_CONTINUE, error={"kind": "data_error", "message": "72% of step 8's images unreadable"}), CALM,
+     Kind.DATA_ERROR, "unreadable"),
+    (Exit(ExitCode.CANNOT_CONTINUE, error={"kind": "no_checkpoint", "message": "none of 3 checkpoints verifies"}), CALM,
+     Kind.NO_CHECKPOINT, "verifies"),
+    (Exit(ExitCode.CANNOT_CONTINUE, error={"kind": "martian", "message": "m"}), CALM, Kind.EXCEPTION, "m"),
 ]
 
 
@@ -83,6 +90,9 @@ DECIDE = [
     ([A(Kind.STOPPED)], 3, Do.STOP, 0, 0, "stopped"),
     ([A(Kind.CONFIG_ERROR)], 3, Do.GIVE_UP, 0, 0, "config_error"),
     ([A(Kind.DISK_FULL)], 3, Do.GIVE_UP, 0, 0, "disk_full"),
+    ([A(Kind.DIVERGED)], 3, Do.GIVE_UP, 0, 0, "diverged"),
+    ([A(Kind.DATA_ERROR)], 3, Do.GIVE_UP, 0, 0, "data_error"),
+    ([A(Kind.NO_CHECKPOINT)], 3, Do.GIVE_UP, 0, 0, "no_checkpoint"),
     ([A(Kind.BOOT_FAILURE)], 3, Do.RESTART, 0, 2.0, "boot_failure"),
     ([A(Kind.BOOT_FAILURE), A(Kind.BOOT_FAILURE)], 3, Do.GIVE_UP, 0, 0, "failed to start twice"),
     ([A(Kind.OOM, step=5)], 3, Do.STEP_DOWN, 1, 2.0, "oom"),

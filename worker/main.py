@@ -16,7 +16,8 @@ import traceback
 from pathlib import Path
 
 from trainctl.contract import fsio
-from trainctl.contract.protocol import ENV_SUPERVISOR_PID, ORPHAN_GRACE_SECONDS, WORKER_ENV, ExitCode, Phase
+from trainctl.contract.protocol import (ENV_SUPERVISOR_PID, ORPHAN_GRACE_SECONDS, WORKER_ENV, CannotContinue, ExitCode,
+                                        Phase)
 from trainctl.contract.runfolder import CONFIG_FILE, EVIDENCE_DIR, WORKER_LOCK, error_json_path, fault_log_path
 
 
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
         return report_error(run_dir, args.attempt, "config_error", e, ExitCode.CONFIG_ERROR, trainer)
     except DiskFull as e:
         return report_error(run_dir, args.attempt, "disk_full", e, ExitCode.DISK_FULL, trainer)
+    except CannotContinue as e:
+        return report_error(run_dir, args.attempt, e.kind, e, ExitCode.CANNOT_CONTINUE, trainer)
     except BaseException as e:   # noqa: BLE001 — every exception must leave evidence
         if is_oom(e):
             return report_error(run_dir, args.attempt, "oom", e, ExitCode.OUT_OF_MEMORY, trainer)
