@@ -247,7 +247,7 @@ def cmd_stop(args) -> int:
     ck = st.last_checkpoint
     console.print(f"[magenta]stopped[/] {escape(run_dir.name)} at step {st.step}"
                   + (f" (checkpoint at step {ck.step})" if ck else "")
-                  + f". Resume with: trainctl resume {run_dir.name}", highlight=False)
+                  + f". Resume with: trainctl resume {run_dir.name}", highlight=False, soft_wrap=True)
     return ExitCode.OK
 
 

@@ -60,7 +60,7 @@ def run_demo(folder: Path, fast: bool, console: Console) -> int:
         console.print(f"[bold green]demo finished:[/] validation accuracy {val[-1]:.1%} (chance is {chance:.0%}), "
                       f"{plural(st.restarts, 'restart')}, crashes: {', '.join(c.kind for c in st.crashes) or 'none'}.\n"
                       f"  model:  {escape(st.final_model)}\n  status: trainctl status {escape(str(cfg.run_dir))}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     return code
 
 
