@@ -47,6 +47,8 @@ class DataSection:
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)   # random-resized-crop aspect range
     hflip: float = 0.5
     max_image_pixels: int = 89_478_485               # Pillow's decompression-bomb limit
+    max_bad_share_step: float = 0.5                  # unreadable images in one optimizer step beyond this: data_error
+    max_bad_share_epoch: float = 0.05                # ... in an epoch so far (from 1000 images on): data_error
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class TrainSection:
     log_every_steps: int = 10
     threads: int = 0                  # torch CPU threads; 0 = torch's default
     deterministic: bool = True
+    max_nonfinite_steps: int = 3      # steps in a row with a non-finite loss (each skipped) before: diverged
 
 
 @dataclass(frozen=True)
@@ -227,15 +230,22 @@ def _coerce(value, hint, key: str, where: str):
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {key} must be a whole number, got {value!r}.")
+            raise ConfigError(f"{where}: {key} must be a whole number, got {value!r}. Fix: write one like 3 "
+                              f"(no quotes, no decimal point).")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}.")
-        return float(value)
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}. Fix: write one like 0.5 (no quotes).")
+        try:
+            return float(value)
+        except OverflowError:   # a whole number of 400 digits: no float holds it
+            raise ConfigError(f"{where}: {key} is too large ({len(str(value))} digits). Fix: use a sensible "
+                              f"value (see README, 'Config reference').") from None
     if hint in (str, Path):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key} must be a string, got {value!r}.")
+        if "\0" in value:   # no path, name or command can hold one: the OS refuses it with a ValueError
+            raise ConfigError(f"{where}: {key} = {value!r} contains a NUL character (\\u0000). Fix: remove it.")
         return Path(value) if hint is Path else value
     raise TypeError(f"unsupported config type {hint} for {key}")
 
@@ -251,8 +261,8 @@ def detect_accelerator() -> str | None:
 
 def default_ladder(accelerator: str | None, effective_batch_size: int) -> tuple[Profile, ...]:
     """The ladder used when the config lists no [[profiles]]: MPS 2 → 1 → CPU; CUDA halving → CPU; CPU."""
-    def fits(b: int) -> int:  # the largest divisor of the effective batch not above b
-        return max(d for d in range(1, min(b, effective_batch_size) + 1) if effective_batch_size % d == 0)
+    def fits(b: int) -> int:  # the largest divisor of the effective batch not above b (1 for a bad one: validate says)
+        return next((d for d in range(min(b, effective_batch_size), 0, -1) if effective_batch_size % d == 0), 1)
     if accelerator == "mps":
         sizes = [("mps", fits(2)), ("mps", 1), ("cpu", 1)]
     elif accelerator == "cuda":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import fsio
 from .config import ConfigError
 
 
@@ -45,8 +46,12 @@ def scan(root: Path, extensions: tuple[str, ...], what: str = "[data] train_dir"
     else:
         classes = tuple(found)
     paths, labels = [], []
+    # Each directory is walked once, by (device, inode): a link back up (`ln -s . cls/again`) or across to another
+    # class folder adds nothing, and a loop of links cannot make the scan endless.
+    seen = {fsio.file_identity(root)}   # (device, inode): follows links, so a loop is walked once
+    seen.update(fsio.file_identity(root / name) for name in found)
     for name in found:
-        files = _images_under(root / name, extensions)
+        files = _images_under(root / name, extensions, seen)
         if not files:
             raise ConfigError(f"{what}: class folder {root / name} has no images with extensions "
                               f"{' '.join(extensions)}. Fix: add images or remove the folder.")
@@ -55,13 +60,36 @@ def scan(root: Path, extensions: tuple[str, ...], what: str = "[data] train_dir"
     return Folder(root, tuple(classes), tuple(paths), tuple(labels))
 
 
-def _images_under(folder: Path, extensions: tuple[str, ...]) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions)
+def _images_under(folder: Path, extensions: tuple[str, ...], seen: set[tuple[int, int]]) -> list[str]:
+    """Image files under `folder` in os.walk's top-down order (names sorted), following links to directories
+    not in `seen` (which grows)."""
+    out, stack = [], [str(folder)]
+    while stack:
+        dirpath = stack.pop()
+        try:
+            entries = sorted(os.scandir(dirpath), key=lambda e: e.name)
+        except OSError:   # unreadable or vanished: os.walk skips it too
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if _is_dir(e):
+                key = fsio.file_identity(e.path)   # the directory's own identity, not the link's
+                if key is not None and key not in seen:
+                    seen.add(key)
+                    subdirs.append(e.path)
+            elif os.path.splitext(e.name)[1].lower() in extensions:
+                out.append(e.path)
+        stack.extend(reversed(subdirs))   # depth first, in name order, as os.walk
     return out
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()   # follows links
+    except OSError:
+        return False
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:

@@ -26,6 +26,16 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and TEMP_MARK in name
 
 
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path` now, or None: tells a file deleted or replaced by hand from the one
+    we opened or locked."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def fsync_file(fd: int) -> None:
     """Flush a file's data to stable storage (through the drive cache on macOS)."""
     if sys.platform == "darwin":
@@ -90,7 +100,12 @@ def atomic_write_by_name(path: Path, write: Callable[[Path], None]) -> None:
     """`atomic_writer` for a library that writes to a file name itself (safetensors): `write(tmp)`,
     then fsync, rename onto `path`, fsync the directory; on failure `path` is untouched."""
     with _replacing(Path(path), True, lambda _name: None) as tmp:
+        # The library may create its file 0600 (safetensors does): give it the mode our own files get from
+        # the umask, learnt from a file created the usual way (os.umask() to read it would race other threads).
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+        mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
+        os.chmod(tmp, mode)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             fsync_file(fd)

@@ -72,6 +72,7 @@ class Event(str, Enum):
     """The kinds of event in the run's journal (journal.sqlite3), each with its own JSON details."""
     SUPERVISOR_START = "supervisor_start"     # a supervisor took the run: pid, python
     SUPERVISOR_ERROR = "supervisor_error"     # the supervisor itself failed: traceback, what it did then
+    JOURNAL_RESET = "journal_reset"           # the journal was damaged, deleted or replaced: reason, kept (its old file)
     BUDGET_RESET = "budget_reset"             # a person resumed: the restart budget starts afresh
     ORPHAN = "orphan"                         # a previous supervisor's worker: pid, killed
     STATE = "state"                           # a lifecycle transition: from, to, reason

@@ -109,6 +109,7 @@ class Heartbeat:
     checkpoint_blocked_seconds: float = 0.0
     last_checkpoint: dict | None = None   # {"step", "path", "time", "taken"} of the newest commit
     bad_images: int = 0
+    nonfinite_steps: int = 0              # optimizer steps skipped because their loss was not finite
     final_model: str | None = None
     timings: dict = field(default_factory=dict)   # wall-clock moments of the start-up (bench/recovery.py)
     memory: dict = field(default_factory=dict)    # device memory the worker reports: mps_driver_allocated, ...

@@ -6,6 +6,7 @@ keeps the supervisor's 0-based index into the ladder.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .lifecycle import State
@@ -18,6 +19,7 @@ class RunState:
     reason: str | None = None
     run_name: str = ""
     supervisor_pid: int | None = None
+    supervisor_started: float | None = None    # its psutil create_time: with the pid, who it is (pids are reused)
     worker_pid: int | None = None
     rung_index: int = 0
     rung: dict = field(default_factory=dict)    # the rung's profile: device, batch_size, precision, ...
@@ -105,9 +107,22 @@ class Status:
     summary: dict | None
     recorded_state: str | None = None   # what the dead supervisor last recorded, when state says otherwise
     metrics: dict = field(default_factory=dict)   # recent losses and accuracies, for the live view only
+    # checkpoints that failed verification, moved into checkpoints/corrupt/: {file, step, reason, time}
+    set_aside_checkpoints: list = field(default_factory=list)
 
     def to_json(self) -> dict:
-        """The `trainctl status --json` object (without the recent metrics)."""
+        """The `trainctl status --json` object (without the recent metrics); strict JSON: NaN and inf are null."""
         out = dataclasses.asdict(self)
         out.pop("metrics")
-        return out
+        return finite_only(out)
+
+
+def finite_only(obj):
+    """`obj` with every NaN and infinity replaced by None: JSON has no NaN (a diverged run's loss is one)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_only(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_only(v) for v in obj]
+    return obj

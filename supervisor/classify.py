@@ -79,6 +79,12 @@ def classify(ended: Exit, memory_history: list[MemorySample], soft_limit: int | 
     if ended.we_killed is Kill.HANG:
         return Failure(Kind.HANG, "no progress within the hang timeout: stacks dumped (SIGABRT), then killed",
                        evidence=ended.fault_log, **base)
+    if ended.we_killed is Kill.STOP and sig in ("SIGTERM", "SIGKILL"):
+        # Our own stop: its SIGTERM came before the worker could handle it (still booting), or it did not exit
+        # within the stop timeout and we killed its group. A stop, not a crash (its work since the last commit is lost).
+        how = ("killed at the end of the stop timeout" if sig == "SIGKILL"
+               else "ended by the stop's SIGTERM before it could checkpoint (still booting)")
+        return Failure(Kind.STOPPED, f"stopped on request: {how}", **base)
     if ended.we_killed in (Kill.MEMORY_SOFT, Kill.MEMORY_HARD):
         how = ("checkpointed and stopped at the soft memory limit" if ended.we_killed is Kill.MEMORY_SOFT
                else "killed at the hard memory limit")
@@ -100,10 +106,12 @@ def classify(ended: Exit, memory_history: list[MemorySample], soft_limit: int | 
                        evidence=(ended.error or {}).get("traceback", ""), **base)
     if rc == ExitCode.LOCKED:
         return Failure(Kind.BOOT_FAILURE, "another worker still holds this run (an orphan finishing up?)", **base)
-    if not ended.heartbeat_seen:
-        how = f"killed by {sig}" if sig else f"exit code {rc}"
-        return Failure(Kind.BOOT_FAILURE, f"the worker died before it came up ({how})",
-                       evidence=ended.fault_log or ended.output_tail, **base)
+    if not ended.heartbeat_seen and sig is None:
+        # An exit before the first heartbeat, not by a signal: the environment is broken (an import error...).
+        # A signal during boot is classified as a signal below: someone or something killed a healthy boot.
+        said = _last_line(ended.output_tail)
+        return Failure(Kind.BOOT_FAILURE, f"the worker died before it came up (exit code {rc})"
+                       + (f": {said}" if said else ""), evidence=ended.fault_log or ended.output_tail, **base)
     if sig == "SIGKILL":
         if _near_limit(memory_history, soft_limit):
             return Failure(Kind.OOM, f"SIGKILL while memory was near the limit (worker {gib(memory.get('worker'))}, "
@@ -119,6 +127,12 @@ def classify(ended: Exit, memory_history: list[MemorySample], soft_limit: int | 
                        evidence=ended.error.get("traceback", ""), **base)
     return Failure(Kind.EXCEPTION, f"exit code {rc} without an error report",
                    evidence=ended.output_tail, **base)
+
+
+def _last_line(output: str) -> str:
+    """The worker's last console line (an ImportError's message, say), shortened for one line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip() and not line.startswith("=== attempt")]
+    return lines[-1][:300] if lines else ""
 
 
 def _memory_at_end(history: list[MemorySample]) -> dict:

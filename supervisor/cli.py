@@ -5,6 +5,7 @@ Exit codes: the one table in `trainctl.contract.protocol.ExitCode` (and the READ
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.metadata
 import json
 import os
@@ -16,18 +17,24 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from trainctl.contract.config import ConfigError, load, resume_changes
+from trainctl.contract.config import ConfigError, SupervisorSection, load, resume_changes
 from trainctl.contract.lifecycle import State
+from trainctl.contract.names import check_new_run, shell_run
 from trainctl.contract.protocol import ExitCode
-from trainctl.contract.runfolder import CONFIG_FILE, LOG_DIR, MODEL_FILE, SUPERVISOR_LOG, WORKER_LOG, newest_checkpoint
+from trainctl.contract.runfolder import (CONFIG_FILE, LOG_DIR, MODEL_FILE, SUPERVISOR_LOG, WORKER_LOG, newest_checkpoint,
+                                         set_aside_all)
 
-from . import runstate
-from .launch import Refused, check_can_start, check_data, clear_history, freeze, launch, preflight, running
+from . import journal, runstate
+from .launch import (Refused, check_can_start, check_data, clear_history, freeze, launch, preflight, running,
+                     starting)
 from .runs import AmbiguousRun, RunNotFound, known_runs, local_runs, never_trained, remember, resolve
 from .service_cmd import add_service_parser
 from .status import gather
 from .terminal import console, error, silence
 from .waiting import wait_for
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # a full disk, a quota, a file size limit
 
 
 def main(argv=None) -> int:
@@ -57,7 +64,11 @@ def main(argv=None) -> int:
     except BrokenPipeError:   # `trainctl logs RUN | head`: the reader has all it wanted
         silence(sys.stdout)
         return ExitCode.OK
-    except Exception:   # noqa: BLE001 — a bug of ours: not "the run failed" (1), which services never restart
+    except Exception as e:   # noqa: BLE001 — a bug of ours: not "the run failed" (1), which services never restart
+        if isinstance(e, OSError) and e.errno in NO_SPACE:   # a full disk, whoever filled it: one line
+            error("error", f"cannot write {e.filename or 'a file'}: {e.strerror}. Fix: free some disk space "
+                           f"(df -h), then run the command again; the run's checkpoints are untouched.")
+            return ExitCode.REFUSED
         error("internal error", f"a bug in trainctl, not in your run; please report it with this traceback:\n"
                                 f"{traceback.format_exc().rstrip()}")
         return ExitCode.INTERNAL_ERROR
@@ -119,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", dest="rung", type=int, help=argparse.SUPPRESS)   # its name before 0.2
     s.add_argument("--config", type=Path, help="apply this edited config first (checked before anything is written)")
     s.add_argument("--foreground", action="store_true", help="stay attached with a live display instead of detaching")
+    s.add_argument("--from-scratch", action="store_true",
+                   help="start over from step 0: every checkpoint file of the run is moved into "
+                        "checkpoints/set-aside-<time>/ first (nothing is deleted)")
     s.set_defaults(func=cmd_resume)
     s = command("stop", "checkpoint at the current step and stop",
                 "Ask the supervisor to stop: the worker finishes its optimizer step, writes a checkpoint and exits. "
@@ -152,13 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_start(args) -> int:
     """Check all that can be checked, then create the run folder and start: a refused start writes nothing."""
     cfg = load(args.config)
+    check_new_run(cfg)
     check_data(cfg)
     run_dir = cfg.run_dir
     check_can_start(run_dir)
     preflight(args.config)
-    clear_history(run_dir)
-    freeze(run_dir, cfg)
-    return launch(run_dir, None, args.foreground)
+    with starting(run_dir) as start_lock:   # a racing start of the same run: only the winner freezes its config
+        check_can_start(run_dir)
+        clear_history(run_dir)
+        freeze(run_dir, cfg)
+        return launch(run_dir, None, args.foreground, start_lock=start_lock)
 
 
 def cmd_resume(args) -> int:
@@ -169,7 +186,7 @@ def cmd_resume(args) -> int:
     """
     run_dir = resolve(args.run)
     if runstate.supervisor_alive(run_dir):
-        raise Refused(f"{running(run_dir)}; nothing to resume. See: trainctl status {run_dir.name}", ExitCode.RUNNING)
+        raise Refused(f"{running(run_dir)}; nothing to resume. See: trainctl status {shell_run(run_dir)}", ExitCode.RUNNING)
     saved = runstate.read_state(run_dir)
     if saved and saved.state is State.SUCCEEDED:
         raise Refused(f"run {run_dir.name} already succeeded: {run_dir / MODEL_FILE}", ExitCode.REFUSED)
@@ -183,10 +200,25 @@ def cmd_resume(args) -> int:
         preflight(args.config)
         freeze(run_dir, cfg)
     remember(run_dir)
+    if (said := journal.check(run_dir)) is not None:   # a damaged journal: set aside, a fresh one, said once
+        error("warning", said)
     where = (f"from step {newest.step} (checkpoint {newest.path})" if newest
              else "from the start (no checkpoint yet)")
+    if args.from_scratch:   # a person's decision, e.g. after "no checkpoint verifies": nothing is deleted
+        where = start_over(run_dir)
     return launch(run_dir, None if args.rung is None else args.rung - 1, args.foreground, fresh_budget=True,
                   headline=f"resumed {run_dir.name} {where}")
+
+
+def start_over(run_dir: Path) -> str:
+    """`resume --from-scratch`: set every checkpoint file aside, say so, and return where training starts."""
+    dest, moved = set_aside_all(run_dir)
+    data = sum(name.endswith(".pt") for name in moved)
+    said = (f"moved {data} checkpoint{'s' if data != 1 else ''} of {run_dir.name} ({len(moved)} files) into {dest} "
+            f"(nothing deleted); training starts over from step 0" if moved
+            else f"{run_dir.name} has no checkpoint files to set aside; training starts over from step 0")
+    console.print(escape(said), highlight=False, soft_wrap=True)
+    return f"from step 0 (--from-scratch; checkpoints set aside in {dest})" if moved else "from step 0 (--from-scratch)"
 
 
 def check_edited(path: Path, frozen, run_dir: Path, newest):
@@ -233,21 +265,24 @@ def cmd_stop(args) -> int:
     if not runstate.supervisor_alive(run_dir) or saved is None or saved.supervisor_pid is None:
         raise Refused(f"run {run_dir.name} is not running (state: {gather(run_dir).state}); nothing to stop.",
                       ExitCode.REFUSED)
-    cfg = load(run_dir / CONFIG_FILE)
-    timeout = args.timeout if args.timeout is not None else cfg.supervisor.stop_timeout_seconds + 30
+    try:
+        stop_timeout = load(run_dir / CONFIG_FILE).supervisor.stop_timeout_seconds
+    except ConfigError:   # a frozen value an older version allowed and this one refuses: a stop must still work
+        stop_timeout = SupervisorSection().stop_timeout_seconds
+    timeout = args.timeout if args.timeout is not None else stop_timeout + 30
     os.kill(saved.supervisor_pid, signal.SIGTERM)
     with console.status(f"stopping {run_dir.name}: the worker finishes its step and checkpoints..."):
         try:
             wait_for(lambda: not runstate.supervisor_alive(run_dir), timeout, 0.2)
         except TimeoutError:
             error("timeout", f"{run_dir.name} has not stopped after {timeout:.0f} s; it is still stopping "
-                             f"(see: trainctl logs {run_dir.name}). Run stop again to keep waiting.")
+                             f"(see: trainctl logs {shell_run(run_dir)}). Run stop again to keep waiting.")
             return ExitCode.TIMEOUT
     st = gather(run_dir)
     ck = st.last_checkpoint
     console.print(f"[magenta]stopped[/] {escape(run_dir.name)} at step {st.step}"
                   + (f" (checkpoint at step {ck.step})" if ck else "")
-                  + f". Resume with: trainctl resume {run_dir.name}", highlight=False, soft_wrap=True)
+                  + f". Resume with: trainctl resume {escape(shell_run(run_dir))}", highlight=False, soft_wrap=True)
     return ExitCode.OK
 
 

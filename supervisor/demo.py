@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from trainctl.contract.config import load
 from trainctl.contract.lifecycle import State, is_final
+from trainctl.contract.names import shell_path
 from trainctl.contract.protocol import read_heartbeat
 from trainctl.contract.runfolder import newest_checkpoint
 
@@ -59,7 +60,8 @@ def run_demo(folder: Path, fast: bool, console: Console) -> int:
     if st.state == State.SUCCEEDED and val:
         console.print(f"[bold green]demo finished:[/] validation accuracy {val[-1]:.1%} (chance is {chance:.0%}), "
                       f"{plural(st.restarts, 'restart')}, crashes: {', '.join(c.kind for c in st.crashes) or 'none'}.\n"
-                      f"  model:  {escape(st.final_model)}\n  status: trainctl status {escape(str(cfg.run_dir))}",
+                      f"  model:  {escape(shell_path(st.final_model))}\n"
+                      f"  status: trainctl status {escape(shell_path(cfg.run_dir))}",
                       highlight=False, soft_wrap=True)
     return code
 

@@ -30,7 +30,7 @@ from .status import gather
 from .supervise import serve
 from .terminal import GuardedStream, guard
 from .text import duration
-from .view import render_status
+from .view import is_number, number, render_status
 
 PROGRESS_POLL_SECONDS = 1.0
 PLAIN_WIDTH = 10_000    # the final panel without a terminal: as wide as its content, never wrapped
@@ -55,7 +55,12 @@ def _with_panel(run_dir: Path, rung_index: int | None, fresh_budget: bool, conso
     say = Messages(run_dir, out, lambda m: console.print(f"[dim]{_stamp()}[/] {escape(m)}", highlight=False))
 
     def frame():
-        return Text("") if out.gone else render_status(_live_status(run_dir))   # nobody to show it to: skip the work
+        if out.gone:
+            return Text("")   # nobody to show it to: skip the work
+        try:
+            return render_status(_live_status(run_dir))
+        except Exception as e:   # noqa: BLE001 — an error here would end rich's refresh thread, and the display with it
+            return Text(f"(status not shown: {type(e).__name__}: {e}; the run goes on — see trainctl status)")
     with Live(get_renderable=frame, console=console, refresh_per_second=1, transient=True):
         code = serve(run_dir, rung_index, fresh_budget, echo=say)
     if not out.gone:
@@ -161,7 +166,7 @@ class ProgressLines:
         for rec in records:
             try:
                 line = progress_line(rec, hb, saved)
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, ArithmeticError):
                 continue   # a record this version does not know how to read
             if line:
                 lines.append(line)
@@ -172,15 +177,17 @@ def progress_line(rec: dict, hb, saved) -> str | None:
     """'epoch 1.50/3 step 9/18 loss 1.2034 acc 0.438 151.2 images/s ETA 1s rung 1/2' (None: not a metrics line)."""
     epochs = hb.epochs if hb and hb.epochs else "?"
     if rec.get("kind") == "val":
-        return f"epoch {rec['epoch']}/{epochs} validation: top-1 {rec['val_acc']:.3f}"
+        return f"epoch {rec['epoch']}/{epochs} validation: top-1 {number(rec.get('val_acc'), '.3f')}"
     if rec.get("kind") != "train":
         return None
     total = hb.total_steps if hb else None
     speed, batch = rec.get("images_per_sec"), hb.effective_batch_size if hb else None
+    speed = speed if is_number(speed) else None   # NaN, inf or null: no speed, no ETA (and no ValueError)
     eta = (total - rec["step"]) * batch / speed if total and batch and speed else None
     rung = rec.get("rung")
     return (f"epoch {rec['epoch']:.2f}/{epochs} step {rec['step']}/{total or '?'} "
-            f"loss {rec['loss']:.4f} acc {rec['acc']:.3f} {speed or 0:.1f} images/s ETA {duration(eta)}"
+            f"loss {number(rec.get('loss'), '.4f')} acc {number(rec.get('acc'), '.3f')} "
+            f"{speed or 0:.1f} images/s ETA {duration(eta)}"
             + (f" rung {rung}/{saved.ladder_size if saved and saved.ladder_size else '?'}" if rung else ""))
 
 

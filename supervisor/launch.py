@@ -7,6 +7,7 @@ folder is made or changed: a refused command changes nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -14,16 +15,19 @@ import sys
 import time
 from pathlib import Path
 
+import filelock
 from rich.markup import escape
 
 from trainctl.contract import fsio
 from trainctl.contract.config import Config, ConfigError, to_toml
 from trainctl.contract.folders import scan
 from trainctl.contract.lifecycle import State, is_final
+from trainctl.contract.names import shell_path, shell_run
 from trainctl.contract.protocol import ExitCode, read_heartbeat
-from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CONFIG_FILE, EVIDENCE_DIR, FAULTS_FIRED_DIR, HEARTBEAT_FILE,
-                                         JOURNAL_FILE, LABELS_FILE, LOG_DIR, LOGS, METRICS_FILE, MODEL_FILE, REPORT_FILE,
-                                         REPORT_JSON, STATE_FILE, SUPERVISOR_LOG, newest_checkpoint)
+from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CHECKPOINT_DIR, CONFIG_FILE, EVIDENCE_DIR, FAULTS_FIRED_DIR,
+                                         HEARTBEAT_FILE, JOURNAL_FILE, LABELS_FILE, LOG_DIR, LOGS, METRICS_FILE, MODEL_FILE,
+                                         REPORT_FILE, REPORT_JSON, STATE_FILE, SUPERVISOR_LOG, committed_before,
+                                         newest_checkpoint)
 
 from . import runstate
 from .runs import remember
@@ -33,6 +37,7 @@ from .terminal import console, error
 BOOT_WAIT_SECONDS = 120.0
 PREFLIGHT_SECONDS = 300.0    # a torch + timm import: seconds, or minutes on a cold disk
 RUNNING_PID_WAIT_SECONDS = 5.0
+START_LOCK_WAIT_SECONDS = 30.0   # a racing start holds it until its supervisor holds the run: about a second
 # What a run that never trained leaves behind: cleared before a new start takes its folder.
 HISTORY_FILES = (STATE_FILE, JOURNAL_FILE, JOURNAL_FILE + "-wal", JOURNAL_FILE + "-shm", HEARTBEAT_FILE, METRICS_FILE,
                  BAD_IMAGES_FILE, LABELS_FILE, REPORT_FILE, REPORT_JSON)
@@ -78,8 +83,12 @@ def check_can_start(run_dir: Path) -> None:
     newest = newest_checkpoint(run_dir)
     if newest:
         raise Refused(f"{run_dir} holds an unfinished run (newest checkpoint: step {newest.step}). "
-                      f"Continue it with: trainctl resume {run_dir.name} — or choose another [run] name.",
+                      f"Continue it with: trainctl resume {shell_run(run_dir)} — or choose another [run] name.",
                       ExitCode.REFUSED)
+    if committed_before(run_dir / CHECKPOINT_DIR):   # it trained, but none of its checkpoints passed the checks
+        raise Refused(f"{run_dir} holds a run that trained, but none of its checkpoints verifies (see: trainctl status "
+                      f"{shell_run(run_dir)}). Fix: put a good checkpoint back, start it over with: trainctl resume "
+                      f"{shell_run(run_dir)} --from-scratch — or choose another [run] name.", ExitCode.REFUSED)
     # Never trained (e.g. it failed on a config error): nothing to lose; `clear_history` starts it afresh.
 
 
@@ -110,7 +119,7 @@ def preflight(config_path: Path) -> None:
 def clear_history(run_dir: Path) -> None:
     """Before a new start takes the folder of a run that never trained: its state, journal, report, evidence
     and logs go (only trainctl's own files), so the new run's history begins empty."""
-    if not is_run_dir(run_dir) or newest_checkpoint(run_dir) is not None:
+    if not is_run_dir(run_dir) or newest_checkpoint(run_dir) is not None or committed_before(run_dir / CHECKPOINT_DIR):
         return
     lock = runstate.acquire(run_dir, timeout=0)   # a start racing this one may not lose its files to us
     try:
@@ -125,28 +134,81 @@ def clear_history(run_dir: Path) -> None:
         lock.release()
 
 
+@contextlib.contextmanager
+def starting(run_dir: Path):
+    """One `trainctl start` of a run at a time, from its last check until its supervisor holds the run (detached:
+    `start_detached` lets go then; foreground: at the end). The loser of two racing starts waits, checks again,
+    is refused, and changes nothing: only the winner's config is frozen."""
+    lock = filelock.FileLock(run_dir.parent / f".{run_dir.name}.start.lock")
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire(timeout=START_LOCK_WAIT_SECONDS)
+    except filelock.Timeout:
+        raise Refused(f"another trainctl start of {run_dir.name} is under way", ExitCode.RUNNING) from None
+    except OSError:   # runs_dir unwritable (a file, read-only): `freeze` says so in one line, with its fix
+        yield None
+        return
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
 def freeze(run_dir: Path, cfg: Config) -> None:
     """Create the run folder with its frozen config, and remember it."""
-    (run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
-    fsio.atomic_write(run_dir / CONFIG_FILE, to_toml(cfg))
+    try:
+        (run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
+        fsio.atomic_write(run_dir / CONFIG_FILE, to_toml(cfg))
+    except OSError as e:   # read-only, a file in the way, no space: checked before, but the disk may differ now
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        fix = "free space on that disk" if full else "set [run] runs_dir to a folder you can write to"
+        raise ConfigError(f"cannot write the run folder {run_dir}: {e.strerror or e}. Fix: {fix}.") from None
     remember(run_dir)
 
 
+ROOM_PROBE_BYTES = 1 << 20   # what a supervisor writes before its first checkpoint: state, journal, logs
+
+
+def check_room(run_dir: Path) -> None:
+    """A disk too full to write the run's records refuses the command in one line (a supervisor started anyway
+    could not even say why it failed): a probe file is written, synced and removed."""
+    probe = Path(run_dir) / f".room-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(ROOM_PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        free = shutil.disk_usage(run_dir).free
+        raise Refused(f"no room to write in {run_dir} ({e.strerror or e}; {megabytes(free)} free). Fix: free some "
+                      f"disk space, then run the command again; the run's checkpoints are untouched.",
+                      ExitCode.REFUSED) from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def megabytes(size: int) -> str:
+    """'about 20 MB', '1.4 GB': a size with the precision a person needs to free space."""
+    return f"about {size / 1e6:.0f} MB" if size < 1e9 else f"{size / 1e9:.1f} GB"
+
+
 def launch(run_dir: Path, rung_index: int | None, foreground: bool, fresh_budget: bool = False,
-           headline: str | None = None) -> int:
+           headline: str | None = None, start_lock: filelock.FileLock | None = None) -> int:
     """Supervise the run here (foreground) or start a detached supervisor; return the exit code.
 
-    `headline` is what the person is told once it runs ("started run NAME" unless given).
+    `headline` is what the person is told once it runs ("started run NAME" unless given); `start_lock`
+    (from `starting`) is let go once a detached supervisor holds the run.
     """
     headline = headline or f"started run {run_dir.name}"
+    check_room(run_dir)
     if foreground:
         from .foreground import run_foreground
         return run_foreground(run_dir, rung_index, console, fresh_budget, headline)
-    return start_detached(run_dir, rung_index, fresh_budget, headline)
+    return start_detached(run_dir, rung_index, fresh_budget, headline, start_lock)
 
 
 def start_detached(run_dir: Path, rung_index: int | None, fresh_budget: bool = False,
-                   headline: str | None = None) -> int:
+                   headline: str | None = None, start_lock: filelock.FileLock | None = None) -> int:
     """Start the supervisor in its own session; return once it is up and its worker passed its sanity check."""
     cmd = [sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)]
     if rung_index is not None:
@@ -165,6 +227,8 @@ def start_detached(run_dir: Path, rung_index: int | None, fresh_budget: bool = F
             rc = proc.poll()
             saved = runstate.read_state(run_dir)
             mine = saved is not None and saved.supervisor_pid == proc.pid
+            if start_lock is not None and (mine or rc is not None):
+                start_lock.release()   # our supervisor holds the run (or is gone): a racing start may look now
             if rc is not None and not (mine and is_final(saved.state)):
                 if rc == ExitCode.RUNNING:   # another start won the race: its lines are not ours to show
                     raise Refused(_winner(run_dir, proc.pid), ExitCode.RUNNING)
@@ -176,12 +240,14 @@ def start_detached(run_dir: Path, rung_index: int | None, fresh_budget: bool = F
                 return ExitCode.BAD_CONFIG if reason.startswith("config_error") else ExitCode.FAILED
             hb = read_heartbeat(run_dir)
             booted = hb is not None and mine and hb.attempt == saved.attempt and hb.phase.booted
-            if mine and (booted or saved.state in (State.RUNNING, State.BACKOFF) or is_final(saved.state)):
+            # Not BACKOFF: a worker that cannot even start (a broken torch) backs off once before the run fails,
+            # and the person must hear that failure and its line, not "started".
+            if mine and (booted or saved.state is State.RUNNING or is_final(saved.state)):
                 break
             time.sleep(0.2)
-    name = escape(run_dir.name)
+    name = escape(shell_run(run_dir))   # hints a person may paste: shell words, never an option or a command
     console.print(f"[green]{escape(headline or f'started run {run_dir.name}')}[/] — supervisor pid {proc.pid}\n"
-                  f"  folder:  {escape(str(run_dir))}\n  status:  trainctl status {name}\n"
+                  f"  folder:  {escape(shell_path(run_dir))}\n  status:  trainctl status {name}\n"
                   f"  logs:    trainctl logs {name} -f\n  stop:    trainctl stop {name}", highlight=False, soft_wrap=True)
     return ExitCode.OK
 

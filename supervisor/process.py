@@ -49,10 +49,14 @@ class WorkerProcess:
         return self.popen.poll()
 
     def signal(self, sig: int) -> None:
-        """Signal the worker process itself (its loader children follow it)."""
+        """Signal the worker process itself (its loader children follow it); SIGCONT goes to its whole group,
+        since a SIGSTOP (Ctrl-Z, `kill -STOP -PGID`) may have stopped its loader processes too."""
         if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if sig == signal.SIGCONT:
+                    os.killpg(self.pid, sig)
+                else:
+                    os.kill(self.pid, sig)
 
     def kill_group(self) -> None:
         """SIGKILL everything in the worker's process group (leftover loader processes included)."""
@@ -74,8 +78,10 @@ class WorkerProcess:
             self.popen.wait()
 
     def stop(self, timeout: float) -> int:
-        """SIGTERM (checkpoint and exit), wait until `timeout`, then SIGKILL the group; always reaps."""
+        """SIGTERM (checkpoint and exit; SIGCONT, should it be stopped), wait until `timeout`, then SIGKILL the
+        group; always reaps."""
         self.signal(signal.SIGTERM)
+        self.signal(signal.SIGCONT)
         rc = self.wait(timeout)
         if rc is None:
             self.kill_group()
@@ -85,10 +91,12 @@ class WorkerProcess:
 
 
 def _log_header(run_dir: Path, what: str) -> None:
+    """A line in worker.log before each attempt's output; best effort (a full disk must not stop the spawn)."""
     log_dir = Path(run_dir) / LOG_DIR
-    log_dir.mkdir(exist_ok=True)
-    with open(log_dir / WORKER_LOG, "ab") as log:
-        log.write(f"\n=== {what}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
+    with contextlib.suppress(OSError):
+        log_dir.mkdir(exist_ok=True)
+        with open(log_dir / WORKER_LOG, "ab") as log:
+            log.write(f"\n=== {what}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
 
 
 def _popen(run_dir: Path, args: list[str], stdin) -> subprocess.Popen:

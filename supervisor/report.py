@@ -6,7 +6,10 @@ Time accounting per attempt (one worker process): *startup* is the first boot of
 after that moment; *restarts* are the backoff and the boot of the attempts that follow a crash.
 Time the training thread spent blocked on checkpoints is not training. Goodput = (supervised time
 − re-done work − restarts − checkpoint blocking) / supervised time: the share of the time under
-supervision that was not lost to faults or checkpoints.
+supervision that was not lost to faults or checkpoints. Time no supervisor ran (a failed run waiting
+for a person to resume it, a dead supervisor waiting for its service manager) is not supervised time,
+and so is not counted as restart time either: only the part of a gap between two attempts that a
+supervisor spent (its backoff, its start) is.
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ def summarize(events: list[dict]) -> dict:
         ready = a["ready"] or end
         boot = ready - a["spawn"]
         if previous_crashed:
-            restarts += boot + max(0.0, a["spawn"] - (previous_end or a["spawn"]))
+            restarts += boot + supervised_between(lifetimes, previous_end or a["spawn"], a["spawn"])
         else:
             startup += boot
         crashed = a["kind"] not in CLEAN
@@ -79,7 +82,7 @@ def summarize(events: list[dict]) -> dict:
         "restart_seconds": round(restarts, 1), "startup_seconds": round(startup, 1),
         "checkpoint_blocked_seconds": round(blocked, 1),
         # A run that never trained (a config error at boot) has no goodput, not 100%.
-        "goodput": (round((supervised - redone - restarts - blocked) / supervised, 4)
+        "goodput": (round(min(1.0, max(0.0, (supervised - redone - restarts - blocked) / supervised)), 4)
                     if supervised > 0 and training > 0 else None),
         "crashes": len(crashes),
         "supervisor_deaths": sum(1 for *_, ended in lifetimes[:-1] if not ended),
@@ -90,6 +93,11 @@ def summarize(events: list[dict]) -> dict:
                         "at": e["time"]} for e in events if e["kind"] == Event.STEP_DOWN],
         "checkpoints_written": sum(e["data"].get("checkpoints_written") or 0 for e in exits),
     }
+
+
+def supervised_between(lifetimes: list, start: float, end: float) -> float:
+    """How much of [start, end] some supervisor was running (lifetimes: [first event, last event, ended])."""
+    return sum(max(0.0, min(end, last) - max(start, first)) for first, last, _ in lifetimes)
 
 
 def write(run_dir: Path, state: str, reason: str | None, val_acc: float | None) -> dict:

@@ -31,12 +31,24 @@ def registry_path() -> Path:
 
 
 def known_runs() -> list[Path]:
-    """Run directories started on this machine, most recent first (those that still exist)."""
+    """Run directories started on this machine, most recent first (those that still exist), each once.
+
+    Each by its real path: a run folder moved elsewhere and linked back, or recorded under two names, is one
+    run (`local_runs` resolves its folders too, so `list` shows it once)."""
     try:
         entries = json.loads(registry_path().read_text())
     except (OSError, ValueError):
         entries = []
-    return [Path(p) for p in entries if isinstance(p, str) and is_run_dir(Path(p))]
+    found = (real_path(Path(p)) for p in entries if isinstance(p, str) and is_run_dir(Path(p)))
+    return list(dict.fromkeys(found))
+
+
+def real_path(path: Path) -> Path:
+    """`path` with every link resolved (itself where it cannot be: a loop, a permission)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path
 
 
 def remember(run_dir: Path) -> None:

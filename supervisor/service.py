@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from trainctl.contract.config import Config, load
+from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import ExitCode
 from trainctl.contract.runfolder import CONFIG_FILE, LOG_DIR, SERVICE_LOG
 
@@ -218,5 +219,5 @@ def install(run_dir: Path, manager: str, files: dict[Path, bytes], commands: lis
                 with contextlib.suppress(OSError):
                     subprocess.run(cmd, capture_output=True, text=True)
         raise ServiceError(f"{str(e).rstrip('. ')}. Nothing was installed (the files written were removed). Run the supervisor "
-                           f"yourself instead: trainctl resume {Path(run_dir).name} --foreground (under tmux, screen "
+                           f"yourself instead: trainctl resume {shell_run(run_dir)} --foreground (under tmux, screen "
                            f"or nohup).") from None

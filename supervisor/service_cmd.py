@@ -8,6 +8,7 @@ from rich.markup import escape
 
 from trainctl.contract.config import load
 from trainctl.contract.lifecycle import State
+from trainctl.contract.names import check_new_run, shell_run
 from trainctl.contract.protocol import ExitCode
 from trainctl.contract.runfolder import CONFIG_FILE
 
@@ -56,6 +57,7 @@ def cmd_install(args) -> int:
     manager = args.manager or service.default_manager()
     if args.config:
         cfg = load(args.config)
+        check_new_run(cfg)
         check_data(cfg)
         run_dir = cfg.run_dir
         try:
@@ -76,7 +78,7 @@ def cmd_install(args) -> int:
         return ExitCode.OK
     if runstate.supervisor_alive(run_dir):
         raise Refused(f"{running(run_dir)}, not under a service: the service would start a second supervisor. "
-                      f"Fix: trainctl stop {run_dir.name}, then install (the service resumes it from its checkpoint).",
+                      f"Fix: trainctl stop {shell_run(run_dir)}, then install (the service resumes it from its checkpoint).",
                       ExitCode.RUNNING)
     try:
         service.check_available(manager)
@@ -89,7 +91,7 @@ def cmd_install(args) -> int:
     console.print(f"installed and started the {manager} service for {escape(run_dir.name)}", highlight=False)
     if manager == "systemd":
         console.print("  to keep it running after you log out and start it at boot: loginctl enable-linger $USER\n"
-                      f"  its log: journalctl --user -u '{escape(service.instance(run_dir))}'", highlight=False)
+                      f"  its log: journalctl --user -u {escape(shlex.quote(service.instance(run_dir)))}", highlight=False)
     return ExitCode.OK
 
 

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
+import psutil
+
 from trainctl.contract.config import FROZEN_HEADER
 from trainctl.contract.lifecycle import Event, State, is_final
-from trainctl.contract.protocol import read_heartbeat
-from trainctl.contract.records import CheckpointStatus, Crash, RungStatus, Status
+from trainctl.contract.names import shell_run
+from trainctl.contract.protocol import ORPHAN_GRACE_SECONDS, read_heartbeat
+from trainctl.contract.records import CheckpointStatus, Crash, RungStatus, Status, finite_only
 from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CONFIG_FILE, EVIDENCE_DIR, METRICS_FILE, MODEL_FILE,
-                                         REPORT_FILE, newest_checkpoint, read_json)
+                                         REPORT_FILE, WORKER_LOCK, newest_checkpoint, read_json,
+                                         set_aside_checkpoints, CHECKPOINT_DIR)
 
 from . import runstate
 from .journal import read_events
@@ -34,23 +39,31 @@ def gather(run_dir: Path) -> Status:
     saved = runstate.read_state(run_dir)
     hb = read_heartbeat(run_dir)
     alive = runstate.supervisor_alive(run_dir)
+    live = None if of_an_earlier_attempt(hb, saved) else hb   # what the worker of this attempt says now
     now = time.time()
     recorded = saved.state.value if saved else State.STARTING.value
     state, reason, stale = recorded, saved.reason if saved else None, None
-    updated = saved.updated_at if saved else None
+    updated = finite(saved.updated_at) if saved else None
     seen_ago = round(now - updated, 1) if updated else None
+    orphan = None
     if not alive and not is_final(recorded):
-        # The recorded state is stale: nobody is running this run now.
+        # The recorded state is stale: no supervisor runs this run now (its worker may, for its grace period).
         state, stale = State.STOPPED.value, recorded
-        reason = f"supervisor not running — last seen {ago(seen_ago)}, resume with: trainctl resume {run_dir.name}"
+        reason = f"supervisor not running — last seen {ago(seen_ago)}, resume with: trainctl resume {shell_run(run_dir)}"
+        orphan = orphaned_worker(run_dir, hb)
+        if orphan is not None:
+            state = State.STOPPING.value
+            reason = (f"supervisor not running — last seen {ago(seen_ago)}; its worker (pid {orphan}) is still running:"
+                      f" it checkpoints and exits by itself within about {ORPHAN_GRACE_SECONDS:.0f} s. Then resume with:"
+                      f" trainctl resume {shell_run(run_dir)}")
     rung = (RungStatus(saved.rung_index + 1, saved.ladder_size, saved.rung.get("device"), saved.rung.get("batch_size"),
                        saved.grad_accum) if saved else RungStatus())
     crashes, restarts, last_step = _history(run_dir)
     newest = newest_checkpoint(run_dir)
     # A booting worker's heartbeats say step 0 until it has loaded its checkpoint (they carry no total yet):
     # meanwhile the run stands where its newest checkpoint (or its last attempt) left it.
-    placed = hb is not None and hb.total_steps is not None
-    step = hb.step if placed else newest.step if newest else last_step or 0
+    placed = live is not None and live.total_steps is not None
+    step = live.step if placed else newest.step if newest else last_step or 0
     worker_alive = alive and saved is not None and saved.worker_pid is not None
     # The report and its summary belong to the end the supervisor recorded; a resumed run's are the old end's.
     ended = is_final(recorded)
@@ -59,13 +72,13 @@ def gather(run_dir: Path) -> Status:
     return Status(
         run_name=saved.run_name if saved and saved.run_name else run_dir.name, run_dir=str(run_dir), state=state,
         reason=reason, supervisor_alive=alive, supervisor_pid=saved.supervisor_pid if alive and saved else None,
-        worker_pid=saved.worker_pid if alive and saved else None, updated_at=updated, last_seen_seconds=seen_ago,
-        rung=rung, phase=hb.phase.value if hb else None, step=step,
-        total_steps=hb.total_steps if hb else None, epoch=hb.epoch if placed else None,
-        epochs=hb.epochs if hb else None, samples_seen=hb.samples_seen if placed else 0,
-        loss=hb.loss if hb else None, lr=hb.lr if hb else None,
-        images_per_sec=hb.images_per_sec if hb else None, val_acc=hb.val_acc if hb else None,
-        eta_seconds=_eta(state, hb),
+        worker_pid=saved.worker_pid if alive and saved else orphan, updated_at=updated, last_seen_seconds=seen_ago,
+        rung=rung, phase=live.phase.value if live else None, step=step,
+        total_steps=hb.total_steps if hb else None, epoch=live.epoch if placed else None,
+        epochs=hb.epochs if hb else None, samples_seen=live.samples_seen if placed else 0,
+        loss=finite(live.loss) if live else None, lr=finite(live.lr) if live else None,
+        images_per_sec=finite(live.images_per_sec) if live else None, val_acc=finite(hb.val_acc) if hb else None,
+        eta_seconds=_eta(state, live),
         memory={**((saved.memory if saved else None) or {}), **(hb.memory if hb else {})} if worker_alive else {},
         restarts=restarts, crashes=crashes,
         last_checkpoint=CheckpointStatus(newest.step, str(newest.path),
@@ -73,8 +86,9 @@ def gather(run_dir: Path) -> Status:
         final_model=str(model) if model.exists() and state == State.SUCCEEDED else None,
         bad_images=(read_json(run_dir / BAD_IMAGES_FILE) or {}).get("count", 0),
         report=str(report) if ended and report.exists() else None,
-        summary=read_summary(run_dir) if ended and report.exists() else None,
-        recorded_state=stale, metrics=recent_metrics(run_dir))
+        summary=finite_only(read_summary(run_dir)) if ended and report.exists() else None,
+        recorded_state=stale, metrics=recent_metrics(run_dir),
+        set_aside_checkpoints=set_aside_checkpoints(run_dir / CHECKPOINT_DIR))
 
 
 def _history(run_dir: Path) -> tuple[list[Crash], int, int | None]:
@@ -126,14 +140,50 @@ def recent_metrics(run_dir: Path, keep: int = 40) -> dict:
     except OSError:
         pass
     steps = sorted(train)[-keep:]
-    return {"loss": [train[s]["loss"] for s in steps], "acc": [train[s]["acc"] for s in steps],
-            "val_acc": [val[e] for e in sorted(val)]}
+    return {"loss": [finite(train[s].get("loss")) for s in steps], "acc": [finite(train[s].get("acc")) for s in steps],
+            "val_acc": [finite(val[e]) for e in sorted(val)]}
 
 
 def _eta(state: str, hb) -> float | None:
     if hb is None or state not in (State.RUNNING, State.STARTING):
         return None
     per_step = hb.effective_batch_size
-    if not hb.images_per_sec or not hb.total_steps or not per_step:
+    if not finite(hb.images_per_sec) or not hb.total_steps or not per_step:
         return None
-    return round((hb.total_steps - hb.step) * per_step / hb.images_per_sec, 1)
+    return finite(round((hb.total_steps - hb.step) * per_step / hb.images_per_sec, 1))
+
+
+def finite(value) -> float | None:
+    """A number as status shows it: None for NaN, infinity and anything else that is no number (JSON has no NaN)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
+
+
+def of_an_earlier_attempt(hb, saved) -> bool:
+    """A heartbeat left by an earlier attempt: the current one's worker has not spoken yet (a supervisor starting,
+    a restart's backoff). Its phase, loss and speed are not the run's now."""
+    if hb is None or saved is None:
+        return False
+    if hb.attempt != saved.attempt:
+        return True
+    return saved.state in (State.STARTING, State.BACKOFF) and hb.pid != saved.worker_pid
+
+
+def orphaned_worker(run_dir: Path, hb) -> int | None:
+    """The pid of a worker still running this run after its supervisor died (it holds worker.lock), else None."""
+    if not runstate.held(Path(run_dir) / WORKER_LOCK):   # held: a worker (or, for an instant, another probe)
+        return None
+    if hb is not None and _wrote(hb.pid, hb.time):
+        return hb.pid
+    from .process import orphans   # the slow way (every process): a worker that has not beaten yet
+    found = orphans(run_dir)
+    return found[0].pid if found else None
+
+
+def _wrote(pid: int, written_at: float | None) -> bool:
+    """True if process `pid` is alive and is the one that wrote a heartbeat at `written_at` (pids are reused)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and (written_at is None or proc.create_time() <= written_at + 1)
+    except (psutil.Error, ValueError, TypeError):
+        return False

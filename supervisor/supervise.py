@@ -27,6 +27,7 @@ from typing import Callable
 from trainctl.contract import faults
 from trainctl.contract.config import Config, load
 from trainctl.contract.lifecycle import Event, Kill, State
+from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import ExitCode, read_heartbeat
 from trainctl.contract.runfolder import (CONFIG_FILE, LOG_DIR, MODEL_FILE, REPORT_FILE, WORKER_LOG,
                                          error_json_path, fault_log_path, newest_checkpoint, read_error)
@@ -76,7 +77,10 @@ class Supervisor:
         if rung is None:
             rung = saved.rung_index if saved else 0
         self.rung_index = min(max(rung, 0), len(cfg.profiles) - 1)
-        self.attempt, self.restarts, self.history = past.attempt, past.restarts, list(past.history)
+        # The next attempt's number must not reuse evidence/attempt-NNN.*: state.json or the journal may be gone.
+        recorded = saved.attempt if saved and isinstance(saved.attempt, int) else 0
+        self.attempt = max(past.attempt, recorded, runstate.last_attempt_seen(self.run_dir))
+        self.restarts, self.history = past.restarts, list(past.history)
         self.fresh_budget = fresh_budget
         self.memory: collections.deque[MemorySample] = collections.deque(maxlen=MEMORY_HISTORY)
         self.worker = None
@@ -85,6 +89,8 @@ class Supervisor:
         self.awake = None
         self.stop_requested = False
         self.checkpoint_requested = False
+        self.started = runstate.own_start_time()   # state.json's pid + start time: liveness without the lock file
+        self.lock: runstate.RunLock | None = None   # set by `serve`; checked on every touch (deleted by hand?)
         self.diary = Diary(self.run_dir, self.echo, self.host.clock, int(s.log_max_mb * 2**20), self._facts)
         self.faults = faults.from_env(self.run_dir)
 
@@ -213,6 +219,7 @@ class Supervisor:
                     self.host.notifier.watchdog()
                 case Touch():
                     self.diary.touch()
+                    self._check_lock()
                     if self.awake is not None:
                         self.awake.check()
                 case StartStandby():
@@ -220,7 +227,7 @@ class Supervisor:
 
     def _classify(self, w: Watch, rc: int) -> Failure:
         ended = Exit(returncode=rc, heartbeat_seen=w.heartbeat is not None,
-                     we_killed=w.kill if w.kill is not Kill.STOP else None, error=read_error(self.run_dir, w.attempt),
+                     we_killed=w.kill, error=read_error(self.run_dir, w.attempt),
                      fault_log=logfiles.tail(fault_log_path(self.run_dir, w.attempt), 8000),
                      output_tail=logfiles.tail(self.run_dir / LOG_DIR / WORKER_LOG, 3000))
         return classify(ended, list(self.memory), self.limits.soft_limit)
@@ -258,7 +265,7 @@ class Supervisor:
             self.echo(f"run succeeded: {self.run_dir / MODEL_FILE}")
             return self._end(State.SUCCEEDED, None, ExitCode.OK)
         if action.do is Do.STOP:
-            self.echo("run stopped; resume with: trainctl resume " + self.run_dir.name)
+            self.echo("run stopped; resume with: trainctl resume " + shell_run(self.run_dir))
             return self._end(State.STOPPED, action.reason, ExitCode.OK)
         if action.do is Do.GIVE_UP:
             reason = action.reason
@@ -289,7 +296,11 @@ class Supervisor:
         self._set_state(state, reason)
         hb = read_heartbeat(self.run_dir)
         self.diary.flush()
-        summary = report.write(self.run_dir, state.value, reason, hb.val_acc if hb else None)
+        try:
+            summary = report.write(self.run_dir, state.value, reason, hb.val_acc if hb else None)
+        except OSError as e:   # a full disk: the state is recorded (or said); the report is what can wait
+            self.echo(f"could not write the report ({e.strerror or e}); `trainctl status` shows the run")
+            summary = {}
         self.host.notifier.stopping(f"{state.value}" + (f": {reason}" if reason else ""))
         hook = {State.SUCCEEDED: self.cfg.supervisor.on_finish, State.FAILED: self.cfg.supervisor.on_failure}.get(state)
         if hook:
@@ -309,7 +320,8 @@ class Supervisor:
                 self.echo("stopping the worker at a checkpoint, so that a restarted supervisor resumes the run")
                 rc = self.worker.stop(self.cfg.supervisor.stop_timeout_seconds)
                 if self.watch is not None and self.watch.attempt == self.attempt:
-                    self._record_exit(self.watch, self._classify(self.watch, rc))
+                    w = dataclasses.replace(self.watch, kill=self.watch.kill or Kill.STOP)   # our stop, not a crash
+                    self._record_exit(w, self._classify(w, rc))
                 newest = newest_checkpoint(self.run_dir)
                 stopped_at = newest.step if newest else None
             self._record(Event.SUPERVISOR_ERROR, stopped_at, error=what, traceback=trace)
@@ -317,7 +329,7 @@ class Supervisor:
             self.echo(f"while stopping after the error:\n{traceback.format_exc().rstrip()}")
         reason = (f"supervisor error ({what}); the worker stopped"
                   + (f" with a checkpoint at step {stopped_at}" if stopped_at is not None else "")
-                  + f". A service restarts it; by hand: trainctl resume {self.run_dir.name}")
+                  + f". A service restarts it; by hand: trainctl resume {shell_run(self.run_dir)}")
         try:
             if not self.state.final:
                 self._set_state(State.STOPPED, reason)
@@ -339,12 +351,17 @@ class Supervisor:
     def _facts(self) -> dict:
         """state.json's fields besides the state and its reason."""
         alive = self.worker is not None and self.worker.poll() is None
-        return {"run_name": self.cfg.run.name, "supervisor_pid": os.getpid(),
+        return {"run_name": self.cfg.run.name, "supervisor_pid": os.getpid(), "supervisor_started": self.started,
                 "worker_pid": self.worker.pid if alive else None, "rung_index": self.rung_index,
                 "rung": dataclasses.asdict(self.cfg.profiles[self.rung_index]),
                 "grad_accum": self.cfg.grad_accum(self.rung_index), "ladder_size": len(self.cfg.profiles),
                 "attempt": self.attempt, "restarts": self.restarts,
                 "memory": dataclasses.asdict(self.memory[-1]) if self.memory else None}
+
+    def _check_lock(self) -> None:
+        """The lock file deleted or replaced by hand: take a new one, and say so (state.json still names us)."""
+        if self.lock is not None and (news := self.lock.retake()) is not None:
+            self.echo(news)
 
     def _wait(self, seconds: float) -> None:
         """Back off, in short ticks so a stop request is not kept waiting."""
@@ -369,13 +386,14 @@ def serve(run_dir: Path, start_rung: int | None = None, fresh_budget: bool = Fal
           echo: Callable[[str], None] | None = None) -> int:
     """Load the run's frozen config, take its lock and supervise it to the end (raises ConfigError, AlreadyRunning)."""
     cfg = load(Path(run_dir) / CONFIG_FILE)
-    lock = runstate.acquire(run_dir)
+    lock = runstate.acquire_alone(run_dir)
     try:
         try:
             supervisor = Supervisor(run_dir, cfg, start_rung=start_rung, fresh_budget=fresh_budget, echo=echo)
         except Exception:   # noqa: BLE001 — not the run's failure either: restart us
             print(f"supervisor error before the run began:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             return ExitCode.INTERNAL_ERROR
+        supervisor.lock = lock
         supervisor.install_signal_handlers()
         return supervisor.run()
     finally:

@@ -1,6 +1,7 @@
 """Rich renderings of a run's status (the `Status` from `status.gather`) and of the list of runs."""
 from __future__ import annotations
 
+import math
 import time
 
 from rich.console import Group
@@ -19,14 +20,26 @@ STATE_STYLE = {State.STARTING: "cyan", State.RUNNING: "green", State.BACKOFF: "y
 BLOCKS = "▁▂▃▄▅▆▇█"
 
 
-def sparkline(values: list[float], width: int = 30) -> str:
-    """A small unicode trend line of the last `width` values."""
-    values = [v for v in values if v is not None][-width:]
+def sparkline(values: list, width: int = 30) -> str:
+    """A small unicode trend line of the last `width` finite values (None, NaN and inf are left out)."""
+    values = [v for v in values if is_number(v)][-width:]
     if not values:
         return ""
     lo, hi = min(values), max(values)
     span = (hi - lo) or 1.0
     return "".join(BLOCKS[int((v - lo) / span * (len(BLOCKS) - 1))] for v in values)
+
+
+def is_number(value) -> bool:
+    """A finite int or float (not a bool, None, NaN, inf or a string from a hand-edited file)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def number(value, spec: str) -> str:
+    """`value` formatted with `spec`; 'not finite' for NaN and inf, '—' for anything else that is no number."""
+    if is_number(value):
+        return format(value, spec)
+    return "not finite" if isinstance(value, float) else "—"
 
 
 def render_status(st: Status):
@@ -54,12 +67,13 @@ def render_status(st: Status):
         row("progress", f"step {step}" + (f" (worker {st.phase})" if st.phase else ""))
     m = st.metrics
     if m.get("loss"):
-        row("loss", f"{m['loss'][-1]:.4f}  {sparkline(m['loss'])}")
-        row("train acc", f"{m['acc'][-1]:.3f}  {sparkline(m['acc'])}")
+        row("loss", f"{number(m['loss'][-1], '.4f')}  {sparkline(m['loss'])}")
+        row("train acc", f"{number((m.get('acc') or [None])[-1], '.3f')}  {sparkline(m.get('acc') or [])}")
     if m.get("val_acc"):
-        row("val acc", f"{m['val_acc'][-1]:.3f}  {sparkline(m['val_acc'])}  (per epoch)")
-    if st.images_per_sec and state in (State.RUNNING, State.STARTING):
-        row("speed", f"{st.images_per_sec:.1f} images/s   ETA {duration(st.eta_seconds)}")
+        row("val acc", f"{number(m['val_acc'][-1], '.3f')}  {sparkline(m['val_acc'])}  (per epoch)")
+    if is_number(st.images_per_sec) and st.images_per_sec and state in (State.RUNNING, State.STARTING):
+        eta = st.eta_seconds if is_number(st.eta_seconds) else None
+        row("speed", f"{st.images_per_sec:.1f} images/s   ETA {duration(eta)}")
     mem = st.memory
     if mem.get("worker") or mem.get("mps_driver_allocated"):
         extra = f"  (MPS driver {gib(mem['mps_driver_allocated'])})" if mem.get("mps_driver_allocated") else ""
@@ -67,6 +81,10 @@ def render_status(st: Status):
                                f" of {gib(mem.get('total'))}, swap {gib(mem.get('swap_used'))}{extra}")
     ck = st.last_checkpoint
     row("checkpoint", f"step {ck.step}, {duration(ck.age_seconds)} ago" if ck else "none yet")
+    if st.set_aside_checkpoints:   # failed verification: kept in checkpoints/corrupt/, never trusted
+        last = st.set_aside_checkpoints[-1]
+        row("set aside", f"{plural(len(st.set_aside_checkpoints), 'checkpoint')} failed verification, kept in "
+                         f"{st.run_dir}/checkpoints/corrupt/ (latest: {last['file']}: {last['reason']})")
     row("restarts", str(st.restarts))
     if st.bad_images:
         row("bad images", f"{st.bad_images} (listed in {st.run_dir}/bad_images.json)")
@@ -113,6 +131,6 @@ def render_list(rows: list[Status]):
         progress = f"{st.step}/{st.total_steps}" if st.total_steps else "—"
         val = st.metrics.get("val_acc") or [None]
         table.add_row(Text(st.run_name), Text(st.state, style=STATE_STYLE.get(st.state, "")), progress,
-                      f"{val[-1]:.3f}" if val[-1] is not None else "—",
+                      number(val[-1], ".3f"),
                       ago(now - st.updated_at) if st.updated_at else "—", Text(st.run_dir))
     return table

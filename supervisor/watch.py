@@ -143,7 +143,9 @@ def assess(w: Watch, seen: Seen, limits: Limits) -> tuple[Watch, list[Command]]:
         if state in (State.STARTING, State.RUNNING):
             out.append(Enter(State.STOPPING, "stop requested"))
             state = State.STOPPING
-        out += [Say("stop requested: asking the worker to checkpoint and exit"), Send(signal.SIGTERM)]
+        # SIGCONT too: a stopped (SIGSTOP, Ctrl-Z) worker must run to take the SIGTERM, or the stop waits it out
+        out += [Say("stop requested: asking the worker to checkpoint and exit"), Send(signal.SIGTERM),
+                Send(signal.SIGCONT)]
         w = dataclasses.replace(w, stop_sent=True, kill=w.kill or Kill.STOP,
                                 kill_deadline=w.kill_deadline or now + limits.stop_timeout)
     if seen.checkpoint_requested:

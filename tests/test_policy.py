@@ -46,7 +46,16 @@ CLASSIFY = [
      Kind.EXCEPTION, "KeyError"),
     (Exit(1), CALM, Kind.EXCEPTION, "without an error report"),
     (Exit(1, heartbeat_seen=False, output_tail="ModuleNotFoundError: torch"), CALM, Kind.BOOT_FAILURE, "before it came up"),
-    (Exit(-signal.SIGSEGV, heartbeat_seen=False), CALM, Kind.BOOT_FAILURE, "SIGSEGV"),
+    # the worker's own last line names what is broken (start prints it)
+    (Exit(1, heartbeat_seen=False, output_tail="Traceback ...\nImportError: no torch here\n"), CALM, Kind.BOOT_FAILURE,
+     "(exit code 1): ImportError: no torch here"),
+    # signals during boot are signals, not a broken environment (issue 17, item 7)
+    (Exit(-signal.SIGSEGV, heartbeat_seen=False), CALM, Kind.NATIVE_CRASH, "SIGSEGV"),
+    (Exit(-signal.SIGKILL, heartbeat_seen=False), CALM, Kind.KILLED, "no sign of memory pressure"),
+    # our own stop: its SIGTERM during boot, or its SIGKILL at the end of the stop timeout (item 8), is a stop
+    (Exit(-signal.SIGTERM, heartbeat_seen=False, we_killed=Kill.STOP), CALM, Kind.STOPPED, "still booting"),
+    (Exit(-signal.SIGKILL, we_killed=Kill.STOP), CALM, Kind.STOPPED, "end of the stop timeout"),
+    (Exit(-signal.SIGSEGV, we_killed=Kill.STOP), CALM, Kind.NATIVE_CRASH, "SIGSEGV"),   # a crash while stopping is one
     (Exit(ExitCode.LOCKED), CALM, Kind.BOOT_FAILURE, "another worker"),
     (Exit(ExitCode.CANNOT_CONTINUE, error={"kind": "diverged", "message": "loss not finite since step 10"}), CALM,
      Kind.DIVERGED, "step 10"),

@@ -66,3 +66,23 @@ def test_a_run_that_never_trained_has_no_goodput():
              ev(13, "state", 1, to="failed")]
     s = summarize(night)
     assert s["training_seconds"] == 0 and s["goodput"] is None and s["crashes"] == 1
+
+
+def test_time_waiting_for_a_person_after_a_failure_is_not_supervised_and_goodput_stays_in_range():
+    """A run failed at t=100 and was resumed by hand eleven hours later: the wait was nobody's restart."""
+    night = [ev(0, "supervisor_start"), ev(0, "spawn", 1), ev(10, "worker_ready", 1), ev(70, "checkpoint", 1),
+             ev(100, "exit", 1, failure="diverged"), ev(101, "state", 1, to="failed"),
+             ev(40_000, "supervisor_start"), ev(40_000, "budget_reset", 1), ev(40_002, "spawn", 2),
+             ev(40_012, "worker_ready", 2), ev(40_100, "exit", 2, failure="done"), ev(40_101, "state", 2, to="succeeded")]
+    s = summarize(night)
+    assert s["supervised_seconds"] == 101 + 101 and s["wall_seconds"] == 40_101
+    assert s["restart_seconds"] == (101 - 100) + (40_002 - 40_000) + (40_012 - 40_002)   # only supervised time
+    assert s["training_seconds"] == (70 - 10) + (40_100 - 40_012) and s["redone_seconds"] == 100 - 70
+    assert s["goodput"] == round((202 - 30 - 13) / 202, 4) and 0 <= s["goodput"] <= 1
+
+
+def test_a_dead_supervisor_s_absence_is_not_restart_time():
+    night = NIGHT[:5] + [ev(300, "supervisor_start"), ev(300, "spawn", 2), ev(310, "worker_ready", 2),
+                         ev(400, "exit", 2, failure="done"), ev(401, "state", 2, to="succeeded")]
+    s = summarize(night)
+    assert s["restart_seconds"] == 310 - 300 and 0 <= s["goodput"] <= 1

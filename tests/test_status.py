@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import config_text, events, make_run, run_worker
+from conftest import config_text, events, make_run, run_worker, wait_for
 from rich.console import Console
 
 from trainctl.contract.lifecycle import Event, State
@@ -124,7 +125,7 @@ def test_the_step_stands_at_the_checkpoint_while_a_new_worker_boots(tmp_path, da
     assert run_worker(run_dir, faults="train_step:sigkill@8").returncode == -signal.SIGKILL
     newest = newest_checkpoint(run_dir)
     assert newest is not None and 0 < newest.step < 8 and gather(run_dir).step == 8
-    with supervised(run_dir, State.STARTING, attempt=2):
+    with supervised(run_dir, State.STARTING, attempt=2, worker_pid=os.getpid()):
         reporter = Reporter(run_dir, attempt=2, rung_index=0)   # the new worker's, as the worker writes it
         reporter.beat(Phase.BOOTING, force=True)
         assert read_heartbeat(run_dir).step == 0                 # it has not loaded its checkpoint yet
@@ -145,7 +146,7 @@ def test_without_a_checkpoint_the_last_known_step_stands_while_a_worker_boots(tm
     journal = Journal(run_dir)    # as the supervisor journals an attempt killed at step 2, before any checkpoint
     journal.record(Event.EXIT, 1, 0, 2, failure="killed", signal="SIGKILL", exit_code=None, evidence=None)
     journal.close()
-    with supervised(run_dir, State.STARTING, attempt=2):
+    with supervised(run_dir, State.STARTING, attempt=2, worker_pid=os.getpid()):
         Reporter(run_dir, attempt=2, rung_index=0).beat(Phase.BOOTING, force=True)
         assert gather(run_dir).step == 2
 
@@ -162,3 +163,68 @@ def test_one_checkpoint_is_one_checkpoint(tmp_path, dataset):
     report.write(run_dir, "stopped", "stopped on request", None)
     text = render(gather(run_dir))
     assert re.search(r"\b1 checkpoint\b", text) and "1 checkpoints" not in text, text
+
+
+def test_a_new_supervisor_starting_does_not_show_the_previous_attempt_s_phase(ended_run):
+    old = read_heartbeat(ended_run)
+    assert old.phase is Phase.DONE and old.attempt == 3 and gather(ended_run).phase == "done"
+    checkpoint_step = newest_checkpoint(ended_run).step
+    # A resumed run's supervisor, before it spawns (state.json still names the last attempt), then after.
+    for attempt, worker in ((3, None), (4, 2**22 + 7)):
+        with supervised(ended_run, State.STARTING, attempt=attempt, worker_pid=worker):
+            st = gather(ended_run)
+            assert st.phase is None and st.loss is None and st.images_per_sec is None and st.eta_seconds is None
+            assert st.step == checkpoint_step and st.total_steps == old.total_steps
+            assert "done" not in render(st)
+    with supervised(ended_run, State.STARTING, attempt=4, worker_pid=os.getpid()):
+        Reporter(ended_run, attempt=4, rung_index=0).beat(Phase.BOOTING, force=True)   # the new worker speaks
+        assert gather(ended_run).phase == "booting"
+    with supervised(ended_run, State.BACKOFF, attempt=4, worker_pid=None):
+        assert gather(ended_run).phase is None          # the crashed attempt's last word is not the run's now
+
+
+@pytest.fixture
+def orphan(tmp_path, dataset):
+    """A worker that outlived its supervisor, still busy (a hang stands for a long checkpoint write)."""
+    run_dir = make_run(tmp_path, "orphan", config_text("orphan", dataset))
+    worker = subprocess.Popen([sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir), "--attempt", "1"],
+                              env={**os.environ, "TRAINCTL_FAULTS": "train_step:hang@2"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: (hb := read_heartbeat(run_dir)) and hb.step == 2, 120, what="the worker at step 2")
+        yield run_dir, worker
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
+def test_a_worker_that_outlived_its_supervisor_is_shown_and_then_not(orphan):
+    run_dir, worker = orphan
+    # The supervisor's last record, as it stays when it is SIGKILLed: running, with its worker's pid.
+    runstate.write_state(run_dir, RunState(State.RUNNING, run_name="orphan", supervisor_pid=2**22 + 7,
+                                           worker_pid=worker.pid, attempt=1))
+    st = gather(run_dir)
+    assert not st.supervisor_alive and st.state == "stopping" and st.recorded_state == "running"
+    assert st.worker_pid == worker.pid and f"its worker (pid {worker.pid}) is still running" in st.reason
+    assert "trainctl resume orphan" in st.reason and "STOPPING" in render(st)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    st = gather(run_dir)
+    assert st.state == "stopped" and st.worker_pid is None and "supervisor not running" in st.reason
+
+
+def test_list_shows_a_run_once_after_its_folder_is_moved_and_linked_back(tmp_path, dataset):
+    from test_cli import trainctl
+    run_dir = make_run(tmp_path, "moved", config_text("moved", dataset))
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "COLUMNS": "120", "TRAINCTL_FAULTS": ""}
+    registry = tmp_path / "state" / "trainctl" / "runs.json"
+    registry.parent.mkdir(parents=True)
+    registry.write_text(json.dumps([str(run_dir)]))     # as `trainctl start` records it
+    (tmp_path / "bigger-disk").mkdir()
+    elsewhere = Path(shutil.move(run_dir, tmp_path / "bigger-disk" / "moved"))
+    run_dir.symlink_to(elsewhere)
+    listed = trainctl("list", "--json", env=env, cwd=tmp_path)
+    assert [st["run_dir"] for st in json.loads(listed.stdout)] == [str(elsewhere)], listed.stdout + listed.stderr
+    one = trainctl("status", "moved", "--json", env=env, cwd=tmp_path)    # one run, not an ambiguous name
+    assert one.returncode == ExitCode.OK and json.loads(one.stdout)["run_dir"] == str(elsewhere), one.stderr

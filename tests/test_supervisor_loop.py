@@ -291,8 +291,10 @@ def test_stop_asks_the_worker_then_kills_it_at_the_deadline(tmp_path, dataset):
     code, sup, world, events = run_world(tmp_path, dataset, [hang], before=stop_at_4,
                                          supervisor={"stop_timeout_seconds": 20})
     w = world.workers[0]
-    assert w.signals[0] == signal.SIGTERM and 24 <= w.killed_at <= 24.6
+    assert w.signals[:2] == [signal.SIGTERM, signal.SIGCONT] and 24 <= w.killed_at <= 24.6
     assert code == ExitCode.OK and read_state(sup.run_dir).state == "stopped"
+    assert crashes(events) == []     # the kill that ended our own stop is the stop's end, not a crash (issue 17, 8)
+    assert "killed at the end of the stop timeout" in kinds(events, Event.EXIT)[0]["data"]["detail"]
     assert [e["data"]["to"] for e in kinds(events, Event.STATE)] == ["running", "stopping", "stopped"]
 
 

@@ -23,7 +23,8 @@ class Checkpointing:
         k = trainer.cfg.checkpoint
         self.every_steps, self.every_seconds = k.every_steps, k.every_seconds
         self.writer = Writer(trainer.ckpt_dir, k.keep_last, background=background,
-                             on_phase=lambda phase, step: trainer.faults.hit(f"ckpt_{phase}", step))
+                             on_phase=lambda phase, step: trainer.faults.hit(f"ckpt_{phase}", step),
+                             verified=getattr(trainer, "verified", None))   # what the boot verified
         self.committed_step = trainer.progress.step   # a fresh start is step 0: reproducible from the seed
         self.snapshot_step: int | None = None
         self.snapshot_time = time.monotonic()
@@ -119,3 +120,14 @@ class Checkpointing:
                                               "taken": done.marker.get("taken")})
         say(f"checkpoint at step {done.step} committed ({done.marker['size'] / 2**20:.1f} MiB, written in "
             f"{self.writer.write_seconds:.2f} s, {done.marker.get('reason')})")
+        self._report_set_aside()
+
+    def _report_set_aside(self) -> None:
+        """Checkpoints the writer's prune found failing verification (a forged or corrupted newer one):
+        said in the log and added to the heartbeat's skipped_checkpoints (status lists checkpoints/corrupt/)."""
+        found = self.writer.verified.take_set_aside()
+        for name, why in found:
+            say(f"set aside checkpoint {name}: {why}")
+        if found:
+            skipped = list(self.t.reporter.fields.get("skipped_checkpoints") or [])
+            self.t.reporter.beat(force=True, skipped_checkpoints=skipped + [list(f) for f in found])

@@ -23,8 +23,10 @@ from . import checkpoint
 
 
 class Writer:
-    def __init__(self, folder: Path, keep_last: int, on_phase: Callable[[str, int], None], background: bool = True):
+    def __init__(self, folder: Path, keep_last: int, on_phase: Callable[[str, int], None], background: bool = True,
+                 verified: checkpoint.Verified | None = None):
         self.folder, self.keep_last, self.on_phase, self.background = Path(folder), keep_last, on_phase, background
+        self.verified = verified if verified is not None else checkpoint.Verified()   # what prune may trust
         self._thread: threading.Thread | None = None
         self._done: Committed | None = None
         self._error: BaseException | None = None
@@ -56,7 +58,8 @@ class Writer:
                 self._released.set()
             self.on_phase(name, step)
         try:
-            self._done = checkpoint.save(self.folder, step, state, self.keep_last, info, on_phase=phase)
+            self._done = checkpoint.save(self.folder, step, state, self.keep_last, info, on_phase=phase,
+                                         verified=self.verified)
         except BaseException as e:   # handed to the training thread, which decides what it means
             self._error = e
         finally:

@@ -8,6 +8,8 @@ shape and sample count on every rung (fixed shapes also keep the MPS graph cache
 """
 from __future__ import annotations
 
+import os
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,3 +126,59 @@ def iterate(dataset: MicroBatches, keys, num_workers: int, seed: int, spawn: boo
 def eval_keys(n: int, batch: int):
     """Micro-batch keys covering a validation folder once (the tail is padded, not dropped)."""
     return lambda: ((0, start) for start in range(0, n, batch))
+
+
+# An epoch's share of unreadable images is judged only once this many have been seen in it: over fewer, a few
+# broken files in one place look like a failing source (and the step rule catches a vanished folder at once).
+EPOCH_SHARE_MIN_IMAGES = 1000
+
+
+class BadShare:
+    """Counts unreadable training images per optimizer step and per epoch (in this process), and says when their
+    share is too high to be a few broken files: then the data source is failing (a folder renamed away, a
+    mount gone) and training would go on blanks. Checked before each micro-batch's forward pass."""
+
+    def __init__(self, max_step_share: float, max_epoch_share: float, step_images: int,
+                 epoch_min_images: int = EPOCH_SHARE_MIN_IMAGES):
+        self.max_step, self.max_epoch, self.step_images = max_step_share, max_epoch_share, step_images
+        self.epoch_min = epoch_min_images
+        self.epoch, self.step = None, None
+        self.step_bad = self.epoch_bad = self.epoch_seen = 0
+        self.files: deque[tuple[str, str]] = deque(maxlen=20)   # the latest unreadable files, with reasons
+
+    def begin_step(self, epoch: int, step: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.epoch_bad, self.epoch_seen = epoch, 0, 0
+        self.step, self.step_bad = step, 0
+
+    def count(self, images: int, bad: list[tuple[str, str]]) -> str | None:
+        """Add one micro-batch; the reason to stop (what share, where), or None to go on."""
+        self.step_bad += len(bad)
+        self.epoch_bad += len(bad)
+        self.epoch_seen += images
+        self.files.extend(bad)
+        # A step's share is judged against the whole step: once more than the limit is bad, the step is.
+        if self.step_bad > self.max_step * self.step_images:
+            return (f"{self.step_bad} of the {self.step_images} images of optimizer step {self.step + 1} could not be "
+                    f"read (more than [data] max_bad_share_step = {self.max_step:g})")
+        if self.epoch_seen >= self.epoch_min and self.epoch_bad > self.max_epoch * self.epoch_seen:
+            return (f"{self.epoch_bad} of the {self.epoch_seen} images read so far in epoch {self.epoch + 1} could not "
+                    f"be read ({self.epoch_bad / self.epoch_seen:.1%}, more than [data] max_bad_share_epoch = "
+                    f"{self.max_epoch:g})")
+        return None
+
+
+def likely_cause(root, files) -> str:
+    """Why many images could not be read, as far as the folder tells: gone, files vanished, or unreadable."""
+    prefix, files = str(root) + os.sep, list(files)
+    reasons = {why for _, why in files}
+    named = [(path[len(prefix):] if path.startswith(prefix) else path, why) for path, why in files[-3:]]
+    if len(reasons) == 1:
+        shown = ", ".join(path for path, _ in named) + f" ({next(iter(reasons))})"
+    else:
+        shown = ", ".join(f"{path} ({why})" for path, why in named)
+    if not os.path.isdir(root):
+        return f"the folder {root} is gone (renamed, deleted, or the disk or mount holding it went away); e.g. {shown}"
+    if reasons == {"file disappeared"}:
+        return f"files vanished from {root} while training (moved or deleted); e.g. {shown}"
+    return f"the files in {root} cannot be read (a failing disk or mount, permissions, or corrupt data); e.g. {shown}"

@@ -5,7 +5,8 @@ checkpoint-write phases ``ckpt_begin``, ``ckpt_bytes`` (mid-write), ``ckpt_writt
 ``ckpt_synced`` (fsynced, not renamed), ``ckpt_renamed`` (renamed, directory not fsynced),
 ``ckpt_committed`` (durable, no marker yet), ``ckpt_marked``.
 Actions: sigkill, sigsegv, sigbus, sigabrt, sigusr1 (a checkpoint request), exception, mps_oom, cuda_oom, cpu_oom, hang, spin,
-grow_memory (fast, until killed), leak (keeps 40 MB more at every hit), enospc.
+grow_memory (fast, until killed), leak (keeps 40 MB more at every hit), enospc,
+nan_loss (at ``train_step``: that step's loss comes out NaN, as a diverging run's does).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class Faults:
     def __init__(self, run_dir: Path, rung_index: int):
         self.injector = from_env(run_dir, rung_index)
         self._ballast = []
+        self.nan_loss = False   # the training step reads it (train.Trainer._step) and clears it
 
     def hit(self, point: str, step: int | None = None) -> None:
         for action in self.injector.due(point, step):
@@ -56,6 +58,8 @@ class Faults:
             raise RuntimeError(CUDA_OOM_TEXT)
         elif action == "cpu_oom":
             raise RuntimeError(CPU_OOM_TEXT)
+        elif action == "nan_loss":
+            self.nan_loss = True
         elif action == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         elif action == "hang":

@@ -8,6 +8,7 @@ folder exists (`preflight.py`).
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import os
 import sys
@@ -102,6 +103,8 @@ def main(argv=None) -> int:
     except CannotContinue as e:
         return report_error(run_dir, args.attempt, e.kind, e, ExitCode.CANNOT_CONTINUE, trainer)
     except BaseException as e:   # noqa: BLE001 — every exception must leave evidence
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):   # the disk filled up under us
+            return report_error(run_dir, args.attempt, "disk_full", e, ExitCode.DISK_FULL, trainer)
         if is_oom(e):
             return report_error(run_dir, args.attempt, "oom", e, ExitCode.OUT_OF_MEMORY, trainer)
         return report_error(run_dir, args.attempt, "exception", e, ExitCode.INTERNAL_ERROR, trainer)
@@ -119,7 +122,10 @@ def report_error(run_dir: Path, attempt: int, kind: str, exc: BaseException, cod
               "step": progress.step if progress else None,
               "epoch": progress.epoch if progress else None,
               "cursor": progress.cursor if progress else None}
-    fsio.atomic_write_json(error_json_path(run_dir, attempt), record)
+    try:
+        fsio.atomic_write_json(error_json_path(run_dir, attempt), record)
+    except OSError as e:   # a full disk: the exit code and the line below still say it
+        print(f"[trainctl] could not write {error_json_path(run_dir, attempt).name}: {e}", file=sys.stderr, flush=True)
     print(f"[trainctl] {kind}: {exc}", file=sys.stderr, flush=True)
     if kind == "exception":
         traceback.print_exc()

@@ -16,13 +16,19 @@ RATE_WINDOW_SECONDS = 60.0     # images/s (and so the ETA) is measured over abou
 
 
 class Reporter:
-    """Owns heartbeat.json, metrics.jsonl and bad_images.json for one worker process."""
+    """Owns heartbeat.json, metrics.jsonl and bad_images.json for one worker process.
+
+    None of them may end the training: a write that fails (a disk filled by another process: ENOSPC) is
+    skipped and said once, and said again when writing works again. A checkpoint that cannot be written
+    is what ends the run (`disk_full`), with the checkpoints it has intact.
+    """
 
     def __init__(self, run_dir: Path, attempt: int, rung_index: int):
         self.run_dir = Path(run_dir)
         self.fields: dict = {"pid": os.getpid(), "attempt": attempt, "rung_index": rung_index,
                              "beat": 0, "phase": Phase.BOOTING.value}
         self._last_write = 0.0
+        self._failing: set[str] = set()   # the files whose writes are failing (said once)
         existing = read_json(self.run_dir / BAD_IMAGES_FILE) or {}
         self.bad: dict[str, str] = existing.get("files", {})
 
@@ -40,14 +46,32 @@ class Reporter:
         if changed or force or now - self._last_write >= HEARTBEAT_MIN_INTERVAL:
             self.fields["time"] = time.time()
             self.fields["bad_images"] = len(self.bad)
-            fsio.atomic_write_json(self.run_dir / HEARTBEAT_FILE, self.fields, durable=False)
-            self._last_write = now
+            if self._write(HEARTBEAT_FILE, lambda: fsio.atomic_write_json(self.run_dir / HEARTBEAT_FILE, self.fields,
+                                                                          durable=False)):
+                self._last_write = now
+
+    def _write(self, name: str, write) -> bool:
+        """Carry out one write of `name`; an OSError skips it (said once, and again when it heals)."""
+        try:
+            write()
+        except OSError as e:
+            if name not in self._failing:
+                self._failing.add(name)
+                say(f"cannot write {name} ({e.strerror or e}): skipped, training goes on; said again once it works")
+            return False
+        if name in self._failing:
+            self._failing.discard(name)
+            say(f"{name} is written again")
+        return True
 
     def metric(self, record: dict) -> None:
         """Append one line to metrics.jsonl (re-done steps after a crash appear again, marked by attempt)."""
         record = {"time": round(time.time(), 3), "attempt": self.fields["attempt"], **record}
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+
+        def append():
+            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        self._write(METRICS_FILE, append)
 
     def bad_images(self, found: list[tuple[str, str]]) -> None:
         """Log each unreadable file once and keep the full list, with reasons, in the run directory."""
@@ -57,7 +81,8 @@ class Reporter:
         for path, why in new:
             self.bad[path] = why
             say(f"unreadable image (replaced by a blank, excluded from loss and accuracy): {path}: {why}")
-        fsio.atomic_write_json(self.run_dir / BAD_IMAGES_FILE, {"count": len(self.bad), "files": self.bad})
+        self._write(BAD_IMAGES_FILE, lambda: fsio.atomic_write_json(self.run_dir / BAD_IMAGES_FILE,
+                                                                     {"count": len(self.bad), "files": self.bad}))
 
 
 def say(message: str) -> None:

@@ -23,6 +23,8 @@ class Progress:
     cursor: int = 0
     step: int = 0
     samples_seen: int = 0
+    nonfinite_steps: int = 0      # steps skipped because their loss was not finite (train.py), in all
+    nonfinite_in_row: int = 0     # ... and in a row up to `step`: a resume must fail where the run would have
 
 
 def to_cpu(obj):

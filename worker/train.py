@@ -9,6 +9,7 @@ do not depend on where a restart happened.
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -16,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainctl.contract import folders, fsio
+from trainctl.contract import folders, fsio, manifest
 from trainctl.contract.config import Config, ConfigError, identity
-from trainctl.contract.protocol import ExitCode, Phase
+from trainctl.contract.protocol import CannotContinue, ExitCode, Phase
 from trainctl.contract.runfolder import CHECKPOINT_DIR
 
 from . import checkpoint, data, export
@@ -31,6 +32,34 @@ from .snapshot import Progress, check_identity, restore
 
 class SanityCheckFailed(RuntimeError):
     """The pre-training forward/backward did not give a finite loss and finite gradients."""
+
+
+def diverged_at_start(t, loss: float, weights_ok: bool) -> str:
+    """Why trainer `t` refuses to train a model whose loss is already not finite before its first step."""
+    where = f"the newest checkpoint (step {t.progress.step})" if t.progress.step else "the starting weights"
+    what = ("holds weights that are not finite" if not weights_ok else
+            f"gives a loss of {loss} on its next batch" if not math.isfinite(loss) else "gives gradients that are not finite")
+    return (f"{where} {what}: the run had diverged; no model exported. Fix: start a new run (another [run] name) "
+            f"with a lower [train] lr or with [train] grad_clip set" + _fp32_hint(t))
+
+
+def _fp32_hint(t) -> str:
+    """Reduced precision can overflow where fp32 does not: the ladder may change on resume."""
+    if t.profile.precision == "fp32":
+        return ""
+    return (f"; or put precision = \"fp32\" in [[profiles]] and trainctl resume "
+            f"{shlex.quote(t.run_dir.name)} --config FILE")
+
+
+def diverged_message(t, limit: int) -> str:
+    """Why trainer `t` gives up on a loss that stays non-finite, and what a person can do."""
+    p = t.progress
+    first = p.step - p.nonfinite_in_row + 1
+    before = f"; the last finite loss was {t.last_finite[1]:.4g} at step {t.last_finite[0]}" if t.last_finite else ""
+    return (f"the loss is not finite since step {first} ({p.nonfinite_in_row} steps in a row, "
+            f"[train] max_nonfinite_steps = {limit}){before}; no model exported. Fix: start a new run (another "
+            f"[run] name) with a lower [train] lr (this run's is {t.cfg.train.lr:g}) or with [train] grad_clip "
+            f"set: a run's lr cannot change on resume" + _fp32_hint(t))
 
 
 def _names(classes, shown: int = 5) -> str:
@@ -60,6 +89,7 @@ class Trainer:
         self.progress, self.history = Progress(), []
         self.micro_batches = 0
         self.rate = StepRate()
+        self.last_finite: tuple[int, float] | None = None   # (step, mean loss) of this process's last finite step
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -81,16 +111,23 @@ class Trainer:
             raise ConfigError(f"[data] train_dir has {len(self.train_set)} images, fewer than one "
                               f"[train] effective_batch_size ({E}). Fix: add images or lower effective_batch_size.")
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.identity = {**identity(cfg), "classes": list(self.train_set.classes),
-                         "num_samples": len(self.train_set)}
+        self.manifest = manifest.build(self.train_set)   # each file's path, class, size, mtime
+        self.identity = {**identity(cfg), **manifest.identity(self.train_set, self.manifest)}
         for name in fsio.remove_stale_temps(self.ckpt_dir):   # we hold the worker lock: nobody writes these
             say(f"removed {name}, the remains of a checkpoint write that was interrupted")
-        state, found, skipped = checkpoint.load_latest(self.ckpt_dir)
+        # Only what verifies is trusted: failures are set aside (checkpoints/corrupt/); when checkpoints existed
+        # and none verifies, load_latest raises CannotContinue instead of starting over from step 0.
+        self.verified = checkpoint.Verified(max_bytes=self._checkpoint_bound())
+        state, found, skipped = checkpoint.load_latest(self.ckpt_dir, self.verified)
         self._timing("checkpoint_loaded")
         for name, why in skipped:
             say(f"skipping checkpoint {name}: {why}")
         if state is not None:
-            check_identity(state["identity"], self.identity, self.run_dir)
+            check_identity(manifest.settings_only(state["identity"]), manifest.settings_only(self.identity),
+                           self.run_dir)
+            manifest.check(state["identity"], self.manifest, self.train_set, self.run_dir)   # changed data: refused
+        if problem := manifest.keep(self.run_dir, self.manifest, self.train_set.root):
+            say(problem)
         torch.manual_seed(cfg.run.seed)   # the same initial weights on every fresh start
         self.model = build_model(cfg, len(self.train_set.classes), load_weights=state is None)
         self.recipe = recipe_for(cfg, self.model)
@@ -107,12 +144,24 @@ class Trainer:
         self.ckpt = Checkpointing(self, background=cfg.checkpoint.async_write)
         self.mean, self.std = pixel_stats(self.recipe, self.device)
         self.train_data = data.MicroBatches(self.train_set, self.recipe, cfg.run.seed, profile.batch_size, True)
+        self.bad_share = data.BadShare(cfg.data.max_bad_share_step, cfg.data.max_bad_share_epoch,
+                                       cfg.train.effective_batch_size)
         self.workers = devicelib.loader_workers(profile, self.device)
         self.reporter.beat(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                            epochs=cfg.train.epochs, device=str(self.device), batch_size=profile.batch_size,
                            grad_accum=self.accum, effective_batch_size=cfg.train.effective_batch_size,
                            skipped_checkpoints=skipped, force=True,
                            **self._position())
+
+    def _checkpoint_bound(self) -> int | None:
+        """The most a checkpoint of this run can weigh (checkpoint.size_bound), from the model built on the meta
+        device (no memory, nothing read; before any checkpoint is); None if a model cannot be built there."""
+        try:
+            with torch.device("meta"):
+                model = build_model(self.cfg, len(self.train_set.classes), load_weights=False)
+        except Exception:   # noqa: BLE001 — the real build below reports real errors; sizes are then checked unbounded
+            return None
+        return checkpoint.size_bound(model.state_dict())
 
     def _timing(self, event: str) -> None:
         """Wall-clock moments of this process's start-up (bench/recovery.py splits recovery time with them)."""
@@ -156,6 +205,10 @@ class Trainer:
             self.model.train()
         value = loss.item() / max(n_valid, 1)
         if not math.isfinite(value) or not grads_ok:
+            weights_ok = all(bool(torch.isfinite(q).all()) for q in self.model.parameters())
+            if p.step > 0 or not weights_ok:
+                # Not a fault a restart fixes: the checkpoint's model (or the one we start from) has diverged.
+                raise CannotContinue("diverged", diverged_at_start(self, value, weights_ok))
             raise SanityCheckFailed(f"pre-training sanity check failed at step {p.step}: loss {value}, "
                                     f"gradients {'finite' if grads_ok else 'not finite'}")
         self._timing("sanity_done")
@@ -178,17 +231,22 @@ class Trainer:
                 return self._stop()
             self.faults.hit("train_step", p.step)
             started, blocked = time.monotonic(), self.ckpt.blocked_seconds
-            loss, correct, n_valid = self._step(batches)
+            loss, correct, n_valid, finite = self._step(batches)
             # The step's own time: not the wait for a checkpoint write to release the weights (before_update).
             self.rate.add(time.monotonic() - started - (self.ckpt.blocked_seconds - blocked), E)
             p.step, p.cursor, p.samples_seen = p.step + 1, p.cursor + E, p.samples_seen + E
             if "first_step" not in self.reporter.fields.get("timings", {}):
                 self._timing("first_step")
-            window.update(loss=window["loss"] + loss, correct=window["correct"] + correct,
-                          valid=window["valid"] + n_valid)
+            self._count_finite(finite, loss / max(n_valid, 1))
+            if finite:   # a skipped step's NaN would make the whole window's mean NaN
+                window.update(loss=window["loss"] + loss, correct=window["correct"] + correct,
+                              valid=window["valid"] + n_valid)
             # Written at every step (not throttled): a crash report must name the step exactly.
-            self.reporter.beat(loss=loss / max(n_valid, 1), lr=self._lr(), images_per_sec=self._images_per_sec(),
+            self.reporter.beat(loss=loss / max(n_valid, 1) if finite else None, lr=self._lr(),
+                               images_per_sec=self._images_per_sec(), nonfinite_steps=p.nonfinite_steps,
                                force=True, memory=devicelib.memory_stats(self.device), **self._position())
+            if p.nonfinite_in_row >= cfg.train.max_nonfinite_steps:   # restarting cannot help: a person must look
+                raise CannotContinue("diverged", diverged_message(self, cfg.train.max_nonfinite_steps))
             if p.step % cfg.train.log_every_steps == 0:
                 self._log(window)
                 window = {"loss": 0.0, "correct": 0, "valid": 0}
@@ -202,16 +260,22 @@ class Trainer:
         export.write(self)
         return ExitCode.OK
 
-    def _step(self, batches) -> tuple[float, int, int]:
-        """One optimizer step over `accum` micro-batches; returns (summed loss, correct, valid)."""
+    def _step(self, batches) -> tuple[float, int, int, bool]:
+        """One optimizer step over `accum` micro-batches; returns (summed loss, correct, valid, finite).
+
+        A step whose loss (or, with grad_clip, gradient norm) is not finite is skipped: no update, its
+        gradients dropped. The decision depends only on the step's own numbers, so it is the same on resume;
+        with all numbers finite the step is exactly what it was before this check existed."""
         torch.manual_seed(step_seed(self.cfg.run.seed, self.progress.step))
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         n_valid = 0
-        for _ in range(self.accum):
+        self.bad_share.begin_step(self.progress.epoch, self.progress.step)
+        for i in range(self.accum):
             mb = next(batches)
             if mb.bad:
                 self.reporter.bad_images(mb.bad)
+            self._check_data_source(mb, clean=i == 0)
             loss, right = self._forward(mb)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
@@ -224,19 +288,57 @@ class Trainer:
         self.ckpt.before_update()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if n_valid and grads:
+        if self.faults.nan_loss:   # test-only (worker/faults.py): this step's loss comes out NaN
+            self.faults.nan_loss, loss_sum = False, loss_sum * float("nan")
+        total = float(loss_sum)
+        finite = math.isfinite(total)
+        if finite and n_valid and grads:
             torch._foreach_div_(grads, float(n_valid))   # mean over the effective batch's valid images
             if self.cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+                # With a grad scaler an infinite norm is the scaler's business: it skips the step and backs off.
+                finite = self.scaler is not None or math.isfinite(float(norm))
             if self.scaler:
                 self.scaler.step(self.optimizer)
-            else:
+            elif finite:
                 self.optimizer.step()
         if self.scaler:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step_update(num_updates=self.progress.step + 1)
-        return float(loss_sum), int(correct), n_valid
+        return total, int(correct), n_valid, finite
+
+    def _count_finite(self, finite: bool, mean_loss: float) -> None:
+        """Count a skipped (non-finite) step; at `[train] max_nonfinite_steps` in a row the run has diverged (fit).
+
+        The counts are part of `Progress`, so they are in every checkpoint: a resumed run fails at the same step."""
+        p = self.progress
+        if finite:
+            p.nonfinite_in_row, self.last_finite = 0, (p.step, mean_loss)
+            return
+        p.nonfinite_in_row, p.nonfinite_steps = p.nonfinite_in_row + 1, p.nonfinite_steps + 1
+        limit = self.cfg.train.max_nonfinite_steps
+        if p.nonfinite_in_row < limit:
+            say(f"step {p.step}: loss not finite, step skipped (no update; {p.nonfinite_in_row} in a row, "
+                f"the run fails at [train] max_nonfinite_steps = {limit})")
+
+    def _check_data_source(self, mb: data.MicroBatch, clean: bool) -> None:
+        """Stop before training on blanks when too many images are unreadable: the data source is failing."""
+        fault = self.bad_share.count(len(mb.labels), mb.bad)
+        if fault is None:
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        if clean:   # no forward pass of this step yet: the state is exactly that of the step boundary
+            self.ckpt.stop()
+        else:       # forward passes have touched it (BatchNorm statistics): keep the last committed checkpoint
+            self.ckpt.finish()
+        cause = data.likely_cause(self.train_set.root, self.bad_share.files)
+        name = shlex.quote(self.run_dir.name)
+        raise CannotContinue("data_error", (
+            f"{fault}: {cause}. Stopped rather than train on blanks; the checkpoint at step {self.ckpt.committed_step} "
+            f"holds the last good state. Fix: bring the data back (restore or remount it), then: trainctl resume {name}; "
+            f"if the files themselves are broken, remove them and start a new run, or allow more with [data] "
+            f"max_bad_share_step / max_bad_share_epoch: trainctl resume {name} --config FILE."))
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -249,13 +351,16 @@ class Trainer:
     def _log(self, w: dict) -> None:
         p = self.progress
         epoch_samples = max(self.steps_per_epoch * self.cfg.train.effective_batch_size, 1)
+        trained = w["valid"] > 0 or not p.nonfinite_in_row   # every step of the window skipped: no loss to show
         record = {"kind": "train", "step": p.step, "epoch": p.epoch + p.cursor / epoch_samples,
-                  "loss": w["loss"] / max(w["valid"], 1), "acc": w["correct"] / max(w["valid"], 1),
+                  "loss": w["loss"] / max(w["valid"], 1) if trained else None,
+                  "acc": w["correct"] / max(w["valid"], 1) if trained else None,
                   "lr": self._lr(), "images_per_sec": self._images_per_sec(),
-                  "rung": self.rung_index + 1}
+                  "rung": self.rung_index + 1, "nonfinite_steps": p.nonfinite_steps}
         self.reporter.metric(record)
-        say(f"step {p.step}/{self.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
-            f"acc {record['acc']:.3f} lr {record['lr']:.2e} {record['images_per_sec']:.1f} img/s")
+        shown = f"loss {record['loss']:.4f} acc {record['acc']:.3f}" if trained else "loss not finite (steps skipped)"
+        say(f"step {p.step}/{self.total_steps} epoch {record['epoch']:.2f} {shown} "
+            f"lr {record['lr']:.2e} {record['images_per_sec'] or 0:.1f} img/s")
 
     def _end_epoch(self) -> None:
         p = self.progress
@@ -263,7 +368,8 @@ class Trainer:
         if self.val_set is not None:
             acc, loss = self.validate()
             self.history.append({"epoch": finished, "step": p.step, "val_acc": acc, "val_loss": loss})
-            self.reporter.metric({"kind": "val", "epoch": finished, "step": p.step, "val_acc": acc, "val_loss": loss})
+            self.reporter.metric({"kind": "val", "epoch": finished, "step": p.step, "val_acc": acc,
+                                  "val_loss": loss if math.isfinite(loss) else None})   # JSON has no NaN
             self.reporter.beat(val_acc=acc)
             say(f"epoch {finished}/{self.cfg.train.epochs} validation: top-1 {acc:.3f}, loss {loss:.4f}")
         p.epoch, p.cursor = finished, 0
