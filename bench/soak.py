@@ -18,7 +18,7 @@ for every round: the run succeeded; model.safetensors is bit-identical to an uni
 run; every checkpoint ever seen committed verified and loaded; no process of the run is left; the
 journal accounts for every fault with the right kind; every checkpoint the soak damaged was set aside
 in checkpoints/corrupt/ (and is left out of "verified": the soak broke it, not the run).
-Work lost is counted from the step the next attempt really resumed at (its worker_ready event), so a
+Work lost is counted from the step the next attempt really resumed at (its own "resumed from" log line), so a
 corrupted newest checkpoint honestly costs up to two intervals (the previous good one is at most
 `every_steps` older): its bound is 2 x every_steps, every other fault's stays every_steps.
 It prints a table (faults by kind, recoveries, work lost per fault, goodput) and exits 1 on any miss.

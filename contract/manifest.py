@@ -11,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import fsio
 from .folders import Folder
+from .names import shell_run
 from .protocol import CannotContinue
+from .runfolder import DATA_MANIFEST_FILE
 
-DATA_MANIFEST_FILE = "data_manifest.jsonl"
 DATA_KEYS = ("classes", "num_samples", "data_fingerprint")   # the keys of a checkpoint's identity about the data
 SHOWN = 3   # files named per kind of change
 
@@ -196,7 +196,7 @@ def check(saved: dict, current: Manifest, folder: Folder, run_dir: Path) -> None
         else:
             what = (_coarse_difference(saved, folder) or "the same classes and image count, other files") + \
                    f" ({run_dir / DATA_MANIFEST_FILE}, the list of the files they were made with, is missing)"
-    name = shlex.quote(run_dir.name)
+    name = shell_run(run_dir)
     raise CannotContinue("data_error", (
         f"the training data in {folder.root} is not what the checkpoints of run {run_dir.name} were trained on: "
         f"{what}. Resuming would not continue the same run. Fix: put the data back as it was{listed}, then: "

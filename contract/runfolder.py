@@ -20,6 +20,7 @@ JOURNAL_FILE = "journal.sqlite3"     # every event (lifecycle.Event), SQLite in 
 HEARTBEAT_FILE = "heartbeat.json"    # protocol.Heartbeat, written by the worker
 METRICS_FILE = "metrics.jsonl"
 BAD_IMAGES_FILE = "bad_images.json"
+DATA_MANIFEST_FILE = "data_manifest.jsonl"   # the training files the checkpoints were made with (manifest.py)
 LABELS_FILE = "labels.json"
 MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.md"

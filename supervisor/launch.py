@@ -24,10 +24,10 @@ from trainctl.contract.folders import scan
 from trainctl.contract.lifecycle import State, is_final
 from trainctl.contract.names import shell_path, shell_run
 from trainctl.contract.protocol import ExitCode, read_heartbeat
-from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CHECKPOINT_DIR, CONFIG_FILE, EVIDENCE_DIR, FAULTS_FIRED_DIR,
-                                         HEARTBEAT_FILE, JOURNAL_FILE, LABELS_FILE, LOG_DIR, LOGS, METRICS_FILE, MODEL_FILE,
-                                         REPORT_FILE, REPORT_JSON, STATE_FILE, SUPERVISOR_LOG, committed_before,
-                                         newest_checkpoint)
+from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CHECKPOINT_DIR, CONFIG_FILE, DATA_MANIFEST_FILE, EVIDENCE_DIR,
+                                         FAULTS_FIRED_DIR, HEARTBEAT_FILE, JOURNAL_FILE, LABELS_FILE, LOG_DIR, LOGS,
+                                         METRICS_FILE, MODEL_FILE, REPORT_FILE, REPORT_JSON, STATE_FILE, SUPERVISOR_LOG,
+                                         committed_before, newest_checkpoint)
 
 from . import runstate
 from .runs import remember
@@ -40,7 +40,7 @@ RUNNING_PID_WAIT_SECONDS = 5.0
 START_LOCK_WAIT_SECONDS = 30.0   # a racing start holds it until its supervisor holds the run: about a second
 # What a run that never trained leaves behind: cleared before a new start takes its folder.
 HISTORY_FILES = (STATE_FILE, JOURNAL_FILE, JOURNAL_FILE + "-wal", JOURNAL_FILE + "-shm", HEARTBEAT_FILE, METRICS_FILE,
-                 BAD_IMAGES_FILE, LABELS_FILE, REPORT_FILE, REPORT_JSON)
+                 BAD_IMAGES_FILE, LABELS_FILE, REPORT_FILE, REPORT_JSON, DATA_MANIFEST_FILE)
 HISTORY_DIRS = (EVIDENCE_DIR, FAULTS_FIRED_DIR)
 
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import config_text, make_run, run_worker, wait_for
 
 from trainctl.contract import manifest
+from trainctl.contract.runfolder import DATA_MANIFEST_FILE
 from trainctl.contract.config import ConfigError, load
 from trainctl.contract.folders import scan
 from trainctl.contract.protocol import CannotContinue, ExitCode, read_heartbeat
@@ -150,7 +151,7 @@ def test_a_resumed_worker_refuses_an_image_moved_to_another_class_and_resumes_on
     train = copy_of(dataset, tmp_path)
     run_dir = make_run(tmp_path, "moved", config_text("moved", dataset, data={"train_dir": str(train)}))
     assert run_worker(run_dir, faults="train_step:sigkill@4").returncode == KILLED
-    assert (run_dir / manifest.DATA_MANIFEST_FILE).exists()
+    assert (run_dir / DATA_MANIFEST_FILE).exists()
     moved = train / "circle" / "circle-0003.png"
     moved.rename(train / "square" / moved.name)   # same classes, same count: what the old identity saw
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").glob("*")}

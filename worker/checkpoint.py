@@ -26,7 +26,6 @@ import errno
 import hashlib
 import io
 import os
-import shlex
 import shutil
 import threading
 import time
@@ -39,6 +38,7 @@ import torch
 
 from trainctl.contract import fsio
 from trainctl.contract.protocol import CannotContinue
+from trainctl.contract.names import shell_run
 from trainctl.contract.runfolder import (CORRUPT_DIR, REASON_SUFFIX, Committed, checkpoint_path, committed_before,
                                          committed_checkpoints, marker_path, scan_checkpoints, set_aside_checkpoints)
 
@@ -375,4 +375,4 @@ def _none_verifies(folder: Path) -> str:
     return (f"no checkpoint of run {run} verifies ({shown or 'see ' + str(folder)}{more}; all kept in "
             f"{folder / CORRUPT_DIR}), and training will not silently start over from step 0. Fix: put a good "
             f"checkpoint file (with its .json marker) back into {folder}, or start over from step 0 with: "
-            f"trainctl resume {shlex.quote(run)} --from-scratch")
+            f"trainctl resume {shell_run(folder.parent)} --from-scratch")

@@ -9,7 +9,6 @@ do not depend on where a restart happened.
 from __future__ import annotations
 
 import math
-import shlex
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from trainctl.contract import folders, fsio, manifest
 from trainctl.contract.config import Config, ConfigError, identity
+from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import CannotContinue, ExitCode, Phase
 from trainctl.contract.runfolder import CHECKPOINT_DIR
 
@@ -48,7 +48,7 @@ def _fp32_hint(t) -> str:
     if t.profile.precision == "fp32":
         return ""
     return (f"; or put precision = \"fp32\" in [[profiles]] and trainctl resume "
-            f"{shlex.quote(t.run_dir.name)} --config FILE")
+            f"{shell_run(t.run_dir)} --config FILE")
 
 
 def diverged_message(t, limit: int) -> str:
@@ -333,7 +333,7 @@ class Trainer:
         else:       # forward passes have touched it (BatchNorm statistics): keep the last committed checkpoint
             self.ckpt.finish()
         cause = data.likely_cause(self.train_set.root, self.bad_share.files)
-        name = shlex.quote(self.run_dir.name)
+        name = shell_run(self.run_dir)
         raise CannotContinue("data_error", (
             f"{fault}: {cause}. Stopped rather than train on blanks; the checkpoint at step {self.ckpt.committed_step} "
             f"holds the last good state. Fix: bring the data back (restore or remount it), then: trainctl resume {name}; "
