@@ -107,6 +107,11 @@ class SupervisorSection:
 
 
 @dataclass(frozen=True)
+class LoggingSection:
+    tensorboard: bool = False         # event files in <run>/tensorboard/ (needs: pip install "trainctl[tensorboard]")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunSection
     model: ModelSection
@@ -114,6 +119,7 @@ class Config:
     train: TrainSection
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     supervisor: SupervisorSection = field(default_factory=SupervisorSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
     profiles: tuple[Profile, ...] = ()
     source: Path | None = None        # the file it was loaded from (not a TOML key)
 
@@ -132,7 +138,7 @@ class Config:
 
 
 SECTIONS = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
-            "checkpoint": CheckpointSection, "supervisor": SupervisorSection}
+            "checkpoint": CheckpointSection, "supervisor": SupervisorSection, "logging": LoggingSection}
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -316,7 +322,7 @@ def identity(c: Config) -> dict:
 # checkpoint also fixes) and [train] warmup_lr (the checkpoint's own scheduler state keeps the old value: a
 # new one would be ignored without a word). An exact run's data order, augmentations and learning-rate
 # schedule are functions of these. Everything else may change on resume: the ladder ([[profiles]]),
-# [supervisor], [checkpoint], [data] val_dir and max_image_pixels, log_every_steps, threads, deterministic.
+# [supervisor], [checkpoint], [logging], [data] val_dir and max_image_pixels, log_every_steps, threads, deterministic.
 FIXED_ON_RESUME = {
     "model": "[model] name", "img_size": "[model] img_size", "pretrained": "[model] pretrained",
     "weights": "[model] weights", "train_dir": "[data] train_dir", "crop_scale": "[data] crop_scale",

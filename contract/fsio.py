@@ -100,17 +100,23 @@ def atomic_write_by_name(path: Path, write: Callable[[Path], None]) -> None:
     """`atomic_writer` for a library that writes to a file name itself (safetensors): `write(tmp)`,
     then fsync, rename onto `path`, fsync the directory; on failure `path` is untouched."""
     with _replacing(Path(path), True, lambda _name: None) as tmp:
-        # The library may create its file 0600 (safetensors does): give it the mode our own files get from
-        # the umask, learnt from a file created the usual way (os.umask() to read it would race other threads).
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
-        mode = os.stat(tmp).st_mode & 0o777
-        write(tmp)
-        os.chmod(tmp, mode)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            fsync_file(fd)
-        finally:
-            os.close(fd)
+        write_by_name(tmp, write)
+
+
+def write_by_name(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(path)` by a library that creates the file itself, then the umask's mode and an fsync.
+
+    The library may create its file 0600 (safetensors does): give it the mode our own files get from the
+    umask, learnt from a file created the usual way (os.umask() to read it would race other threads)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+    mode = os.stat(path).st_mode & 0o777
+    write(path)
+    os.chmod(path, mode)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fsync_file(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes | str, durable: bool = True) -> None:

@@ -23,8 +23,10 @@ BAD_IMAGES_FILE = "bad_images.json"
 DATA_MANIFEST_FILE = "data_manifest.jsonl"   # the training files the checkpoints were made with (manifest.py)
 LABELS_FILE = "labels.json"
 MODEL_FILE = "model.safetensors"
+MODEL_DIR = "model"                  # the final model in timm's own format: config.json + model.safetensors
 REPORT_FILE = "report.md"
 REPORT_JSON = "report.json"
+TENSORBOARD_DIR = "tensorboard"      # [logging] tensorboard = true: event files (worker/tensorboard_log.py)
 SUPERVISOR_LOCK = "supervisor.lock"
 WORKER_LOCK = "worker.lock"
 CHECKPOINT_DIR = "checkpoints"
@@ -55,6 +57,24 @@ def read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every line of metrics.jsonl as written, oldest first (re-done steps after a crash appear again, marked by
+    attempt); a line cut by a crash, or being written now, is left out."""
+    records = []
+    try:
+        with open(Path(run_dir) / METRICS_FILE, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict):
+                    records.append(rec)
+    except OSError:
+        pass
+    return records
 
 
 def read_error(run_dir: Path, attempt: int) -> dict | None:

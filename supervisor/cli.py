@@ -1,14 +1,14 @@
 """`trainctl`: start, status, resume, stop, logs, list, demo, service. Never imports torch.
 
-Exit codes: the one table in `trainctl.contract.protocol.ExitCode` (and the README).
+A thin layer over `control` (what each command does, shared with the Python API `trainctl`): parse the
+arguments, call it, print. Its errors (`errors`) become one line on stderr and their exit code: the one
+table in `trainctl.contract.protocol.ExitCode` (and the README).
 """
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib.metadata
 import json
-import os
 import signal
 import sys
 import time
@@ -17,24 +17,16 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from trainctl.contract.config import ConfigError, SupervisorSection, load, resume_changes
-from trainctl.contract.lifecycle import State
-from trainctl.contract.names import check_new_run, shell_run
+from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import ExitCode
-from trainctl.contract.runfolder import (CONFIG_FILE, LOG_DIR, MODEL_FILE, SUPERVISOR_LOG, WORKER_LOG, newest_checkpoint,
-                                         set_aside_all)
 
-from . import journal, runstate
-from .launch import (Refused, check_can_start, check_data, clear_history, freeze, launch, preflight, running,
-                     starting)
-from .runs import AmbiguousRun, RunNotFound, known_runs, local_runs, never_trained, remember, resolve
+from . import control, runstate
+from .control import NO_SPACE
+from .errors import Error, Refused
+from .runs import resolve
 from .service_cmd import add_service_parser
 from .status import gather
 from .terminal import console, error, silence
-from .waiting import wait_for
-
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # a full disk, a quota, a file size limit
 
 
 def main(argv=None) -> int:
@@ -43,32 +35,17 @@ def main(argv=None) -> int:
         # A closed terminal (SIGHUP) must not end a run it started: the supervisor ignores it too, once it runs.
         signal.signal(signal.SIGHUP, lambda *_: None)
     try:
-        return args.func(args)
-    except ConfigError as e:
-        error("error", str(e))
-        return ExitCode.BAD_CONFIG
-    except RunNotFound as e:
-        error("error", str(e))
-        return ExitCode.NOT_FOUND
-    except AmbiguousRun as e:
-        error("error", str(e))
-        return ExitCode.USAGE
-    except runstate.AlreadyRunning as e:
-        error("refused", str(e))
-        return ExitCode.RUNNING
-    except Refused as e:
-        error("refused", e.args[0])
-        return e.args[1]
+        with control.translated():   # the commands' own errors: a person's mistake or a refusal, in one line
+            return args.func(args)
+    except Error as e:
+        error(e.label, str(e))
+        return e.exit_code
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
     except BrokenPipeError:   # `trainctl logs RUN | head`: the reader has all it wanted
         silence(sys.stdout)
         return ExitCode.OK
-    except Exception as e:   # noqa: BLE001 — a bug of ours: not "the run failed" (1), which services never restart
-        if isinstance(e, OSError) and e.errno in NO_SPACE:   # a full disk, whoever filled it: one line
-            error("error", f"cannot write {e.filename or 'a file'}: {e.strerror}. Fix: free some disk space "
-                           f"(df -h), then run the command again; the run's checkpoints are untouched.")
-            return ExitCode.REFUSED
+    except Exception:   # noqa: BLE001 — a bug of ours: not "the run failed" (1), which services never restart
         error("internal error", f"a bug in trainctl, not in your run; please report it with this traceback:\n"
                                 f"{traceback.format_exc().rstrip()}")
         return ExitCode.INTERNAL_ERROR
@@ -82,7 +59,8 @@ EXIT_CODES = {
     ExitCode.BAD_CONFIG: "bad config or data",
     ExitCode.NOT_FOUND: "run not found",
     ExitCode.RUNNING: "refused: the run is already running (another supervisor holds it)",
-    ExitCode.REFUSED: "refused: the run's state does not allow it (or the service manager refused)",
+    ExitCode.REFUSED: "refused: the run's state does not allow it (or the service manager refused, or an optional "
+                      "extra the command needs is not installed)",
     ExitCode.TIMEOUT: "timed out waiting",
     ExitCode.INTERNAL_ERROR: "internal error: a bug in trainctl, not in your run",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
@@ -158,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", type=Path, default=Path("trainctl-demo"), help="where the data and the run go")
     s.add_argument("--fast", action="store_true", help="a shorter demo (what the tests run)")
     s.set_defaults(func=cmd_demo)
+    s = command("plot", "draw the run as a PNG: loss, accuracy, lr, images/s, crashes, re-done steps, time",
+                "Draw one figure of a run (running or ended) from its folder: training loss and validation accuracy "
+                "over the optimizer steps, the learning rate, images/s and the supervised wall-clock time, with "
+                "every crash marked by its kind, the steps re-done after each crash shaded, and rung changes. "
+                "Needs matplotlib: pip install \"trainctl[plot]\".")
+    s.add_argument("run", nargs="?", help=f"{RUN_HELP} (default: the most recent run)")
+    s.add_argument("-o", "--output", type=Path, help="the PNG to write (default: RUN.png in the current folder)")
+    s.set_defaults(func=cmd_plot)
     add_service_parser(sub)
     return p
 
@@ -165,78 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- start / resume --------------------------------------------------------------------------------
 def cmd_start(args) -> int:
     """Check all that can be checked, then create the run folder and start: a refused start writes nothing."""
-    cfg = load(args.config)
-    check_new_run(cfg)
-    check_data(cfg)
-    run_dir = cfg.run_dir
-    check_can_start(run_dir)
-    preflight(args.config)
-    with starting(run_dir) as start_lock:   # a racing start of the same run: only the winner freezes its config
-        check_can_start(run_dir)
-        clear_history(run_dir)
-        freeze(run_dir, cfg)
-        return launch(run_dir, None, args.foreground, start_lock=start_lock)
+    return control.start(args.config, args.foreground)[1]
 
 
 def cmd_resume(args) -> int:
-    """Continue a run by hand: from its newest checkpoint, with a fresh restart budget (said and journaled).
-
-    An edited config is checked against the run's checkpoints before anything is written: a refused resume
-    leaves the run as it was.
-    """
-    run_dir = resolve(args.run)
-    if runstate.supervisor_alive(run_dir):
-        raise Refused(f"{running(run_dir)}; nothing to resume. See: trainctl status {shell_run(run_dir)}", ExitCode.RUNNING)
-    saved = runstate.read_state(run_dir)
-    if saved and saved.state is State.SUCCEEDED:
-        raise Refused(f"run {run_dir.name} already succeeded: {run_dir / MODEL_FILE}", ExitCode.REFUSED)
-    cfg = load(run_dir / CONFIG_FILE)
-    newest = newest_checkpoint(run_dir)
-    if args.config:
-        cfg = check_edited(args.config, cfg, run_dir, newest)
-    if args.rung is not None and not 1 <= args.rung <= len(cfg.profiles):
-        raise Refused(f"--rung {args.rung}: the ladder has rungs 1..{len(cfg.profiles)}", ExitCode.USAGE)
-    if args.config:
-        preflight(args.config)
-        freeze(run_dir, cfg)
-    remember(run_dir)
-    if (said := journal.check(run_dir)) is not None:   # a damaged journal: set aside, a fresh one, said once
-        error("warning", said)
-    where = (f"from step {newest.step} (checkpoint {newest.path})" if newest
-             else "from the start (no checkpoint yet)")
-    if args.from_scratch:   # a person's decision, e.g. after "no checkpoint verifies": nothing is deleted
-        where = start_over(run_dir)
-    return launch(run_dir, None if args.rung is None else args.rung - 1, args.foreground, fresh_budget=True,
-                  headline=f"resumed {run_dir.name} {where}")
-
-
-def start_over(run_dir: Path) -> str:
-    """`resume --from-scratch`: set every checkpoint file aside, say so, and return where training starts."""
-    dest, moved = set_aside_all(run_dir)
-    data = sum(name.endswith(".pt") for name in moved)
-    said = (f"moved {data} checkpoint{'s' if data != 1 else ''} of {run_dir.name} ({len(moved)} files) into {dest} "
-            f"(nothing deleted); training starts over from step 0" if moved
-            else f"{run_dir.name} has no checkpoint files to set aside; training starts over from step 0")
-    console.print(escape(said), highlight=False, soft_wrap=True)
-    return f"from step 0 (--from-scratch; checkpoints set aside in {dest})" if moved else "from step 0 (--from-scratch)"
-
-
-def check_edited(path: Path, frozen, run_dir: Path, newest):
-    """The edited config of `resume --config`, if the run's checkpoints allow it (else ConfigError naming `path`)."""
-    cfg = load(path)
-    if cfg.run_dir.resolve() != run_dir.resolve():
-        raise ConfigError(f"{path} describes run {cfg.run_dir}, not {run_dir}. Fix: keep [run] name and "
-                          f"runs_dir as they were.")
-    changes = resume_changes(frozen, cfg) if newest else []
-    if changes:
-        raise ConfigError(
-            f"{path} changes settings the run's checkpoints (newest: step {newest.step}) were made with: "
-            f"{'; '.join(changes)}. An exact run's data order and learning-rate schedule depend on them. "
-            f"Fix: put them back in {path} (the ladder, [supervisor], [checkpoint], val_dir, logging and threads "
-            f"may change); to train longer or differently, start a new run (another [run] name) from this run's "
-            f"weights once it has finished: [model] weights = \"{run_dir / MODEL_FILE}\".")
-    check_data(cfg)
-    return cfg
+    """Continue a run by hand: from its newest checkpoint, with a fresh restart budget (said and journaled)."""
+    return control.resume(resolve(args.run), args.rung, args.config, args.foreground, args.from_scratch)
 
 
 # ---- status, stop, logs, list ----------------------------------------------------------------------
@@ -245,40 +165,17 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(gather(run_dir).to_json(), indent=1))
         return ExitCode.OK
-    from .view import render_status
-    if not args.watch:
-        console.print(render_status(gather(run_dir)))
+    if args.watch:
+        control.watch(run_dir)
         return ExitCode.OK
-    from rich.live import Live
-    with Live(render_status(gather(run_dir)), console=console, refresh_per_second=1) as live:
-        while True:
-            st = gather(run_dir)
-            live.update(render_status(st))
-            if not st.supervisor_alive:
-                return ExitCode.OK
-            time.sleep(2)
+    from .view import render_status
+    console.print(render_status(gather(run_dir)))
+    return ExitCode.OK
 
 
 def cmd_stop(args) -> int:
     run_dir = resolve(args.run)
-    saved = runstate.read_state(run_dir)
-    if not runstate.supervisor_alive(run_dir) or saved is None or saved.supervisor_pid is None:
-        raise Refused(f"run {run_dir.name} is not running (state: {gather(run_dir).state}); nothing to stop.",
-                      ExitCode.REFUSED)
-    try:
-        stop_timeout = load(run_dir / CONFIG_FILE).supervisor.stop_timeout_seconds
-    except ConfigError:   # a frozen value an older version allowed and this one refuses: a stop must still work
-        stop_timeout = SupervisorSection().stop_timeout_seconds
-    timeout = args.timeout if args.timeout is not None else stop_timeout + 30
-    os.kill(saved.supervisor_pid, signal.SIGTERM)
-    with console.status(f"stopping {run_dir.name}: the worker finishes its step and checkpoints..."):
-        try:
-            wait_for(lambda: not runstate.supervisor_alive(run_dir), timeout, 0.2)
-        except TimeoutError:
-            error("timeout", f"{run_dir.name} has not stopped after {timeout:.0f} s; it is still stopping "
-                             f"(see: trainctl logs {shell_run(run_dir)}). Run stop again to keep waiting.")
-            return ExitCode.TIMEOUT
-    st = gather(run_dir)
+    st = control.stop(run_dir, args.timeout)
     ck = st.last_checkpoint
     console.print(f"[magenta]stopped[/] {escape(run_dir.name)} at step {st.step}"
                   + (f" (checkpoint at step {ck.step})" if ck else "")
@@ -288,10 +185,7 @@ def cmd_stop(args) -> int:
 
 def cmd_logs(args) -> int:
     run_dir = resolve(args.run)
-    path = run_dir / LOG_DIR / (SUPERVISOR_LOG if args.supervisor else WORKER_LOG)
-    if not path.exists():
-        raise Refused(f"{path} does not exist yet", ExitCode.REFUSED)
-    with open(path, "rb") as f:
+    with open(control.log_file(run_dir, args.supervisor), "rb") as f:
         sys.stdout.write(f.read().decode("utf-8", "replace"))
         sys.stdout.flush()
         while args.follow:
@@ -307,15 +201,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_list(args) -> int:
-    seen, rows, hidden = set(), [], 0
-    for run_dir in known_runs() + local_runs():
-        if run_dir in seen:
-            continue
-        seen.add(run_dir)
-        if not args.all and never_trained(run_dir):
-            hidden += 1
-            continue
-        rows.append(gather(run_dir))
+    rows, hidden = control.runs(args.all)
     if args.json:
         print(json.dumps([st.to_json() for st in rows], indent=1))
         return ExitCode.OK
@@ -334,3 +220,31 @@ def cmd_list(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(args.dir, args.fast, console)
+
+
+def cmd_plot(args) -> int:
+    """The run's figure as a PNG (plot.py; matplotlib is the optional extra `trainctl[plot]`)."""
+    from .plot import INSTALL, PlotUnavailable, plot_data, save_figure
+    run_dir = resolve(args.run)
+    out = args.output or Path(f"{run_dir.name}.png")
+    data = plot_data(run_dir)
+    if not data.train:
+        raise Refused(f"run {run_dir.name} has logged no training step yet: nothing to draw. Fix: wait for its first "
+                      f"logged step ([train] log_every_steps), then run: trainctl plot {shell_run(run_dir)}",
+                      ExitCode.REFUSED)
+    try:
+        save_figure(data, out)
+    except PlotUnavailable:
+        error("error", f"trainctl plot needs matplotlib, which is not installed. Fix: {INSTALL}")
+        return ExitCode.REFUSED
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise
+        error("error", f"cannot write {out}: {e.strerror or e}. Fix: give -o a file in a folder you can write to.")
+        return ExitCode.REFUSED
+    kinds = ", ".join(c.kind for c in data.crashes)
+    console.print(f"wrote {escape(str(out))}: {escape(data.run_name)} {data.state}, step {data.train[-1]['step']}"
+                  f"/{data.total_steps or '?'}, {len(data.crashes)} crash{'' if len(data.crashes) == 1 else 'es'}"
+                  + (f" ({escape(kinds)})" if kinds else "") + f", {len(data.rung_changes)} rung change(s)",
+                  highlight=False, soft_wrap=True)
+    return ExitCode.OK

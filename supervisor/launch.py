@@ -27,9 +27,10 @@ from trainctl.contract.protocol import ExitCode, read_heartbeat
 from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CHECKPOINT_DIR, CONFIG_FILE, DATA_MANIFEST_FILE, EVIDENCE_DIR,
                                          FAULTS_FIRED_DIR, HEARTBEAT_FILE, JOURNAL_FILE, LABELS_FILE, LOG_DIR, LOGS,
                                          METRICS_FILE, MODEL_FILE, REPORT_FILE, REPORT_JSON, STATE_FILE, SUPERVISOR_LOG,
-                                         committed_before, newest_checkpoint)
+                                         TENSORBOARD_DIR, committed_before, newest_checkpoint)
 
 from . import runstate
+from .errors import AlreadyRunning, Refused, RunFailed
 from .runs import remember
 from .status import is_run_dir
 from .terminal import console, error
@@ -41,11 +42,7 @@ START_LOCK_WAIT_SECONDS = 30.0   # a racing start holds it until its supervisor 
 # What a run that never trained leaves behind: cleared before a new start takes its folder.
 HISTORY_FILES = (STATE_FILE, JOURNAL_FILE, JOURNAL_FILE + "-wal", JOURNAL_FILE + "-shm", HEARTBEAT_FILE, METRICS_FILE,
                  BAD_IMAGES_FILE, LABELS_FILE, REPORT_FILE, REPORT_JSON, DATA_MANIFEST_FILE)
-HISTORY_DIRS = (EVIDENCE_DIR, FAULTS_FIRED_DIR)
-
-
-class Refused(Exception):
-    """A command that cannot be carried out; args = (message, exit code)."""
+HISTORY_DIRS = (EVIDENCE_DIR, FAULTS_FIRED_DIR, TENSORBOARD_DIR)
 
 
 def check_data(cfg: Config) -> None:
@@ -75,7 +72,7 @@ def check_can_start(run_dir: Path) -> None:
                           ExitCode.REFUSED)
         return
     if runstate.supervisor_alive(run_dir):
-        raise Refused(running(run_dir), ExitCode.RUNNING)
+        raise AlreadyRunning(running(run_dir))
     saved = runstate.read_state(run_dir)
     if saved and saved.state is State.SUCCEEDED:
         raise Refused(f"run {run_dir.name} already succeeded ({run_dir / MODEL_FILE}). Fix: give the new run "
@@ -144,7 +141,7 @@ def starting(run_dir: Path):
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=START_LOCK_WAIT_SECONDS)
     except filelock.Timeout:
-        raise Refused(f"another trainctl start of {run_dir.name} is under way", ExitCode.RUNNING) from None
+        raise AlreadyRunning(f"another trainctl start of {run_dir.name} is under way") from None
     except OSError:   # runs_dir unwritable (a file, read-only): `freeze` says so in one line, with its fix
         yield None
         return
@@ -209,7 +206,8 @@ def launch(run_dir: Path, rung_index: int | None, foreground: bool, fresh_budget
 
 def start_detached(run_dir: Path, rung_index: int | None, fresh_budget: bool = False,
                    headline: str | None = None, start_lock: filelock.FileLock | None = None) -> int:
-    """Start the supervisor in its own session; return once it is up and its worker passed its sanity check."""
+    """Start the supervisor in its own session; return once it is up and its worker passed its sanity check
+    (ConfigError or RunFailed, with the supervisor's reason, when the run failed instead)."""
     cmd = [sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)]
     if rung_index is not None:
         cmd += ["--rung", str(rung_index + 1)]
@@ -231,13 +229,14 @@ def start_detached(run_dir: Path, rung_index: int | None, fresh_budget: bool = F
                 start_lock.release()   # our supervisor holds the run (or is gone): a racing start may look now
             if rc is not None and not (mine and is_final(saved.state)):
                 if rc == ExitCode.RUNNING:   # another start won the race: its lines are not ours to show
-                    raise Refused(_winner(run_dir, proc.pid), ExitCode.RUNNING)
+                    raise AlreadyRunning(_winner(run_dir, proc.pid))
                 raise Refused("the supervisor did not start: " + _own_lines(log_path, offset),
                               rc if rc == ExitCode.BAD_CONFIG else ExitCode.FAILED)
             if mine and saved.state is State.FAILED:
                 reason = saved.reason or "unknown"
-                error("error", reason.removeprefix("config_error: "))
-                return ExitCode.BAD_CONFIG if reason.startswith("config_error") else ExitCode.FAILED
+                if reason.startswith("config_error"):
+                    raise ConfigError(reason.removeprefix("config_error: "))
+                raise RunFailed(reason)
             hb = read_heartbeat(run_dir)
             booted = hb is not None and mine and hb.attempt == saved.attempt and hb.phase.booted
             # Not BACKOFF: a worker that cannot even start (a broken torch) backs off once before the run fails,

@@ -10,6 +10,9 @@ supervision that was not lost to faults or checkpoints. Time no supervisor ran (
 for a person to resume it, a dead supervisor waiting for its service manager) is not supervised time,
 and so is not counted as restart time either: only the part of a gap between two attempts that a
 supervisor spent (its backoff, its start) is.
+
+report.md embeds the run's figure (plot.py, report.png beside it) when matplotlib is installed; without it,
+or when drawing fails, the report says so in one line and how to get the picture.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from pathlib import Path
 
 from trainctl.contract import fsio
 from trainctl.contract.lifecycle import Event, State, is_final
+from trainctl.contract.names import shell_run
 from trainctl.contract.runfolder import BAD_IMAGES_FILE, MODEL_FILE, REPORT_FILE, REPORT_JSON, read_json
 
+from . import plot
 from .journal import read_events
 from .policy import CLEAN
 from .text import duration, percent
@@ -39,7 +44,8 @@ def summarize(events: list[dict]) -> dict:
             if e["kind"] == Event.STATE and is_final(e["data"]["to"]):
                 lifetimes[-1][2] = True   # this supervisor reached a final state (it did not die)
         if e["kind"] == Event.SPAWN:
-            attempts[e["attempt"]] = {"spawn": e["time"], "ready": None, "end": None, "kind": None, "checkpoints": []}
+            attempts[e["attempt"]] = {"spawn": e["time"], "ready": None, "end": None, "kind": None, "checkpoints": [],
+                                      "from": e["step"], "reached": None}
         a = attempts.get(e["attempt"])
         if a is None:
             continue
@@ -50,10 +56,11 @@ def summarize(events: list[dict]) -> dict:
             # only after the crash, and the work between the two is re-done).
             a["checkpoints"].append(e["data"].get("taken") or e["time"])
         elif e["kind"] == Event.EXIT:
-            a["end"], a["kind"] = e["time"], e["data"]["failure"]
+            a["end"], a["kind"], a["reached"] = e["time"], e["data"]["failure"], e["step"]
     training = redone = restarts = startup = 0.0
     previous_end, previous_crashed = None, False
-    for number in sorted(attempts):
+    ordered = sorted(attempts)
+    for i, number in enumerate(ordered):
         a = attempts[number]
         end = a["end"] or (a["checkpoints"][-1] if a["checkpoints"] else a["ready"] or a["spawn"])
         ready = a["ready"] or end
@@ -64,7 +71,8 @@ def summarize(events: list[dict]) -> dict:
             startup += boot
         crashed = a["kind"] not in CLEAN
         if crashed:
-            saved = max([t for t in a["checkpoints"] if t >= ready] or [ready])
+            following = attempts[ordered[i + 1]] if i + 1 < len(ordered) else None
+            saved = end if lost_nothing(a, following) else max([t for t in a["checkpoints"] if t >= ready] or [ready])
             training += saved - ready
             redone += end - saved
         else:
@@ -93,6 +101,13 @@ def summarize(events: list[dict]) -> dict:
                         "at": e["time"]} for e in events if e["kind"] == Event.STEP_DOWN],
         "checkpoints_written": sum(e["data"].get("checkpoints_written") or 0 for e in exits),
     }
+
+
+def lost_nothing(a: dict, following: dict | None) -> bool:
+    """The next attempt resumed from the very step this one reached (it checkpointed on its way out, as a caught
+    out-of-memory error does): none of its training is done again."""
+    return (following is not None and a["reached"] is not None and following["from"] is not None
+            and following["from"] >= a["reached"])
 
 
 def supervised_between(lifetimes: list, start: float, end: float) -> float:
@@ -128,9 +143,34 @@ def write(run_dir: Path, state: str, reason: str | None, val_acc: float | None) 
               f"- final validation accuracy: {percent(val_acc)}"]
     if state == State.SUCCEEDED:
         lines.append(f"- model: {run_dir / MODEL_FILE}")
-    fsio.atomic_write(run_dir / REPORT_FILE, "\n".join(lines) + "\n")
-    fsio.atomic_write_json(run_dir / REPORT_JSON, s)
+    # Written before the figure is drawn, and again after: whatever drawing does, the report is there.
+    s["figure"] = None
+    save(run_dir, lines + [f"- figure: not drawn yet; draw it with: trainctl plot {shell_run(run_dir)}"], s)
+    s["figure"], said = draw_figure(run_dir, state)
+    save(run_dir, lines + [said], s)
     return s
+
+
+def save(run_dir: Path, lines: list[str], summary: dict) -> None:
+    fsio.atomic_write(run_dir / REPORT_FILE, "\n".join(lines) + "\n")
+    fsio.atomic_write_json(run_dir / REPORT_JSON, summary)
+
+
+def draw_figure(run_dir: Path, state: str) -> tuple[str | None, str]:
+    """Draw the run's figure beside the report: (its file name, report.md's line embedding it), or (None, a line
+    saying why there is none and how to get it)."""
+    again = f"trainctl plot {shell_run(run_dir)}"
+    try:
+        data = plot.plot_data(run_dir, state)
+        if not data.train:
+            return None, "- figure: none, no training step was logged"
+        plot.save_figure(data, run_dir / plot.FIGURE_FILE)
+    except plot.PlotUnavailable:
+        return None, f"- figure: not drawn, matplotlib is not installed. To get it: {plot.INSTALL}, then: {again}"
+    except Exception as e:   # noqa: BLE001 — a picture must never cost the run its report
+        return None, f"- figure: could not be drawn ({type(e).__name__}: {e}); try again with: {again}"
+    return plot.FIGURE_FILE, (f"\n![{run_dir.name}: loss, accuracy, learning rate and images/s over the steps, "
+                              f"crashes, re-done spans, rung changes and the supervised time]({plot.FIGURE_FILE})")
 
 
 def run_hook(command: str, run_dir: Path, state: str, reason: str | None, timeout: float = 120) -> int | None:

@@ -14,15 +14,8 @@ from trainctl.contract.lifecycle import State
 from trainctl.contract.runfolder import newest_checkpoint
 
 from . import runstate
+from .errors import AmbiguousRun, RunNotFound
 from .status import is_run_dir
-
-
-class RunNotFound(LookupError):
-    pass
-
-
-class AmbiguousRun(LookupError):
-    """A name shared by runs in different folders: the person must give the folder."""
 
 
 def registry_path() -> Path:

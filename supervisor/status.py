@@ -1,7 +1,6 @@
 """Everything `trainctl status` says, gathered from the run directory alone (supervisor alive or not)."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -13,9 +12,9 @@ from trainctl.contract.lifecycle import Event, State, is_final
 from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import ORPHAN_GRACE_SECONDS, read_heartbeat
 from trainctl.contract.records import CheckpointStatus, Crash, RungStatus, Status, finite_only
-from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CONFIG_FILE, EVIDENCE_DIR, METRICS_FILE, MODEL_FILE,
-                                         REPORT_FILE, WORKER_LOCK, newest_checkpoint, read_json,
-                                         set_aside_checkpoints, CHECKPOINT_DIR)
+from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CHECKPOINT_DIR, CONFIG_FILE, EVIDENCE_DIR, MODEL_FILE,
+                                         REPORT_FILE, WORKER_LOCK, newest_checkpoint, read_json, read_metrics,
+                                         set_aside_checkpoints)
 
 from . import runstate
 from .journal import read_events
@@ -126,19 +125,11 @@ def recent_metrics(run_dir: Path, keep: int = 40) -> dict:
     """The latest train losses/accuracies (one per step: a re-done step replaces the older line) and val accuracies."""
     train: dict[int, dict] = {}
     val: dict[int, float] = {}
-    try:
-        with open(Path(run_dir) / METRICS_FILE, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue   # a line cut by a crash
-                if rec.get("kind") == "train":
-                    train[rec["step"]] = rec
-                elif rec.get("kind") == "val":
-                    val[rec["epoch"]] = rec["val_acc"]
-    except OSError:
-        pass
+    for rec in read_metrics(run_dir):
+        if rec.get("kind") == "train":
+            train[rec["step"]] = rec
+        elif rec.get("kind") == "val":
+            val[rec["epoch"]] = rec["val_acc"]
     steps = sorted(train)[-keep:]
     return {"loss": [finite(train[s].get("loss")) for s in steps], "acc": [finite(train[s].get("acc")) for s in steps],
             "val_acc": [finite(val[e]) for e in sorted(val)]}

@@ -98,6 +98,8 @@ def render_status(st: Status):
                      f"{plural(summary['checkpoints_written'], 'checkpoint')}")
     if st.report:
         row("report", st.report)
+    if summary and summary.get("figure"):   # report.png, named relative to the run folder in report.json
+        row("figure", f"{st.run_dir}/{summary['figure']}")
     if st.supervisor_alive:
         row("pids", f"supervisor {st.supervisor_pid}, worker {st.worker_pid or '—'}")
     parts = [grid]

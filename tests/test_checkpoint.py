@@ -218,6 +218,7 @@ def test_export_copies_only_tensors_that_share_storage(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from trainctl.worker import export
+    from trainctl.worker.images import Recipe
     from trainctl.worker.report import Reporter
     w = torch.randn(4, 4)
     state = {"embed": w, "head": w, "row": w[1], "own": torch.ones(3)}   # tied weights, a view
@@ -229,11 +230,13 @@ def test_export_copies_only_tensors_that_share_storage(tmp_path, monkeypatch):
         return real_save_file(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(export, "save_file", spy)
+    # No timm model here, so no timm config.json (tests/test_export.py tests that part).
+    monkeypatch.setattr(export, "save_config_for_hf", lambda model, path, **kwargs: open(path, "w").close())
     trainer = SimpleNamespace(   # what export.write reads of the trainer at the end of training
         run_dir=tmp_path, reporter=Reporter(tmp_path, 1, 0), optimizer=SimpleNamespace(state={"moments": 1}),
         cfg=SimpleNamespace(model=SimpleNamespace(name="tied")), train_set=SimpleNamespace(classes=("a", "b")),
-        recipe=SimpleNamespace(size=32), progress=SimpleNamespace(step=7), model=SimpleNamespace(state_dict=lambda: state),
-        history=[])
+        recipe=Recipe(size=32), progress=SimpleNamespace(step=7), model=SimpleNamespace(state_dict=lambda: state),
+        history=[], faults=SimpleNamespace(hit=lambda point, step=None: None))
     export.write(trainer)
     (out,) = handed
     assert out["embed"].data_ptr() == w.data_ptr()                 # no copy of what stands alone
@@ -241,3 +244,29 @@ def test_export_copies_only_tensors_that_share_storage(tmp_path, monkeypatch):
     assert out["head"].data_ptr() != w.data_ptr()                  # the tied copy is its own
     loaded = load_file(str(tmp_path / "model.safetensors"))        # safetensors refuses shared storage
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_a_timm_folder_that_cannot_be_written_costs_the_run_nothing(tmp_path, monkeypatch):
+    """model/ in timm's format is a convenience: a timm whose save_config_for_hf lacks `data_config` (older
+    versions) or a model argument timm cannot serialise must not fail a night's run at its very end."""
+    from safetensors.torch import load_file
+
+    from trainctl.worker import export
+    from trainctl.worker.images import Recipe
+    from trainctl.worker.report import Reporter
+    state = {"w": torch.randn(3, 3), "b": torch.zeros(3)}
+
+    def old_timm(model, config_path, model_config=None, model_args=None):   # no data_config
+        raise AssertionError("not reached: the call itself is a TypeError")
+
+    monkeypatch.setattr(export, "save_config_for_hf", old_timm)
+    trainer = SimpleNamespace(
+        run_dir=tmp_path, reporter=Reporter(tmp_path, 1, 0), optimizer=SimpleNamespace(state={}),
+        cfg=SimpleNamespace(model=SimpleNamespace(name="m")), train_set=SimpleNamespace(classes=("a", "b")),
+        recipe=Recipe(size=32), progress=SimpleNamespace(step=3), model=SimpleNamespace(state_dict=lambda: state),
+        history=[], faults=SimpleNamespace(hit=lambda point, step=None: None))
+    export.write(trainer)
+    loaded = load_file(str(tmp_path / "model.safetensors"))
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".model*"))   # no half folder
+    assert (tmp_path / "labels.json").exists()

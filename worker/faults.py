@@ -3,7 +3,8 @@
 Points: ``train_step`` (before an optimizer step; step = completed steps), ``boot``, and the
 checkpoint-write phases ``ckpt_begin``, ``ckpt_bytes`` (mid-write), ``ckpt_written``,
 ``ckpt_synced`` (fsynced, not renamed), ``ckpt_renamed`` (renamed, directory not fsynced),
-``ckpt_committed`` (durable, no marker yet), ``ckpt_marked``.
+``ckpt_committed`` (durable, no marker yet), ``ckpt_marked``, and ``export_written`` (the model folder
+complete under its temporary name, not yet renamed).
 Actions: sigkill, sigsegv, sigbus, sigabrt, sigusr1 (a checkpoint request), exception, mps_oom, cuda_oom, cpu_oom, hang, spin,
 grow_memory (fast, until killed), leak (keeps 40 MB more at every hit), enospc,
 nan_loss (at ``train_step``: that step's loss comes out NaN, as a diverging run's does).

@@ -1,6 +1,6 @@
 """The pre-flight, ``python -m trainctl.worker --check-config FILE``: what only torch and timm can tell about a
-config (model name, devices, weights file, optimizer, scheduler), checked before `trainctl start` makes a run
-folder. One line and `ExitCode.CONFIG_ERROR` for the first problem found, else 0; it writes nothing.
+config (model name, devices, weights file, optimizer, scheduler, the TensorBoard package), checked before
+`trainctl start` makes a run folder. One line and `ExitCode.CONFIG_ERROR` for the first problem found, else 0; it writes nothing.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def check_config(path: Path) -> int:
         os.environ.setdefault(key, value)
     try:
         cfg = load(path)
+        if cfg.logging.tensorboard:
+            check_tensorboard()
         check_model_name(cfg.model.name)
         check_devices(cfg)
         if cfg.model.weights:
@@ -28,6 +30,15 @@ def check_config(path: Path) -> int:
         return ExitCode.CONFIG_ERROR
     print(f"[trainctl] config ok: {cfg.model.name} on {', '.join(p.device for p in cfg.profiles)}", flush=True)
     return ExitCode.OK
+
+
+def check_tensorboard() -> None:
+    """[logging] tensorboard = true: the package imports (refused at `start`, not found out in a running worker)."""
+    from .tensorboard_log import missing_message, summary_writer_class
+    try:
+        summary_writer_class()
+    except ImportError as e:
+        raise ConfigError(missing_message(e)) from None
 
 
 def check_model_name(name: str) -> None:

@@ -28,6 +28,7 @@ from .checkpointing import Checkpointing
 from .model import build_model, build_optimizer, build_scheduler, recipe_for
 from .report import Reporter, StepRate, say
 from .snapshot import Progress, check_identity, restore
+from .tensorboard_log import open_board
 
 
 class SanityCheckFailed(RuntimeError):
@@ -142,6 +143,7 @@ class Trainer:
             say(f"resumed from {found.path.name}: epoch {self.progress.epoch + 1}, step {self.progress.step}, "
                 f"sample {self.progress.cursor} of the epoch")
         self.ckpt = Checkpointing(self, background=cfg.checkpoint.async_write)
+        self.board = open_board(self, resumed=state is not None)   # [logging] tensorboard; a no-op when off
         self.mean, self.std = pixel_stats(self.recipe, self.device)
         self.train_data = data.MicroBatches(self.train_set, self.recipe, cfg.run.seed, profile.batch_size, True)
         self.bad_share = data.BadShare(cfg.data.max_bad_share_step, cfg.data.max_bad_share_epoch,
@@ -358,6 +360,7 @@ class Trainer:
                   "lr": self._lr(), "images_per_sec": self._images_per_sec(),
                   "rung": self.rung_index + 1, "nonfinite_steps": p.nonfinite_steps}
         self.reporter.metric(record)
+        self.board.train(record, devicelib.memory_stats(self.device))
         shown = f"loss {record['loss']:.4f} acc {record['acc']:.3f}" if trained else "loss not finite (steps skipped)"
         say(f"step {p.step}/{self.total_steps} epoch {record['epoch']:.2f} {shown} "
             f"lr {record['lr']:.2e} {record['images_per_sec'] or 0:.1f} img/s")
@@ -368,8 +371,10 @@ class Trainer:
         if self.val_set is not None:
             acc, loss = self.validate()
             self.history.append({"epoch": finished, "step": p.step, "val_acc": acc, "val_loss": loss})
-            self.reporter.metric({"kind": "val", "epoch": finished, "step": p.step, "val_acc": acc,
-                                  "val_loss": loss if math.isfinite(loss) else None})   # JSON has no NaN
+            record = {"kind": "val", "epoch": finished, "step": p.step, "val_acc": acc,
+                      "val_loss": loss if math.isfinite(loss) else None}   # JSON has no NaN
+            self.reporter.metric(record)
+            self.board.val(record)
             self.reporter.beat(val_acc=acc)
             say(f"epoch {finished}/{self.cfg.train.epochs} validation: top-1 {acc:.3f}, loss {loss:.4f}")
         p.epoch, p.cursor = finished, 0
