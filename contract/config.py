@@ -92,8 +92,8 @@ class Profile:
 class SupervisorSection:
     max_restarts_per_profile: int = 3
     backoff_seconds: tuple[float, ...] = (1.0, 10.0, 60.0)
-    hang_timeout_seconds: float = 300.0
-    startup_timeout_seconds: float = 900.0
+    hang_timeout_seconds: float | str = "auto"      # "auto": learned from the run's own steps (supervisor/watch.py)
+    startup_timeout_seconds: float | str = "auto"   # "auto": learned from the run's earlier boots
     stop_timeout_seconds: float = 120.0
     memory_soft_limit: str = "85%"    # of total RAM, or a size like "12GB"; "" = off
     memory_hard_limit: str = "95%"
@@ -220,8 +220,10 @@ def _coerce(value, hint, key: str, where: str):
     """Check `value` against type `hint`; return it in the dataclass's type."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, key, where)
+        inner = [a for a in args if a is not type(None)]
+        if str in inner and isinstance(value, str):   # "auto" or a number: the rules say which strings
+            return _coerce(value, str, key, where)
+        return _coerce(value, inner[0], key, where)
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {key} must be a list, got {value!r}.")

@@ -176,6 +176,11 @@ def validate(c, where: str = "config") -> None:
     s = c.supervisor
     if not s.backoff_seconds:
         _fail(where, "[supervisor] backoff_seconds", [], "must be a non-empty list of seconds", "use e.g. [2, 10, 60]")
+    for key in ("hang_timeout_seconds", "startup_timeout_seconds"):   # a number was range-checked above
+        if isinstance(getattr(s, key), str) and getattr(s, key) != "auto":
+            _fail(where, f"[supervisor] {key}", getattr(s, key), 'is neither "auto" nor a number of seconds',
+                  'write "auto" (learned from the run\'s own steps and boots) or a number of seconds like 300, '
+                  'without quotes')
     total = machine_memory()
     for key in ("memory_soft_limit", "memory_hard_limit"):
         _check_memory_limit(where, f"[supervisor] {key}", getattr(s, key), total)

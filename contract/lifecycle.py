@@ -78,7 +78,7 @@ class Event(str, Enum):
     STATE = "state"                           # a lifecycle transition: from, to, reason
     SPAWN = "spawn"                           # an attempt began: pid, rung; step = its checkpoint's
     WORKER_READY = "worker_ready"             # it passed the sanity check: device, skipped_checkpoints
-    CHECKPOINT = "checkpoint"                 # a commit seen in the heartbeat: path, taken
+    CHECKPOINT = "checkpoint"                 # a commit seen in the heartbeat: path, taken (at failure: reason, failure)
     CHECKPOINT_REQUESTED = "checkpoint_requested"
     HANG_DETECTED = "hang_detected"           # phase, silent_seconds
     MEMORY_SOFT_LIMIT = "memory_soft_limit"   # worker, limit (bytes)

@@ -107,6 +107,7 @@ class Heartbeat:
     skipped_checkpoints: list = field(default_factory=list)
     checkpoints_written: int = 0
     checkpoint_blocked_seconds: float = 0.0
+    checkpoint_write_seconds: float = 0.0   # the latest checkpoint write's duration (the hang allowance of writes)
     last_checkpoint: dict | None = None   # {"step", "path", "time", "taken"} of the newest commit
     bad_images: int = 0
     nonfinite_steps: int = 0              # optimizer steps skipped because their loss was not finite

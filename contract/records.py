@@ -28,6 +28,8 @@ class RunState:
     attempt: int = 0
     restarts: int = 0
     memory: dict | None = None                  # the latest memory sample (bytes): worker, available, total, ...
+    hang_timeout: dict | None = None            # in force: {"seconds": 30.0, "how": "auto: floor 30 s"}
+    startup_timeout: dict | None = None         # the start-up allowance in force, the same way
     updated_at: float | None = None             # wall clock: the supervisor's "last seen" for status
 
     def to_json(self) -> dict:
@@ -71,6 +73,7 @@ class CheckpointStatus:
     step: int
     path: str
     age_seconds: float
+    at_failure: str | None = None   # "exception at step 1234": written on the way out of a caught failure
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ class Status:
     metrics: dict = field(default_factory=dict)   # recent losses and accuracies, for the live view only
     # checkpoints that failed verification, moved into checkpoints/corrupt/: {file, step, reason, time}
     set_aside_checkpoints: list = field(default_factory=list)
+    hang_timeout: dict | None = None      # the hang timeout in force (or last in force): {"seconds", "how"}
+    startup_timeout: dict | None = None   # the start-up allowance, the same way
 
     def to_json(self) -> dict:
         """The `trainctl status --json` object (without the recent metrics); strict JSON: NaN and inf are null."""

@@ -1,4 +1,9 @@
-"""What a worker exit means: a pure function from observations to exactly one failure kind."""
+"""What a worker exit means: a pure function from observations to exactly one failure kind.
+
+A SIGKILL nobody in trainctl sent is weighed on evidence first: the system's own record of an OOM kill
+(the kernel's oom_kill counters, a macOS jetsam report; `oomkill.py` reads them into `Exit.oom_evidence`).
+Memory near the limit in the last seconds makes it `oom` only as a guess, and the crash record says which.
+"""
 from __future__ import annotations
 
 import signal
@@ -48,6 +53,14 @@ class MemorySample:
 
 
 @dataclass(frozen=True)
+class OomEvidence:
+    """What the system's own records say about a SIGKILL: was the worker OOM-killed, and how that is known."""
+    oom_killed: bool
+    said: str                # "cgroup memory.events oom_kill +1 (...)", "no oom_kill increment (/proc/vmstat)",
+                             # "jetsam report JetsamEvent-2026-12-01-031522.ips (per-process-limit)"
+
+
+@dataclass(frozen=True)
 class Exit:
     """What the supervisor saw of one finished attempt."""
     returncode: int
@@ -56,6 +69,7 @@ class Exit:
     error: dict | None = None            # the worker's error JSON, if it wrote one
     fault_log: str = ""                  # faulthandler output (native crash / hang stacks)
     output_tail: str = ""                # the last lines of the worker's console
+    oom_evidence: OomEvidence | None = None   # after a SIGKILL we did not send; None: no record could tell
 
 
 @dataclass(frozen=True)
@@ -66,10 +80,13 @@ class Failure:
     exit_code: int | None = None
     evidence: str = ""                   # traceback or faulthandler text
     memory: dict = field(default_factory=dict)
+    decided_by: str = ""                 # how a SIGKILL's kind was decided: the kernel's counter, jetsam, or a guess
 
 
 def classify(ended: Exit, memory_history: list[MemorySample], soft_limit: int | None) -> Failure:
-    """Map one worker exit to one Failure; `memory_history` is the recent past, oldest first."""
+    """Map one worker exit to one Failure; `memory_history` is the recent past, oldest first.
+    A SIGKILL we did not send is `oom` when `ended.oom_evidence` says so (certain), `killed` when it says not and
+    memory was calm, and `oom` as a stated guess when memory was near the limit without such a record."""
     rc = ended.returncode
     sig = signal.Signals(-rc).name if rc < 0 and -rc in signal.valid_signals() else None
     code = rc if rc >= 0 else None
@@ -113,11 +130,7 @@ def classify(ended: Exit, memory_history: list[MemorySample], soft_limit: int | 
         return Failure(Kind.BOOT_FAILURE, f"the worker died before it came up (exit code {rc})"
                        + (f": {said}" if said else ""), evidence=ended.fault_log or ended.output_tail, **base)
     if sig == "SIGKILL":
-        if _near_limit(memory_history, soft_limit):
-            return Failure(Kind.OOM, f"SIGKILL while memory was near the limit (worker {gib(memory.get('worker'))}, "
-                                     f"system available {gib(memory.get('available'))}): the kernel's OOM "
-                                     f"killer or macOS jetsam", **base)
-        return Failure(Kind.KILLED, "SIGKILL with no sign of memory pressure", **base)
+        return _sigkill(ended.oom_evidence, _pressure(memory_history, soft_limit), base)
     if sig is not None and signal.Signals[sig] in NATIVE_SIGNALS:
         return Failure(Kind.NATIVE_CRASH, f"native crash ({sig})", evidence=ended.fault_log, **base)
     if sig is not None:
@@ -143,14 +156,32 @@ def _memory_at_end(history: list[MemorySample]) -> dict:
             "swap_used": last.swap_used, "worker_peak": max(s.worker for s in history)}
 
 
-def _near_limit(history: list[MemorySample], soft_limit: int | None) -> bool:
-    """Memory pressure in the last few seconds before the exit: ours near the limit, or the system's."""
+def _sigkill(oom: OomEvidence | None, pressure: str | None, base: dict) -> Failure:
+    """A SIGKILL trainctl did not send: the system's record decides; memory near the limit is only a guess."""
+    if oom is not None and oom.oom_killed:
+        return Failure(Kind.OOM, f"killed for memory: {oom.said}", decided_by=oom.said, **base)
+    if pressure is None:
+        said = oom.said if oom is not None else "no sign of memory pressure"
+        detail = "SIGKILL with no sign of memory pressure" + (f" and {said}" if oom is not None else "")
+        return Failure(Kind.KILLED, detail, decided_by=said, **base)
+    if oom is None:
+        said = f"{pressure} (a guess: no kernel evidence on this system)"
+    else:
+        # The kernel killed nothing, yet memory was high: a userspace OOM killer acting on pressure is likely,
+        # and stepping down is the answer that does not get killed again.
+        said = f"{pressure}, {oom.said} (a guess: a userspace OOM killer such as systemd-oomd or earlyoom?)"
+    return Failure(Kind.OOM, f"SIGKILL while memory was near the limit: {said}", decided_by=said, **base)
+
+
+def _pressure(history: list[MemorySample], soft_limit: int | None) -> str | None:
+    """Memory pressure in the last few seconds before the exit, in words: ours near the limit, or the system's."""
     if not history:
-        return False
+        return None
     recent = [s for s in history if s.at >= history[-1].at - MEMORY_LOOKBACK_SECONDS]
-    for s in recent:
-        if soft_limit and s.worker >= NEAR_LIMIT_SHARE * soft_limit:
-            return True
-        if s.total and s.available <= LOW_AVAILABLE_SHARE * s.total:
-            return True
-    return False
+    peak = max(s.worker for s in recent)
+    if soft_limit and peak >= NEAR_LIMIT_SHARE * soft_limit:
+        return f"memory at {peak / soft_limit:.0%} of the soft limit ({gib(peak)})"
+    low = min((s for s in recent if s.total), key=lambda s: s.available / s.total, default=None)
+    if low is not None and low.available <= LOW_AVAILABLE_SHARE * low.total:
+        return f"system memory down to {low.available / low.total:.0%} available ({gib(low.available)})"
+    return None

@@ -35,7 +35,7 @@ from .text import duration, percent
 
 def summarize(events: list[dict]) -> dict:
     """Figures for the report from journal events (oldest first)."""
-    lifetimes, attempts = [], {}
+    lifetimes, attempts, at_failure = [], {}, []
     for e in events:
         if e["kind"] == Event.SUPERVISOR_START:
             lifetimes.append([e["time"], e["time"], False])
@@ -45,7 +45,7 @@ def summarize(events: list[dict]) -> dict:
                 lifetimes[-1][2] = True   # this supervisor reached a final state (it did not die)
         if e["kind"] == Event.SPAWN:
             attempts[e["attempt"]] = {"spawn": e["time"], "ready": None, "end": None, "kind": None, "checkpoints": [],
-                                      "from": e["step"], "reached": None}
+                                      "from": e["step"], "reached": None, "last": e["step"] or 0}
         a = attempts.get(e["attempt"])
         if a is None:
             continue
@@ -55,6 +55,9 @@ def summarize(events: list[dict]) -> dict:
             # When training stood at that step, not when the supervisor noticed the commit (it may notice
             # only after the crash, and the work between the two is re-done).
             a["checkpoints"].append(e["data"].get("taken") or e["time"])
+            if e["data"].get("failure"):   # written on the way out of a caught failure: the steps it saved
+                at_failure.append(max(0, (e["step"] or 0) - a["last"]))
+            a["last"] = e["step"] if e["step"] is not None else a["last"]
         elif e["kind"] == Event.EXIT:
             a["end"], a["kind"], a["reached"] = e["time"], e["data"]["failure"], e["step"]
     training = redone = restarts = startup = 0.0
@@ -100,6 +103,7 @@ def summarize(events: list[dict]) -> dict:
         "step_downs": [{"from": e["data"]["from"] + 1, "to": e["data"]["to"] + 1, "reason": e["data"]["reason"],
                         "at": e["time"]} for e in events if e["kind"] == Event.STEP_DOWN],
         "checkpoints_written": sum(e["data"].get("checkpoints_written") or 0 for e in exits),
+        "checkpoints_at_failure": len(at_failure), "steps_saved_at_failure": sum(at_failure),
     }
 
 
@@ -138,7 +142,9 @@ def write(run_dir: Path, state: str, reason: str | None, val_acc: float | None) 
                          f"not in the run: traceback in the journal's supervisor_error event); the run went on")
     lines += [f"  - rung {d['from']} → {d['to']} at {time.strftime('%H:%M:%S', time.localtime(d['at']))}: {d['reason']}"
               for d in s["step_downs"]]
-    lines += [f"- checkpoints written: {s['checkpoints_written']}",
+    lines += [f"- checkpoints written: {s['checkpoints_written']}" + (
+                  f" ({s['checkpoints_at_failure']} at a failure, saving {s['steps_saved_at_failure']} steps from being "
+                  f"done again)" if s["checkpoints_at_failure"] else ""),
               f"- bad images: {s['bad_images']}" + (f" (listed in {BAD_IMAGES_FILE})" if s["bad_images"] else ""),
               f"- final validation accuracy: {percent(val_acc)}"]
     if state == State.SUCCEEDED:

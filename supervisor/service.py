@@ -22,6 +22,8 @@ from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import ExitCode
 from trainctl.contract.runfolder import CONFIG_FILE, LOG_DIR, SERVICE_LOG
 
+from .watch import service_seconds
+
 TEMPLATE = "trainctl@.service"
 FINAL_EXIT_CODES = (ExitCode.FAILED, ExitCode.BAD_CONFIG)   # never restarted: they would only happen again
 UNIT = """\
@@ -108,8 +110,8 @@ def systemd_files(run_dir: Path, cfg: Config) -> dict[Path, str]:
     return {
         unit_dir() / TEMPLATE: unit(sys.executable),
         unit_dir() / f"{instance(run_dir)}.d" / "trainctl.conf": DROPIN.format(
-            name=cfg.run.name, start=s.startup_timeout_seconds + 60, stop=s.stop_timeout_seconds + 30,
-            watchdog=s.hang_timeout_seconds + 60),
+            name=cfg.run.name, start=service_seconds(s.startup_timeout_seconds) + 60, stop=s.stop_timeout_seconds + 30,
+            watchdog=service_seconds(s.hang_timeout_seconds) + 60),
     }
 
 

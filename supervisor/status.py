@@ -80,14 +80,21 @@ def gather(run_dir: Path) -> Status:
         eta_seconds=_eta(state, live),
         memory={**((saved.memory if saved else None) or {}), **(hb.memory if hb else {})} if worker_alive else {},
         restarts=restarts, crashes=crashes,
-        last_checkpoint=CheckpointStatus(newest.step, str(newest.path),
-                                         round(now - newest.marker.get("created", now), 1)) if newest else None,
+        last_checkpoint=CheckpointStatus(newest.step, str(newest.path), round(now - newest.marker.get("created", now), 1),
+                                         at_failure(newest.marker)) if newest else None,
         final_model=str(model) if model.exists() and state == State.SUCCEEDED else None,
         bad_images=(read_json(run_dir / BAD_IMAGES_FILE) or {}).get("count", 0),
         report=str(report) if ended and report.exists() else None,
         summary=finite_only(read_summary(run_dir)) if ended and report.exists() else None,
         recorded_state=stale, metrics=recent_metrics(run_dir),
-        set_aside_checkpoints=set_aside_checkpoints(run_dir / CHECKPOINT_DIR))
+        set_aside_checkpoints=set_aside_checkpoints(run_dir / CHECKPOINT_DIR),
+        hang_timeout=saved.hang_timeout if saved else None, startup_timeout=saved.startup_timeout if saved else None)
+
+
+def at_failure(marker: dict) -> str | None:
+    """What a checkpoint written at a failure says about it ("exception at step 1234"), else None."""
+    failure = marker.get("failure")
+    return failure[:200] if marker.get("reason") == "at_failure" and isinstance(failure, str) else None
 
 
 def _history(run_dir: Path) -> tuple[list[Crash], int, int | None]:

@@ -39,7 +39,7 @@ from .host import Host
 from .journal import read_events
 from .policy import CLEAN, Action, Attempt, Do, Settings, decide, recall
 from .watch import (Enter, KillGroup, Limits, Ping, Ready, Record, Say, Seen, Send, StartStandby, Tell, Touch,
-                    Watch, assess, take_heartbeat)
+                    Watch, assess, in_force, recall_pace, take_heartbeat)
 
 ERROR_JSON_KINDS = (Kind.EXCEPTION, Kind.OOM, Kind.CONFIG_ERROR, Kind.DISK_FULL)
 MEMORY_HISTORY = 120
@@ -71,7 +71,9 @@ class Supervisor:
         self.limits = Limits.of(cfg, self.host.total_memory())
         s = cfg.supervisor
         self.settings = Settings(s.max_restarts_per_profile, s.backoff_seconds, s.same_step_limit)
-        past = recall(read_events(self.run_dir))
+        journaled = read_events(self.run_dir)
+        past = recall(journaled)
+        self.pace = recall_pace(journaled)   # what earlier attempts taught about this run's speed (hang timeouts)
         saved = runstate.read_state(self.run_dir)
         rung = start_rung if start_rung is not None else past.rung_index
         if rung is None:
@@ -84,6 +86,7 @@ class Supervisor:
         self.fresh_budget = fresh_budget
         self.memory: collections.deque[MemorySample] = collections.deque(maxlen=MEMORY_HISTORY)
         self.worker = None
+        self.oom_baseline = None           # the OOM counters as this attempt began: read at spawn and after a SIGKILL
         self.watch: Watch | None = None    # the attempt in flight, as last assessed
         self.standby = None
         self.awake = None
@@ -160,6 +163,7 @@ class Supervisor:
             if standby is not None:
                 standby.release()
             self.worker = self.host.spawn(self.run_dir, self.rung_index, self.attempt, text)
+        self.oom_baseline = self.host.oom_baseline(self.worker.pid)
         self.memory.clear()
         self._record(Event.SPAWN, start_step, pid=self.worker.pid,
                      rung=dataclasses.asdict(self.cfg.profiles[self.rung_index]))
@@ -168,7 +172,7 @@ class Supervisor:
         self.diary.write(durable=True)
         now = self.host.clock()
         return Watch(self.attempt, self.rung_index, text, self.restarts, start_step or 0, last_progress_at=now,
-                     touched_at=now, checkpoint_step=start_step)
+                     touched_at=now, checkpoint_step=start_step, started_at=now, pace=self.pace)
 
     def _follow(self, w: Watch) -> tuple[Watch, int]:
         """Look at the worker every poll until it exits, carrying out what `assess` says."""
@@ -188,6 +192,7 @@ class Supervisor:
         self.worker.kill_group()   # loader processes that outlived the worker
         w, commands = take_heartbeat(w, self._seen(self._heartbeat(w)), self.limits)   # its last word
         self._carry_out(w, commands)
+        self.pace = w.pace   # the next attempt starts from what this one taught
         return w, rc
 
     def _heartbeat(self, w: Watch):
@@ -226,7 +231,9 @@ class Supervisor:
                     self.standby = self.host.spawn_standby(self.run_dir)   # the next worker, already booted
 
     def _classify(self, w: Watch, rc: int) -> Failure:
-        ended = Exit(returncode=rc, heartbeat_seen=w.heartbeat is not None,
+        unexplained = rc == -signal.SIGKILL and w.kill is None and self.oom_baseline is not None
+        oom = self.host.oom_evidence(self.oom_baseline) if unexplained else None   # the kernel's word, or jetsam's
+        ended = Exit(oom_evidence=oom, returncode=rc, heartbeat_seen=w.heartbeat is not None,
                      we_killed=w.kill, error=read_error(self.run_dir, w.attempt),
                      fault_log=logfiles.tail(fault_log_path(self.run_dir, w.attempt), 8000),
                      output_tail=logfiles.tail(self.run_dir / LOG_DIR / WORKER_LOG, 3000))
@@ -253,8 +260,10 @@ class Supervisor:
         self.diary.record(Event.EXIT, w.attempt, w.rung_index, step, failure=failure.kind.value,
                           signal=failure.signal, exit_code=failure.exit_code, detail=failure.detail, epoch=epoch,
                           cursor=cursor, memory=failure.memory, evidence=None if clean else str(evidence),
+                          decided_by=failure.decided_by or None,
                           progressed=progressed, checkpoints_written=hb.checkpoints_written if hb else 0,
-                          checkpoint_blocked_seconds=hb.checkpoint_blocked_seconds if hb else 0.0)
+                          checkpoint_blocked_seconds=hb.checkpoint_blocked_seconds if hb else 0.0,
+                          pace=w.pace.to_json())
         if not clean:
             self.echo(f"attempt {w.attempt} ended: {failure.kind.value} — {failure.detail}")
 
@@ -356,7 +365,8 @@ class Supervisor:
                 "rung": dataclasses.asdict(self.cfg.profiles[self.rung_index]),
                 "grad_accum": self.cfg.grad_accum(self.rung_index), "ladder_size": len(self.cfg.profiles),
                 "attempt": self.attempt, "restarts": self.restarts,
-                "memory": dataclasses.asdict(self.memory[-1]) if self.memory else None}
+                "memory": dataclasses.asdict(self.memory[-1]) if self.memory else None,
+                **in_force(self.watch, self.limits)}   # the hang and start-up timeouts in force, for status
 
     def _check_lock(self) -> None:
         """The lock file deleted or replaced by hand: take a new one, and say so (state.json still names us)."""

@@ -80,7 +80,8 @@ def render_status(st: Status):
         row("memory", f"worker {gib(mem.get('worker'))}, system available {gib(mem.get('available'))}"
                                f" of {gib(mem.get('total'))}, swap {gib(mem.get('swap_used'))}{extra}")
     ck = st.last_checkpoint
-    row("checkpoint", f"step {ck.step}, {duration(ck.age_seconds)} ago" if ck else "none yet")
+    row("checkpoint", f"step {ck.step}, {duration(ck.age_seconds)} ago"
+                      + (f" (at failure: {ck.at_failure})" if ck.at_failure else "") if ck else "none yet")
     if st.set_aside_checkpoints:   # failed verification: kept in checkpoints/corrupt/, never trusted
         last = st.set_aside_checkpoints[-1]
         row("set aside", f"{plural(len(st.set_aside_checkpoints), 'checkpoint')} failed verification, kept in "

@@ -7,7 +7,7 @@ import pytest
 
 from trainctl.contract.lifecycle import Event, Kill
 from trainctl.contract.protocol import ExitCode
-from trainctl.supervisor.classify import Exit, Kind, MemorySample, classify
+from trainctl.supervisor.classify import Exit, Kind, MemorySample, OomEvidence, classify
 from trainctl.supervisor.policy import Attempt, Do, Settings, decide, recall
 
 GiB = 2**30
@@ -17,6 +17,9 @@ SYSTEM_LOW = CALM + [MemorySample(at=5, worker=3 * GiB, available=GiB // 2, tota
 LONG_AGO = [MemorySample(at=0, worker=19 * GiB, available=GiB // 2, total=24 * GiB),
             MemorySample(at=60, worker=GiB, available=20 * GiB, total=24 * GiB)]
 SOFT = 20 * GiB
+OOM_KILLED = OomEvidence(True, "cgroup memory.events oom_kill +1 (/system.slice/trainctl.service)")
+NOT_OOM = OomEvidence(False, "no oom_kill increment (/proc/vmstat)")
+JETSAM = OomEvidence(True, "jetsam report JetsamEvent-2026-12-01-031522.ips (per-process-limit)")
 
 CLASSIFY = [
     # (exit, memory history, expected kind, words in the detail)
@@ -27,8 +30,14 @@ CLASSIFY = [
     (Exit(ExitCode.DISK_FULL, error={"message": "only 0.1 GiB free"}), CALM, Kind.DISK_FULL, "GiB free"),
     (Exit(ExitCode.OUT_OF_MEMORY, error={"message": "MPS backend out of memory (MPS allocated: 17 GB"}), CALM,
      Kind.OOM, "MPS backend"),
-    (Exit(-signal.SIGKILL), NEAR_SOFT, Kind.OOM, "near the limit"),
-    (Exit(-signal.SIGKILL), SYSTEM_LOW, Kind.OOM, "OOM killer"),
+    # a SIGKILL we did not send: the system's record decides (certain); memory near the limit alone is a guess
+    (Exit(-signal.SIGKILL, oom_evidence=OOM_KILLED), CALM, Kind.OOM, "killed for memory: cgroup memory.events oom_kill +1"),
+    (Exit(-signal.SIGKILL, oom_evidence=JETSAM), CALM, Kind.OOM, "jetsam report JetsamEvent-2026-12-01-031522.ips"),
+    (Exit(-signal.SIGKILL, oom_evidence=NOT_OOM), CALM, Kind.KILLED, "no oom_kill increment (/proc/vmstat)"),
+    (Exit(-signal.SIGKILL, oom_evidence=NOT_OOM), NEAR_SOFT, Kind.OOM, "userspace OOM killer"),
+    (Exit(-signal.SIGKILL), NEAR_SOFT, Kind.OOM, "memory at 95% of the soft limit (19.00 GiB) (a guess: no kernel evidence"),
+    (Exit(-signal.SIGKILL), SYSTEM_LOW, Kind.OOM, "system memory down to 2% available"),
+    (Exit(-signal.SIGKILL, we_killed=Kill.MEMORY_HARD, oom_evidence=OOM_KILLED), NEAR_SOFT, Kind.MEMORY_LIMIT, "hard"),
     (Exit(-signal.SIGKILL), CALM, Kind.KILLED, "no sign of memory pressure"),
     (Exit(-signal.SIGKILL), LONG_AGO, Kind.KILLED, "no sign"),          # pressure a minute ago does not count
     (Exit(-signal.SIGKILL), [], Kind.KILLED, "no sign"),
@@ -76,6 +85,14 @@ def test_classify(ended, history, kind, words):
 
 def test_classify_covers_every_kind():
     assert {c[2] for c in CLASSIFY} == set(Kind)
+
+
+def test_classify_says_how_a_sigkill_was_decided():
+    assert classify(Exit(-signal.SIGKILL, oom_evidence=OOM_KILLED), NEAR_SOFT, SOFT).decided_by == OOM_KILLED.said
+    guess = classify(Exit(-signal.SIGKILL), NEAR_SOFT, SOFT).decided_by
+    assert guess.startswith("memory at 95% of the soft limit") and "a guess" in guess
+    assert "guess" not in classify(Exit(-signal.SIGKILL, oom_evidence=OOM_KILLED), NEAR_SOFT, SOFT).detail
+    assert classify(Exit(ExitCode.OUT_OF_MEMORY), CALM, SOFT).decided_by == ""   # the worker's own word needs none
 
 
 def test_classify_keeps_the_evidence():

@@ -9,9 +9,10 @@ import pytest
 from trainctl.contract.lifecycle import Event, Kill, State
 from trainctl.contract.protocol import Heartbeat, Phase
 from trainctl.supervisor.classify import MemorySample
-from trainctl.supervisor.watch import (ABORT_GRACE_SECONDS, TOUCH_SECONDS, Enter, KillGroup, Limits, Ping, Ready,
-                                       Record, Say, Seen, Send, StartStandby, Tell, Touch, Watch, assess,
-                                       status_line)
+from trainctl.supervisor.watch import (ABORT_GRACE_SECONDS, HANG_FLOOR_SECONDS, RECENT_STEPS,
+                                       STARTUP_DEFAULT_SECONDS, TOUCH_SECONDS, Enter, KillGroup, Limits, Pace, Ping,
+                                       Ready, Record, Say, Seen, Send, StartStandby, Tell, Touch, Watch, assess,
+                                       in_force, recall_pace, status_line)
 
 GiB = 2**30
 LIMITS = Limits(hang_timeout=30, startup_timeout=100, stop_timeout=20, soft_limit=4 * GiB, hard_limit=8 * GiB)
@@ -40,7 +41,13 @@ def at(now: float, watch: Watch = TRAINING, **seen) -> tuple[Watch, Seen]:
 
 
 def hang_record(step, phase: str, silent: float) -> Record:
-    return Record(Event.HANG_DETECTED, step, {"phase": phase, "silent_seconds": silent})
+    fixed = "fixed: [supervisor] " + ("hang_timeout_seconds" if phase == "training" else "startup_timeout_seconds")
+    return Record(Event.HANG_DETECTED, step, {"phase": phase, "silent_seconds": silent, "timeout": silent, "how": fixed})
+
+
+# Ready at 2 s after the spawn: the boot is timed and journaled with the pace learned so far.
+READY = Record(Event.WORKER_READY, 0, {"device": None, "skipped_checkpoints": [], "boot_seconds": 2.0,
+                                       "pace": Pace(boots=(2.0,)).to_json()})
 
 
 SAY = "Say"   # the words are people's, checked apart; the table checks what is done
@@ -51,19 +58,21 @@ CASES = [
      {"beat": 1, "last_progress_at": 1, "ready": False}),
     ("sanity check passed: ready, running, READY=1",
      at(2, BOOTED, heartbeat=hb(2, Phase.TRAINING, step=0)), LIMITS,
-     [Record(Event.WORKER_READY, 0, {"device": None, "skipped_checkpoints": []}), Enter(State.RUNNING), "Ready",
+     [READY, Enter(State.RUNNING), "Ready",
       "Tell", Ping()], {"ready": True, "touched_at": 2}),
     ("ready with warm_standby: the next worker boots now",
      at(2, BOOTED, heartbeat=hb(2, Phase.TRAINING, step=0)), STANDBY,
-     [Record(Event.WORKER_READY, 0, {"device": None, "skipped_checkpoints": []}), Enter(State.RUNNING), "Ready",
+     [READY, Enter(State.RUNNING), "Ready",
       StartStandby(), "Tell", Ping()], {"ready": True}),
     ("ready with a standby already waiting: no second one",
      at(2, BOOTED, heartbeat=hb(2, Phase.TRAINING, step=0), has_standby=True), STANDBY,
-     [Record(Event.WORKER_READY, 0, {"device": None, "skipped_checkpoints": []}), Enter(State.RUNNING), "Ready",
+     [READY, Enter(State.RUNNING), "Ready",
       "Tell", Ping()], {"ready": True}),
     ("a new commit in the heartbeat is journaled once",
      at(11, heartbeat=hb(6, last_checkpoint={"step": 3, "path": "p", "taken": 9.5})), LIMITS,
-     [Record(Event.CHECKPOINT, 3, {"path": "p", "taken": 9.5}), "Tell", Ping()], {"checkpoint_step": 3}),
+     [Record(Event.CHECKPOINT, 3, {"path": "p", "taken": 9.5, "pace": Pace().to_json(),
+                                   "hang_timeout": {"seconds": 30, "how": "fixed: [supervisor] hang_timeout_seconds"}}),
+      "Tell", Ping()], {"checkpoint_step": 3}),
     ("the same commit seen again: nothing",
      at(11, dataclasses.replace(TRAINING, checkpoint_step=3), heartbeat=hb(6, last_checkpoint={"step": 3})),
      LIMITS, ["Tell", Ping()], {"checkpoint_step": 3}),
@@ -173,3 +182,102 @@ def test_assess_is_pure():
     watch, seen = at(40)
     first, second = assess(watch, seen, LIMITS), assess(watch, seen, LIMITS)
     assert first == second and watch.kill is None
+
+
+# ---- hang timeouts that calibrate themselves ("auto") ---------------------------------------------
+AUTO = Limits(hang_timeout=None, startup_timeout=None, stop_timeout=20)
+FAST = Pace(steps=(0.5,) * 6, boots=(8.0,))
+
+
+def warm(pace: Pace, watch: Watch = TRAINING, timed: int = 6) -> Watch:
+    """A training attempt past its first steps, with the run's pace so far."""
+    return dataclasses.replace(watch, pace=pace, steps_timed=timed)
+
+
+def validating(pace: Pace) -> Watch:
+    return dataclasses.replace(warm(pace), heartbeat=hb(5, Phase.VALIDATING))
+
+
+def allowed(watch: Watch, limits: Limits = AUTO) -> tuple[float, str]:
+    return in_force(watch, limits)["hang_timeout"]["seconds"], in_force(watch, limits)["hang_timeout"]["how"]
+
+
+AUTO_CASES = [
+    # (what, watch, limits, seconds allowed, how it reads)
+    ("fast steps (0.5 s): the floor", warm(FAST), AUTO, HANG_FLOOR_SECONDS, "auto: floor 30 s"),
+    ("90 s steps on the CPU rung: 5 x the slowest recent step", warm(Pace(steps=(80.0, 90.0, 85.0))), AUTO, 450.0,
+     "auto: 5 x slowest recent step 90.0 s (floor 30 s)"),
+    ("only the recent steps count", warm(Pace.from_json({"steps": [500.0] + [1.0] * RECENT_STEPS})), AUTO, 30.0,
+     "auto: floor 30 s"),
+    ("a slow checkpoint write has its own allowance", warm(Pace(steps=(0.5,), checkpoint=20.0)), AUTO, 100.0,
+     "auto: 5 x slowest checkpoint write 20.0 s (floor 30 s)"),
+    ("validation has its own allowance", validating(Pace(steps=(0.5,), validation=12.0)), AUTO, 60.0,
+     "auto: 5 x slowest validation silence 12.0 s (floor 30 s)"),
+    ("validation's allowance is not training's", warm(Pace(steps=(0.5,), validation=12.0)), AUTO, 30.0,
+     "auto: floor 30 s"),
+    ("a fixed number in the config wins", warm(Pace(steps=(90.0,))), LIMITS, 30, "fixed: [supervisor] hang_timeout_seconds"),
+    ("an attempt's first steps get the start-up allowance (learned from boots)", warm(FAST, timed=1), AUTO, 120.0,
+     "auto: 5 x slowest recent boot 8.0 s (floor 120 s), for this attempt's first steps"),
+    ("booting: 5 x the slowest previous boot", dataclasses.replace(BOOTED, pace=Pace(boots=(30.0, 40.0))), AUTO,
+     200.0, "auto: 5 x slowest recent boot 40.0 s (floor 120 s)"),
+    ("booting, no boot of this run seen yet: 900 s", BOOTED, AUTO, STARTUP_DEFAULT_SECONDS,
+     "auto: no boot of this run seen yet (default 900 s)"),
+    ("booting with a fixed startup timeout", dataclasses.replace(BOOTED, pace=Pace(boots=(30.0,))), LIMITS, 100,
+     "fixed: [supervisor] startup_timeout_seconds"),
+]
+
+
+@pytest.mark.parametrize("what,watch,limits,seconds,how", AUTO_CASES, ids=[c[0] for c in AUTO_CASES])
+def test_the_timeout_in_force(what, watch, limits, seconds, how):
+    assert allowed(watch, limits) == (seconds, how)
+
+
+@pytest.mark.parametrize("what,watch,limits,seconds,how", AUTO_CASES, ids=[c[0] for c in AUTO_CASES])
+def test_hung_exactly_at_the_timeout_in_force(what, watch, limits, seconds, how):
+    before, _ = assess(*at(watch.last_progress_at + seconds - 0.1, watch), limits)
+    after, commands = assess(*at(watch.last_progress_at + seconds, watch), limits)
+    assert before.kill is None and after.kill is Kill.HANG
+    record = next(c for c in commands if isinstance(c, Record))
+    assert record.data["timeout"] == seconds and record.data["how"] == how
+
+
+def test_a_90s_step_is_not_hung_where_the_old_fixed_300s_would_have_killed_it():
+    slow = warm(Pace(steps=(90.0,) * 5))
+    new, commands = assess(*at(slow.last_progress_at + 400, slow), AUTO)
+    assert new.kill is None and not any(isinstance(c, Send) for c in commands)
+
+
+def test_step_gaps_are_timed_by_the_supervisors_own_clock():
+    w = dataclasses.replace(TRAINING, step_seen=3, step_seen_at=10.0)
+    w, _ = assess(*at(12.5, w, heartbeat=hb(6, step=4)), AUTO)
+    w, _ = assess(*at(13.0, w, heartbeat=hb(7, step=4)), AUTO)          # a beat, the same step: no gap
+    w, _ = assess(*at(14.0, w, heartbeat=hb(8, step=6)), AUTO)          # two steps between looks: one gap
+    assert w.pace.steps == (2.5, 1.5) and w.steps_timed == 2
+
+
+def test_validation_is_timed_apart_and_not_as_a_step():
+    w = dataclasses.replace(TRAINING, step_seen=3, step_seen_at=10.0)
+    w, _ = assess(*at(11, w, heartbeat=hb(6, Phase.VALIDATING, step=3)), AUTO)
+    w, _ = assess(*at(15, w, heartbeat=hb(7, Phase.VALIDATING, step=3)), AUTO)   # 4 s of silence in validation
+    w, _ = assess(*at(16, w, heartbeat=hb(8, step=3)), AUTO)
+    w, _ = assess(*at(17, w, heartbeat=hb(9, step=4)), AUTO)
+    assert w.pace.validation == 4.0 and w.pace.steps == (1.0,)
+
+
+def test_checkpoint_writes_and_boots_are_learned():
+    w = dataclasses.replace(BOOTED, started_at=0.0)
+    w, commands = assess(*at(7.5, w, heartbeat=hb(2, step=0, checkpoint_write_seconds=3.25)), AUTO)
+    assert w.pace.boots == (7.5,) and w.pace.checkpoint == 3.25
+    ready = next(c for c in commands if isinstance(c, Record) and c.event is Event.WORKER_READY)
+    assert ready.data["boot_seconds"] == 7.5 and ready.data["pace"] == w.pace.to_json()
+
+
+def test_what_was_learned_survives_a_supervisor_restart():
+    """The journal's newest pace is what a restarted supervisor starts from; an older journal gives none."""
+    journaled = [{"kind": "worker_ready", "data": {"pace": FAST.to_json()}},
+                 {"kind": "checkpoint", "data": {"pace": Pace(steps=(2.0,), boots=(8.0,)).to_json()}},
+                 {"kind": "exit", "data": {"failure": "hang"}}]
+    assert recall_pace(journaled) == Pace(steps=(2.0,), boots=(8.0,))
+    assert recall_pace([{"kind": "spawn", "data": {}}]) == Pace()
+    assert Pace.from_json({"steps": "garbage"}) == Pace()
+

@@ -17,6 +17,10 @@ from .report import say
 from .snapshot import capture, shares_training_memory
 
 
+def _why(marker: dict) -> str:
+    return f"at failure: {marker['failure']}" if marker.get("failure") else str(marker.get("reason"))
+
+
 class Checkpointing:
     def __init__(self, trainer, background: bool):
         self.t = trainer
@@ -74,16 +78,18 @@ class Checkpointing:
             return True
         return bool(self.every_seconds) and time.monotonic() - self.snapshot_time >= self.every_seconds - self.lead_seconds
 
-    def snapshot(self, reason: str) -> None:
-        """Copy the state to memory and hand it to the writer (waits only for a write still in flight)."""
+    def snapshot(self, reason: str, failure: str | None = None, taken: float | None = None) -> None:
+        """Copy the state to memory and hand it to the writer (waits only for a write still in flight).
+        `failure` (a checkpoint at failure) goes into the marker; `taken`: when training stood at this step."""
         started = time.monotonic()
         self._collect(self.writer.wait())
         p = self.t.progress
         asked = self.t.flags.checkpoint_requests   # answered by this snapshot; any later one by the next
         info = {"epoch": p.epoch, "cursor": p.cursor, "samples_seen": p.samples_seen, "reason": reason,
-                "taken": time.time(),   # when training stood at this step: re-done work after a crash counts from here
+                "taken": taken or time.time(),   # when training stood at this step: re-done work after a crash counts from here
                 "requested": asked > self.answered,   # SIGUSR1 answered (also when an epoch end came first)
-                "profile_index": self.t.rung_index, "attempt": self.t.reporter.fields["attempt"]}
+                "profile_index": self.t.rung_index, "attempt": self.t.reporter.fields["attempt"],
+                **({"failure": failure} if failure else {})}
         self.answered = asked
         background = self.writer.background
         self.writer.submit(p.step, capture(self.t, background), info,
@@ -105,6 +111,20 @@ class Checkpointing:
             self.snapshot("stop")
             self.finish()
 
+    def at_failure(self, failure: str, taken: float | None) -> None:
+        """The checkpoint at failure: the current step (the last completed one, Trainer.checkpoint_at_failure has put
+        the state back) made durable unless it already is. Raises what its write raises."""
+        try:
+            self.finish()   # a write in flight first
+        except Exception as e:   # noqa: BLE001 — perhaps the failure itself: this write is tried all the same
+            say(f"the checkpoint write in flight failed ({type(e).__name__}: {e})")
+        if self.committed_step == self.step:
+            say(f"{failure}: the newest checkpoint is already step {self.step}, nothing to add")
+            return
+        say(f"{failure}: writing the checkpoint of step {self.step}, the last completed optimizer step, before exiting")
+        self.snapshot("at_failure", failure=failure, taken=taken)
+        self.finish()
+
     def _collect(self, done: Committed | None) -> None:
         if done is None:
             return
@@ -117,9 +137,10 @@ class Checkpointing:
             self.lead_seconds = self.writer.write_seconds
         self.t.reporter.beat(force=True, checkpoints_written=self.written,
                              last_checkpoint={"step": done.step, "path": str(done.path), "time": done.marker["created"],
-                                              "taken": done.marker.get("taken")})
+                                              "taken": done.marker.get("taken"), "reason": done.marker.get("reason"),
+                                              **({"failure": done.marker["failure"]} if done.marker.get("failure") else {})})
         say(f"checkpoint at step {done.step} committed ({done.marker['size'] / 2**20:.1f} MiB, written in "
-            f"{self.writer.write_seconds:.2f} s, {done.marker.get('reason')})")
+            f"{self.writer.write_seconds:.2f} s, {_why(done.marker)})")
         self._report_set_aside()
 
     def _report_set_aside(self) -> None:

@@ -79,6 +79,14 @@ def after_micro_batch(profile: Profile, device: torch.device, count: int) -> Non
         torch.mps.empty_cache()
 
 
+def empty_cache(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back (before a checkpoint at failure: its write must have room)."""
+    if device.type == "mps":
+        torch.mps.empty_cache()
+    elif device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def memory_stats(device: torch.device) -> dict:
     """Allocator figures RSS does not show (bytes)."""
     if device.type == "mps":

@@ -1,6 +1,7 @@
 """Test-only fault injection in the worker, inert unless ``TRAINCTL_FAULTS`` is set (the spec: `contract.faults`).
 
-Points: ``train_step`` (before an optimizer step; step = completed steps), ``boot``, and the
+Points: ``train_step`` (before an optimizer step; step = completed steps), ``micro_batch`` (after each
+micro-batch's backward pass: in the middle of a step), ``boot``, and the
 checkpoint-write phases ``ckpt_begin``, ``ckpt_bytes`` (mid-write), ``ckpt_written``,
 ``ckpt_synced`` (fsynced, not renamed), ``ckpt_renamed`` (renamed, directory not fsynced),
 ``ckpt_committed`` (durable, no marker yet), ``ckpt_marked``, and ``export_written`` (the model folder

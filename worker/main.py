@@ -106,12 +106,29 @@ def main(argv=None) -> int:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):   # the disk filled up under us
             return report_error(run_dir, args.attempt, "disk_full", e, ExitCode.DISK_FULL, trainer)
         if is_oom(e):
+            checkpoint_at_failure(trainer, "out of memory", e)
             return report_error(run_dir, args.attempt, "oom", e, ExitCode.OUT_OF_MEMORY, trainer)
+        if isinstance(e, Exception):
+            checkpoint_at_failure(trainer, "exception", e)
         return report_error(run_dir, args.attempt, "exception", e, ExitCode.INTERNAL_ERROR, trainer)
     finally:
         if getattr(trainer, "ckpt", None) is not None:
             trainer.ckpt.writer.drain()
         lock.release()
+
+
+def checkpoint_at_failure(trainer, what: str, exc: BaseException) -> None:
+    """Before exiting on a caught failure: write the last completed optimizer step (Trainer.checkpoint_at_failure).
+    Its own failure is said and goes no further: the original error decides how the worker exits."""
+    if getattr(trainer, "ckpt", None) is None:
+        return   # it failed before training began: the newest checkpoint is where it stands
+    traceback.clear_frames(exc.__traceback__)   # the failed step's activations and graph, held by its frames
+    try:
+        trainer.checkpoint_at_failure(what)
+    except BaseException as e:   # noqa: BLE001 — never hides the original error
+        print(f"[trainctl] the checkpoint at failure could not be written ({type(e).__name__}: {e}); the newest "
+              f"checkpoint, step {trainer.ckpt.committed_step}, is kept; exiting on the original error",
+              file=sys.stderr, flush=True)
 
 
 def report_error(run_dir: Path, attempt: int, kind: str, exc: BaseException, code: int, trainer) -> int:

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import time
 
 import numpy as np
 import torch
@@ -80,6 +81,37 @@ def capture(t, background: bool = False) -> dict:
         "config_hash": config_hash(t.identity),
         "history": list(t.history),
     }
+
+
+class StepStart:
+    """What an optimizer step changes before its update, kept as of the step's start, so that a step that fails
+    midway can be undone exactly (the checkpoint at failure): the model's buffers (every train-mode forward pass
+    moves BatchNorm's running statistics) and the RNG states the step re-seeds. Parameters, optimizer, scheduler
+    and grad scaler change only in the update itself: nothing state-sized is copied. The copies are allocated once."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.device = device
+        self.live = list(model.buffers())
+        self.kept = [b.detach().clone() for b in self.live]
+        self.rng: tuple | None = None
+        self.time: float | None = None     # when training stood at the step's start (the checkpoint's "taken")
+
+    def keep(self) -> None:
+        """At the start of a step: before its first forward pass and before it re-seeds the RNG."""
+        with torch.no_grad():
+            for kept, live in zip(self.kept, self.live):
+                kept.copy_(live)
+        self.rng = (torch.get_rng_state(), devicelib.rng_states(self.device))
+        self.time = time.time()
+
+    def put_back(self) -> None:
+        """Undo what the failed step changed outside the gradients."""
+        with torch.no_grad():
+            for kept, live in zip(self.kept, self.live):
+                live.copy_(kept)
+        if self.rng is not None:
+            torch.set_rng_state(self.rng[0])
+            devicelib.set_rng_states(self.device, self.rng[1])
 
 
 def check_identity(saved: dict, current: dict, run_dir) -> None:

@@ -8,6 +8,7 @@ do not depend on where a restart happened.
 """
 from __future__ import annotations
 
+import gc
 import math
 import time
 from pathlib import Path
@@ -27,8 +28,15 @@ from . import device as devicelib
 from .checkpointing import Checkpointing
 from .model import build_model, build_optimizer, build_scheduler, recipe_for
 from .report import Reporter, StepRate, say
-from .snapshot import Progress, check_identity, restore
+from .snapshot import Progress, StepStart, check_identity, restore
 from .tensorboard_log import open_board
+
+
+# Where the training state stands, for the checkpoint at failure (Trainer.checkpoint_at_failure).
+BETWEEN_STEPS = "between steps"                # exactly the state of the last completed optimizer step
+IN_STEP = "in a step"                          # forward/backward passes began: undone from StepStart
+UPDATING = "in the optimizer update"           # the weights are changing: no exact state to write
+EPOCH_END = "in the end-of-epoch validation"   # the epoch's checkpoint holds the validation's result: none yet
 
 
 class SanityCheckFailed(RuntimeError):
@@ -91,6 +99,7 @@ class Trainer:
         self.micro_batches = 0
         self.rate = StepRate()
         self.last_finite: tuple[int, float] | None = None   # (step, mean loss) of this process's last finite step
+        self.stage, self.step_start = BETWEEN_STEPS, None
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -227,6 +236,7 @@ class Trainer:
         keys = data.train_keys(p.epoch, p.cursor, cfg.train.epochs, self.steps_per_epoch, E, self.profile.batch_size)
         batches = data.iterate(self.train_data, keys, self.workers, cfg.run.seed, self.device.type != "cpu")
         self.reporter.beat(Phase.TRAINING, force=True, **self._position())
+        self.step_start = StepStart(self.model, self.device)
         window = {"loss": 0.0, "correct": 0, "valid": 0}
         while p.epoch < cfg.train.epochs:
             if self.flags.stop:
@@ -237,6 +247,7 @@ class Trainer:
             # The step's own time: not the wait for a checkpoint write to release the weights (before_update).
             self.rate.add(time.monotonic() - started - (self.ckpt.blocked_seconds - blocked), E)
             p.step, p.cursor, p.samples_seen = p.step + 1, p.cursor + E, p.samples_seen + E
+            self.stage = BETWEEN_STEPS
             if "first_step" not in self.reporter.fields.get("timings", {}):
                 self._timing("first_step")
             self._count_finite(finite, loss / max(n_valid, 1))
@@ -246,7 +257,8 @@ class Trainer:
             # Written at every step (not throttled): a crash report must name the step exactly.
             self.reporter.beat(loss=loss / max(n_valid, 1) if finite else None, lr=self._lr(),
                                images_per_sec=self._images_per_sec(), nonfinite_steps=p.nonfinite_steps,
-                               force=True, memory=devicelib.memory_stats(self.device), **self._position())
+                               force=True, memory=devicelib.memory_stats(self.device),
+                               checkpoint_write_seconds=round(self.ckpt.writer.write_seconds, 3), **self._position())
             if p.nonfinite_in_row >= cfg.train.max_nonfinite_steps:   # restarting cannot help: a person must look
                 raise CannotContinue("diverged", diverged_message(self, cfg.train.max_nonfinite_steps))
             if p.step % cfg.train.log_every_steps == 0:
@@ -268,6 +280,8 @@ class Trainer:
         A step whose loss (or, with grad_clip, gradient norm) is not finite is skipped: no update, its
         gradients dropped. The decision depends only on the step's own numbers, so it is the same on resume;
         with all numbers finite the step is exactly what it was before this check existed."""
+        self.step_start.keep()   # before the re-seeding and the first forward pass: what a failure here undoes
+        self.stage = IN_STEP
         torch.manual_seed(step_seed(self.cfg.run.seed, self.progress.step))
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
@@ -284,6 +298,7 @@ class Trainer:
             correct += right
             n_valid += int(mb.valid.sum())
             self.micro_batches += 1
+            self.faults.hit("micro_batch", self.progress.step)   # test-only: a failure in the middle of a step
             devicelib.after_micro_batch(self.profile, self.device, self.micro_batches)
             self.reporter.beat()
         grads = [q.grad for q in self.model.parameters() if q.grad is not None]
@@ -294,6 +309,7 @@ class Trainer:
             self.faults.nan_loss, loss_sum = False, loss_sum * float("nan")
         total = float(loss_sum)
         finite = math.isfinite(total)
+        self.stage = UPDATING
         if finite and n_valid and grads:
             torch._foreach_div_(grads, float(n_valid))   # mean over the effective batch's valid images
             if self.cfg.train.grad_clip:
@@ -309,6 +325,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step_update(num_updates=self.progress.step + 1)
         return total, int(correct), n_valid, finite
+
+    def checkpoint_at_failure(self, what: str) -> None:
+        """After a caught failure (main.py): write the state of the last completed optimizer step, exactly as the
+        checkpoint taken at that step's end would have been; the failed step's partial gradients, buffer updates
+        and RNG draws are dropped first, and the memory they held freed, so the write itself has room."""
+        failure = f"{what} at step {self.progress.step}"
+        if self.stage in (UPDATING, EPOCH_END):
+            say(f"{failure}, {self.stage}: no checkpoint at failure (the state is not that of a step's end); the "
+                f"next attempt resumes from the newest checkpoint, step {self.ckpt.committed_step}")
+            return
+        self.model.zero_grad(set_to_none=True)   # the failed step's partial gradients
+        taken = None
+        if self.stage == IN_STEP:
+            self.step_start.put_back()
+            taken = self.step_start.time
+        gc.collect()
+        devicelib.empty_cache(self.device)
+        self.ckpt.at_failure(failure, taken)
 
     def _count_finite(self, finite: bool, mean_loss: float) -> None:
         """Count a skipped (non-finite) step; at `[train] max_nonfinite_steps` in a row the run has diverged (fit).
@@ -367,6 +401,7 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         p = self.progress
+        self.stage = EPOCH_END
         finished = p.epoch + 1
         if self.val_set is not None:
             acc, loss = self.validate()
@@ -378,6 +413,7 @@ class Trainer:
             self.reporter.beat(val_acc=acc)
             say(f"epoch {finished}/{self.cfg.train.epochs} validation: top-1 {acc:.3f}, loss {loss:.4f}")
         p.epoch, p.cursor = finished, 0
+        self.stage = BETWEEN_STEPS
         self.ckpt.snapshot("epoch")
 
     def validate(self) -> tuple[float, float]:
