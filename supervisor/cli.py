@@ -224,7 +224,7 @@ def cmd_demo(args) -> int:
 
 def cmd_plot(args) -> int:
     """The run's figure as a PNG (plot.py; matplotlib is the optional extra `trainctl[plot]`)."""
-    from .plot import INSTALL, PlotUnavailable, plot_data, save_figure
+    from .plot import INSTALL, PlotUnavailable, headline, plot_data, save_figure
     run_dir = resolve(args.run)
     out = args.output or Path(f"{run_dir.name}.png")
     data = plot_data(run_dir)
@@ -242,9 +242,6 @@ def cmd_plot(args) -> int:
             raise
         error("error", f"cannot write {out}: {e.strerror or e}. Fix: give -o a file in a folder you can write to.")
         return ExitCode.REFUSED
-    kinds = ", ".join(c.kind for c in data.crashes)
-    console.print(f"wrote {escape(str(out))}: {escape(data.run_name)} {data.state}, step {data.train[-1]['step']}"
-                  f"/{data.total_steps or '?'}, {len(data.crashes)} crash{'' if len(data.crashes) == 1 else 'es'}"
-                  + (f" ({escape(kinds)})" if kinds else "") + f", {len(data.rung_changes)} rung change(s)",
+    console.print(f"wrote {escape(str(out))}: {escape(data.run_name)} {data.state}, {escape(headline(data))}",
                   highlight=False, soft_wrap=True)
     return ExitCode.OK

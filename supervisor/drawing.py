@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import io
 
-from .plot import INSTALL, PlotData, PlotUnavailable, is_number
-from .text import duration, plural
+from .plot import INSTALL, PlotData, PlotUnavailable, headline, is_number
+from .text import duration
 
 TIME_KINDS = {"start-up": "0.72", "training": "tab:green", "re-done": "tab:orange", "restart": "tab:red"}
 TIME_LABELS = {"start-up": "start-up", "training": "training (kept)", "re-done": "training lost to a crash (re-done)",
@@ -49,12 +49,7 @@ def render(data: PlotData) -> bytes:
 
 
 def draw_title(fig, data: PlotData) -> None:
-    kinds = ", ".join(c.kind for c in data.crashes)
-    last = data.train[-1]["step"] if data.train else 0
-    fig.suptitle(f"{data.run_name} — {data.state.upper()}\n"
-                 f"step {last}/{data.total_steps or '?'}, {len(data.crashes)} crash{'' if len(data.crashes) == 1 else 'es'}"
-                 + (f" ({kinds})" if kinds else "") + f", {plural(len(data.rung_changes), 'rung change')}",
-                 fontsize=12)
+    fig.suptitle(f"{data.run_name} — {data.state.upper()}\n{headline(data)}", fontsize=12)
 
 
 def draw_loss(ax, data: PlotData) -> None:

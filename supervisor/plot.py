@@ -23,6 +23,7 @@ from trainctl.contract.runfolder import read_metrics
 from . import runstate
 from .journal import read_events
 from .policy import CLEAN
+from .text import plural
 
 FIGURE_FILE = "report.png"                 # in the run folder, beside report.md which embeds it
 INSTALL = 'pip install "trainctl[plot]"'
@@ -86,6 +87,15 @@ class PlotData:
     timeline: list     # Span
     gaps: list         # Gap
     total_steps: int | None
+    step: int | None = None   # the steps done, from the heartbeat: metrics lines come only every log_every_steps
+
+
+def headline(data: PlotData) -> str:
+    """'step 192/192, 1 crash (killed), 0 rung changes': the figure's title and `trainctl plot`'s line."""
+    last = max(data.step or 0, data.train[-1]["step"] if data.train else 0)
+    kinds = ", ".join(c.kind for c in data.crashes)
+    crashes = f"{len(data.crashes)} crash{'' if len(data.crashes) == 1 else 'es'}" + (f" ({kinds})" if kinds else "")
+    return f"step {last}/{data.total_steps or '?'}, {crashes}, {plural(len(data.rung_changes), 'rung change')}"
 
 
 def plot_data(run_dir: Path, state: str | None = None) -> PlotData:
@@ -104,7 +114,8 @@ def plot_data(run_dir: Path, state: str | None = None) -> PlotData:
                     state=state or run_state(run_dir, saved), train=train, val=val, discarded=discarded,
                     discarded_val=discarded_val, crashes=crashes_of(attempts, clock), redone=redone_of(attempts),
                     rung_changes=rung_changes_of(attempts, events), timeline=timeline(attempts, clock),
-                    gaps=clock.gaps(), total_steps=hb.total_steps if hb else None)
+                    gaps=clock.gaps(), total_steps=hb.total_steps if hb else None,
+                    step=hb.step if hb and whole(hb.step) else None)
 
 
 def steps_of(lines: list[dict]) -> list[dict]:

@@ -2,6 +2,7 @@
 a step-down, the PNG the command writes, and the line said instead when matplotlib is not installed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from rich.console import Console
 from trainctl.contract.lifecycle import Event
 from trainctl.contract.protocol import ExitCode
 from trainctl.supervisor.plot import FIGURE_FILE, Clock, Gap, Redone, lifetimes, plot_data, split_redone, timeline
-from trainctl.supervisor.plot import attempts_of, crashes_of, redone_of
+from trainctl.supervisor.plot import attempts_of, crashes_of, headline, redone_of
 from trainctl.supervisor.report import summarize
 from trainctl.supervisor.status import gather
 from trainctl.supervisor.view import render_status
@@ -96,6 +97,14 @@ def test_the_figure_data_marks_each_crash_its_redone_steps_and_the_rung_change(c
     kinds = {s.kind for s in data.timeline}
     assert {"start-up", "training", "re-done", "restart"} <= kinds, kinds
     assert 0 < data.crashes[0].at < data.crashes[1].at <= max(s.end for s in data.timeline)
+
+
+def test_the_headline_counts_the_steps_done_not_the_last_logged_one(crashed_run):
+    """Metrics lines come every log_every_steps: a run that ended at 192/192 logged its last line at 190 (seen
+    in the demo's figure). The title and `trainctl plot` say the heartbeat's step."""
+    data = plot_data(crashed_run)
+    logged_earlier = dataclasses.replace(data, train=[m for m in data.train if m["step"] <= 20])
+    assert headline(logged_earlier) == "step 24/24, 2 crashes (killed, oom), 1 rung change"
 
 
 def test_the_report_embeds_the_figure_and_status_says_where_it_is(crashed_run):
