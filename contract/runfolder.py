@@ -127,11 +127,13 @@ def marker_path(data: Path) -> Path:
     return Path(data).with_suffix(".json")
 
 
-def _is_int(v) -> bool:
+def is_whole(v) -> bool:
+    """An int, not a bool (JSON read back from a file anyone may have edited)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_time(v) -> bool:
+def is_finite_number(v) -> bool:
+    """A finite int or float (not a bool, None, NaN, inf or a string from a hand-edited file)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -146,10 +148,10 @@ def marker_problem(marker: dict | None, step: int, data: Path) -> str | None:
     worker runs them before it computes any checksum."""
     if marker is None:
         return "its commit marker is not a JSON object"
-    if marker.get("step") != step or not _is_int(marker.get("step")):
+    if marker.get("step") != step or not is_whole(marker.get("step")):
         return f"its commit marker says step {marker.get('step')!r}, not {step}"
     size = marker.get("size")
-    if not _is_int(size) or size < 0:
+    if not is_whole(size) or size < 0:
         return f"its commit marker's size {size!r} is not a byte count"
     if "crc32" not in marker and "sha256" not in marker:
         return "its commit marker records no checksum"
@@ -158,11 +160,11 @@ def marker_problem(marker: dict | None, step: int, data: Path) -> str | None:
             return f"its commit marker's crc32 {marker.get('crc32')!r} is not 8 hex digits"
     elif not _is_hex(marker.get("sha256"), 64):
         return f"its commit marker's sha256 {marker.get('sha256')!r} is not 64 hex digits"
-    if "created" in marker and not _is_time(marker["created"]):
+    if "created" in marker and not is_finite_number(marker["created"]):
         return f"its commit marker's created {marker['created']!r} is not a time"
-    if marker.get("taken") is not None and not _is_time(marker["taken"]):
+    if marker.get("taken") is not None and not is_finite_number(marker["taken"]):
         return f"its commit marker's taken {marker['taken']!r} is not a time"
-    if "format" in marker and not _is_int(marker["format"]):
+    if "format" in marker and not is_whole(marker["format"]):
         return f"its commit marker's format {marker['format']!r} is not a number"
     if "file" in marker and marker["file"] != data.name:
         return f"its commit marker names {marker['file']!r}, not {data.name}"
@@ -239,8 +241,8 @@ def set_aside_checkpoints(folder: Path) -> list[dict]:
         r = read_json(corrupt / name) or {}
         moved = r.get("moved_to") if isinstance(r.get("moved_to"), str) else name
         out.append({"file": f"{CORRUPT_DIR}/{moved}", "was": str(r.get("file", "")),
-                    "step": r.get("step") if _is_int(r.get("step")) else None,
-                    "reason": str(r.get("reason", "")), "time": r.get("time") if _is_time(r.get("time")) else None})
+                    "step": r.get("step") if is_whole(r.get("step")) else None,
+                    "reason": str(r.get("reason", "")), "time": r.get("time") if is_finite_number(r.get("time")) else None})
     return sorted(out, key=lambda r: r["time"] or 0)
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 
-from .plot import INSTALL, PlotData, PlotUnavailable, headline, is_number
+from trainctl.contract.runfolder import is_finite_number
+
+from .plot import INSTALL, PlotData, PlotUnavailable, headline
 from .text import duration
 
 TIME_KINDS = {"start-up": "0.72", "training": "tab:green", "re-done": "tab:orange", "restart": "tab:red"}
@@ -148,13 +150,13 @@ def draw_time(ax, data: PlotData) -> None:
 
 def series(lines: list[dict], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of `key`, leaving out lines where it is missing or not a finite number."""
-    pairs = [(m["step"], m[key]) for m in lines if is_number(m.get(key))]
+    pairs = [(m["step"], m[key]) for m in lines if is_finite_number(m.get(key))]
     return [s for s, _ in pairs], [v for _, v in pairs]
 
 
 def value_keys(lines: list[dict], exclude: str) -> list[str]:
     """The numeric fields of validation lines (val_acc first, then top-5, EMA... as the worker writes them)."""
-    keys = {k for m in lines for k, v in m.items() if k not in NOT_VALUES and exclude not in k and is_number(v)}
+    keys = {k for m in lines for k, v in m.items() if k not in NOT_VALUES and exclude not in k and is_finite_number(v)}
     return sorted(keys, key=lambda k: (k != "val_acc", k))
 
 

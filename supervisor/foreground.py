@@ -23,14 +23,14 @@ from rich.text import Text
 
 from trainctl.contract.lifecycle import State
 from trainctl.contract.protocol import read_heartbeat
-from trainctl.contract.runfolder import LOG_DIR, METRICS_FILE, SUPERVISOR_LOG
+from trainctl.contract.runfolder import LOG_DIR, METRICS_FILE, SUPERVISOR_LOG, is_finite_number
 
 from . import runstate
 from .status import gather
 from .supervise import serve
 from .terminal import GuardedStream, guard
 from .text import duration
-from .view import is_number, number, render_status
+from .view import number, render_status
 
 PROGRESS_POLL_SECONDS = 1.0
 PLAIN_WIDTH = 10_000    # the final panel without a terminal: as wide as its content, never wrapped
@@ -182,7 +182,7 @@ def progress_line(rec: dict, hb, saved) -> str | None:
         return None
     total = hb.total_steps if hb else None
     speed, batch = rec.get("images_per_sec"), hb.effective_batch_size if hb else None
-    speed = speed if is_number(speed) else None   # NaN, inf or null: no speed, no ETA (and no ValueError)
+    speed = speed if is_finite_number(speed) else None   # NaN, inf or null: no speed, no ETA (and no ValueError)
     eta = (total - rec["step"]) * batch / speed if total and batch and speed else None
     rung = rec.get("rung")
     return (f"epoch {rec['epoch']:.2f}/{epochs} step {rec['step']}/{total or '?'} "

@@ -11,14 +11,13 @@ faint over a shaded span.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainctl.contract import fsio
 from trainctl.contract.lifecycle import Event, is_final
 from trainctl.contract.protocol import read_heartbeat
-from trainctl.contract.runfolder import read_metrics
+from trainctl.contract.runfolder import is_whole, read_metrics
 
 from . import runstate
 from .journal import read_events
@@ -115,18 +114,14 @@ def plot_data(run_dir: Path, state: str | None = None) -> PlotData:
                     discarded_val=discarded_val, crashes=crashes_of(attempts, clock), redone=redone_of(attempts),
                     rung_changes=rung_changes_of(attempts, events), timeline=timeline(attempts, clock),
                     gaps=clock.gaps(), total_steps=hb.total_steps if hb else None,
-                    step=hb.step if hb and whole(hb.step) else None)
+                    step=hb.step if hb and is_whole(hb.step) else None)
 
 
 def steps_of(lines: list[dict]) -> list[dict]:
     """The metrics lines with a whole step, their attempt a whole number or None (hand-edited or hostile lines
     are left out rather than failing the figure)."""
-    return [{**line, "attempt": line.get("attempt") if whole(line.get("attempt")) else None}
-            for line in lines if whole(line.get("step"))]
-
-
-def whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return [{**line, "attempt": line.get("attempt") if is_whole(line.get("attempt")) else None}
+            for line in lines if is_whole(line.get("step"))]
 
 
 def attempts_of(events: list[dict], lines: list[dict]) -> dict[int, dict]:
@@ -267,5 +262,3 @@ def save_figure(data: PlotData, out: Path) -> None:
     fsio.atomic_write(Path(out), render(data), durable=False)
 
 
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

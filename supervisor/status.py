@@ -1,7 +1,6 @@
 """Everything `trainctl status` says, gathered from the run directory alone (supervisor alive or not)."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import ORPHAN_GRACE_SECONDS, read_heartbeat
 from trainctl.contract.records import CheckpointStatus, Crash, RungStatus, Status, finite_only
 from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CHECKPOINT_DIR, CONFIG_FILE, EVIDENCE_DIR, MODEL_FILE,
-                                         REPORT_FILE, WORKER_LOCK, newest_checkpoint, read_json, read_metrics,
-                                         set_aside_checkpoints)
+                                         REPORT_FILE, WORKER_LOCK, is_finite_number, newest_checkpoint, read_json,
+                                         read_metrics, set_aside_checkpoints)
 
 from . import runstate
 from .journal import read_events
@@ -153,8 +152,7 @@ def _eta(state: str, hb) -> float | None:
 
 def finite(value) -> float | None:
     """A number as status shows it: None for NaN, infinity and anything else that is no number (JSON has no NaN)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return value if ok else None
+    return value if is_finite_number(value) else None
 
 
 def of_an_earlier_attempt(hb, saved) -> bool:

@@ -1,7 +1,6 @@
 """Rich renderings of a run's status (the `Status` from `status.gather`) and of the list of runs."""
 from __future__ import annotations
 
-import math
 import time
 
 from rich.console import Group
@@ -12,6 +11,7 @@ from rich.text import Text
 
 from trainctl.contract.lifecycle import State
 from trainctl.contract.records import Status
+from trainctl.contract.runfolder import is_finite_number
 
 from .text import ago, duration, gib, percent, plural
 
@@ -22,7 +22,7 @@ BLOCKS = "▁▂▃▄▅▆▇█"
 
 def sparkline(values: list, width: int = 30) -> str:
     """A small unicode trend line of the last `width` finite values (None, NaN and inf are left out)."""
-    values = [v for v in values if is_number(v)][-width:]
+    values = [v for v in values if is_finite_number(v)][-width:]
     if not values:
         return ""
     lo, hi = min(values), max(values)
@@ -30,14 +30,9 @@ def sparkline(values: list, width: int = 30) -> str:
     return "".join(BLOCKS[int((v - lo) / span * (len(BLOCKS) - 1))] for v in values)
 
 
-def is_number(value) -> bool:
-    """A finite int or float (not a bool, None, NaN, inf or a string from a hand-edited file)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def number(value, spec: str) -> str:
     """`value` formatted with `spec`; 'not finite' for NaN and inf, '—' for anything else that is no number."""
-    if is_number(value):
+    if is_finite_number(value):
         return format(value, spec)
     return "not finite" if isinstance(value, float) else "—"
 
@@ -71,8 +66,8 @@ def render_status(st: Status):
         row("train acc", f"{number((m.get('acc') or [None])[-1], '.3f')}  {sparkline(m.get('acc') or [])}")
     if m.get("val_acc"):
         row("val acc", f"{number(m['val_acc'][-1], '.3f')}  {sparkline(m['val_acc'])}  (per epoch)")
-    if is_number(st.images_per_sec) and st.images_per_sec and state in (State.RUNNING, State.STARTING):
-        eta = st.eta_seconds if is_number(st.eta_seconds) else None
+    if is_finite_number(st.images_per_sec) and st.images_per_sec and state in (State.RUNNING, State.STARTING):
+        eta = st.eta_seconds if is_finite_number(st.eta_seconds) else None
         row("speed", f"{st.images_per_sec:.1f} images/s   ETA {duration(eta)}")
     mem = st.memory
     if mem.get("worker") or mem.get("mps_driver_allocated"):
