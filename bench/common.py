@@ -24,14 +24,15 @@ TINY = {
 
 
 def tiny_run(root: Path, name: str, checkpoint: dict | None = None, supervisor: dict | None = None,
-             device: str = "cpu") -> Path:
-    """A run folder with its frozen config over a small synthetic dataset."""
+             device: str = "cpu", per_class: int = 24) -> Path:
+    """A run folder with its frozen config over a small synthetic dataset (4 classes x `per_class` images)."""
     from trainctl.supervisor.demo_data import make_dataset, small_config
     root = Path(root)
-    if not (root / "data").exists():
-        make_dataset(root / "data", per_class_train=24, per_class_val=0, size=40, seed=1)
+    data = "data" if per_class == 24 else f"data-{per_class}"
+    if not (root / data).exists():
+        make_dataset(root / data, per_class_train=per_class, per_class_val=0, size=40, seed=1)
     return frozen_run(root / f"{name}.toml", small_config(
-        name, "data/train", **TINY, checkpoint=checkpoint or {},
+        name, f"{data}/train", **TINY, checkpoint=checkpoint or {},
         supervisor={"keep_awake": False, **(supervisor or {})}, profiles=[{"device": device, "batch_size": 8}]))
 
 
@@ -57,9 +58,10 @@ def subset(folder: Path, count: int) -> Path:
     return out
 
 
-def start_supervisor(run_dir: Path) -> subprocess.Popen:
+def start_supervisor(run_dir: Path, env: dict | None = None) -> subprocess.Popen:
+    """The run's supervisor, detached from our output; `env` adds variables (a fault spec)."""
     return subprocess.Popen([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
 
 def photos(root: Path, count: int = 120, classes: int = 4, seed: int = 0) -> Path:

@@ -7,7 +7,8 @@ Rounds of the same small training (one CPU rung) run under `trainctl service run
 a service manager uses. While a round trains, faults are injected one at a time, each once the
 previous one has been recovered from: SIGKILL / SIGSEGV / SIGBUS / SIGABRT / SIGSTOP (a hang) sent to
 the worker, SIGKILL to the supervisor, SIGKILL to both at once, in-process faults at random steps (a
-Python exception, an out-of-memory error, memory growth past the hard limit), and an exception inside
+Python exception, an out-of-memory error — before a step, and in the middle of one — memory growth past the
+hard limit), and an exception inside
 the supervisor itself (it must stop the worker at a checkpoint and exit 70), and two hostile checkpoint
 faults followed by a SIGKILL: a byte flipped in the newest committed checkpoint (`corrupt_newest`; the
 run must resume from the previous good one), and a forged marker for a step far beyond the run's end,
@@ -80,13 +81,17 @@ FAULTS = {
     "sigabrt": (10, "native_crash"), "hang": (8, "hang"), "supervisor": (10, None), "both": (8, "killed"),
     "exception": (6, "exception"), "oom": (6, "oom"), "memory": (5, "memory_limit"),
     "supervisor_error": (6, "supervisor_error"), "corrupt_newest": (6, "killed"), "forged_marker": (6, "killed"),
+    # in the middle of an optimizer step (after its first micro-batch): the checkpoint at failure must undo the
+    # half-done step (its gradients, BatchNorm statistics) and still end bit-identical
+    "exception_mid_step": (6, "exception"), "oom_mid_step": (6, "oom"),
 }
 SABOTAGE = ("corrupt_newest", "forged_marker")   # damage the checkpoints, then SIGKILL the worker
 FORGED_STEP = 999_999_999
 SIGNALS = {"sigkill": signal.SIGKILL, "sigsegv": signal.SIGSEGV, "sigbus": signal.SIGBUS,
            "sigabrt": signal.SIGABRT, "hang": signal.SIGSTOP}
 IN_PROCESS = {"exception": "exception", "oom": "cpu_oom", "memory": "grow_memory"}
-PLANTED = {**{k: f"train_step:{a}" for k, a in IN_PROCESS.items()}, "supervisor_error": "supervisor:exception"}
+PLANTED = {**{k: f"train_step:{a}" for k, a in IN_PROCESS.items()}, "supervisor_error": "supervisor:exception",
+           "exception_mid_step": "micro_batch:exception", "oom_mid_step": "micro_batch:cpu_oom"}
 NOT_RESTARTED = (ExitCode.OK, *FINAL_EXIT_CODES)   # what the unit does not restart
 
 

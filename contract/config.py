@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import tomlout
-from .config_rules import DEVICES, PRECISIONS, ConfigError, parse_memory_limit, validate  # noqa: F401 (re-exported)
+from .config_rules import (DEVICES, PRECISIONS, ConfigError, parse_duration, parse_growth,  # noqa: F401 (re-exported)
+                           parse_memory_limit, validate)
 
 FROZEN_HEADER = "# Frozen copy written by trainctl"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -76,6 +77,7 @@ class CheckpointSection:
     every_seconds: float = 600.0      # wall clock; 0 = off
     keep_last: int = 3
     async_write: bool = True          # snapshot to memory, write in the background
+    at_failure: bool = True           # a caught failure (exception, OOM error) first writes its last completed step
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,15 @@ class SupervisorSection:
     on_finish: str = ""               # shell command run when the run succeeds
     on_failure: str = ""              # shell command run when the run fails
     log_max_mb: float = 20.0          # rotate logs/*.log past this size (3 old files kept)
+    # The operating system's memory pressure (supervisor/pressure.py): warning -> a checkpoint and empty_cache();
+    # critical, or warning for memory_pressure_sustained_seconds -> checkpoint, stop, next rung.
+    memory_pressure: bool = True
+    memory_pressure_warning: float = 10.0     # Linux PSI "some avg10", percent of time stalled on memory
+    memory_pressure_critical: float = 20.0    # Linux PSI "full avg10", percent
+    memory_pressure_sustained_seconds: float = 120.0   # 0 = a warning never escalates
+    recycle_growth: str = ""          # restart a worker whose memory grew this much since its first steps: "4GB", "50%"
+    step_up_after: float | str = ""   # after this long stable on a lower rung, try the rung above once: "2h", 7200
+    learn_rungs: bool = True          # start below a rung that ran out of memory 3 times lately (supervisor/rung_memory.py)
 
 
 @dataclass(frozen=True)

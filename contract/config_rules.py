@@ -83,6 +83,10 @@ RANGES = {
     ("supervisor", "same_step_limit"): Range(1, 1_000_000),
     ("supervisor", "poll_seconds"): Range(0.01, 60, unit="seconds"),   # a stop or a hang waits up to one poll
     ("supervisor", "log_max_mb"): Range(0.01, 1_000_000, unit="MB"),
+    ("supervisor", "memory_pressure_warning"): Range(0, 100, above=True, unit="percent"),
+    ("supervisor", "memory_pressure_critical"): Range(0, 100, above=True, unit="percent"),
+    ("supervisor", "memory_pressure_sustained_seconds"): Range(0, SECONDS_MAX, unit="seconds"),
+    ("supervisor", "step_up_after"): Range(1, SECONDS_MAX, unit="seconds"),
 }
 
 
@@ -184,6 +188,16 @@ def validate(c, where: str = "config") -> None:
     total = machine_memory()
     for key in ("memory_soft_limit", "memory_hard_limit"):
         _check_memory_limit(where, f"[supervisor] {key}", getattr(s, key), total)
+    try:
+        parse_growth(s.recycle_growth)
+    except ValueError as e:
+        _fail(where, "[supervisor] recycle_growth", s.recycle_growth, f"is not understood ({e})",
+              'use a size like "4GB", a share of the first steps\' footprint like "50%", or "" for off')
+    try:
+        parse_duration(s.step_up_after)
+    except ValueError as e:
+        _fail(where, "[supervisor] step_up_after", s.step_up_after, f"is not understood ({e})",
+              'use a duration like "2h", "90m" or "600s", a number of seconds, or "" for off')
 
 
 def _check_memory_limit(where: str, key: str, text: str, total: int | None) -> None:
@@ -216,6 +230,45 @@ def machine_memory() -> int | None:
 
 _UNITS = {"b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_growth(text: str) -> tuple[int | None, float | None]:
+    """`[supervisor] recycle_growth`: (bytes, None) for a size like '4GB', (None, share) for '50%' of the
+    footprint of the worker's first steps (may exceed 100%), (None, None) for '' (off)."""
+    stripped = text.strip()
+    if stripped.endswith("%"):
+        try:
+            share = float(stripped[:-1])
+        except ValueError:
+            raise ValueError(f"{stripped[:-1]!r} is not a number") from None
+        if not 0 < share <= 10_000 or not math.isfinite(share):
+            raise ValueError("a share must be above 0% and at most 10000%")
+        return None, share / 100
+    if stripped.replace(".", "", 1).isdigit():
+        raise ValueError(f"a bare number has no unit: write \"{stripped}GB\" or a share like \"{stripped}%\"")
+    return parse_memory_limit(stripped, total=1), None
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: float | str) -> float | None:
+    """A duration in seconds from a number of seconds or '2h', '90m', '600s', '1d'; '' is off (None)."""
+    if not isinstance(value, str):
+        return float(value)   # range-checked with the other numbers
+    text = value.strip().lower()
+    if not text:
+        return None
+    number, unit = text[:-1], text[-1]
+    if unit not in _DURATION_UNITS:
+        raise ValueError("expected a number with a unit: s, m, h or d")
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        raise ValueError(f"{number!r} is not a number") from None
+    if not 1 <= seconds <= SECONDS_MAX:
+        raise ValueError(f"a duration must be between 1 second and {SECONDS_MAX} seconds")
+    return seconds
 
 
 def parse_memory_limit(text: str, total: int) -> int | None:

@@ -1,8 +1,10 @@
 """Test-only fault injection: the spec both processes read, inert unless ``TRAINCTL_FAULTS`` is set.
 
-Spec: comma-separated ``point:action[@step][:once|:rungN]``, e.g. ``train_step:sigkill@5:once``.
+Spec: comma-separated ``point:action[@step][:once|:rungN|:armed]``, e.g. ``train_step:sigkill@5:once``.
 ``once`` fires in the first process that reaches it only (a marker file in the run folder remembers
-it), so the next attempt recovers; ``rungN`` fires only on rung N of the ladder (1 = first).
+it), so the next attempt recovers; ``rungN`` fires only on rung N of the ladder (1 = first);
+``armed`` fires once each time a bench arms it by creating ``faults-fired/arm-<action>`` (`arm`), so a
+fault can come at a chosen moment rather than a chosen step.
 The worker's points and actions are in `trainctl.worker.faults`. The supervisor has one point,
 ``supervisor`` (each look at the worker, step = the step the worker reported; it fires from that
 step on, since a look may fall between steps), and one action, ``exception``.
@@ -24,6 +26,7 @@ class Rule:
     step: int | None      # None: at every hit of the point
     once: bool
     text: str             # the rule as written (names its `once` marker)
+    armed: bool = False   # fires only while its arm file exists (and removes it)
 
 
 def parse(spec: str, rung_index: int | None = None) -> list[Rule]:
@@ -39,7 +42,7 @@ def parse(spec: str, rung_index: int | None = None) -> list[Rule]:
         if "@" in action:
             action, at = action.split("@")
             step = int(at)
-        rules.append(Rule(point, action, step, flag == "once", item))
+        rules.append(Rule(point, action, step, flag == "once", item, flag == "armed"))
     return rules
 
 
@@ -57,6 +60,11 @@ class Injector:
                 continue
             if rule.step is not None and (step is None or (step < rule.step if from_step_on else step != rule.step)):
                 continue
+            if rule.armed:
+                try:
+                    arm_path(self.run_dir, rule.action).unlink()
+                except FileNotFoundError:
+                    continue   # not armed now
             if rule.once:
                 marker = self.run_dir / FAULTS_FIRED_DIR / rule.text.replace(":", "_").replace("@", "_")
                 if marker.exists():
@@ -65,6 +73,18 @@ class Injector:
                 marker.write_text(str(os.getpid()))
             fired.append(rule.action)
         return fired
+
+
+def arm_path(run_dir: Path, action: str) -> Path:
+    """The file that arms the `armed` rules of `action` for one firing."""
+    return Path(run_dir) / FAULTS_FIRED_DIR / f"arm-{action}"
+
+
+def arm(run_dir: Path, action: str) -> None:
+    """Arm `action`'s `armed` rules: the next process to reach their point fires once."""
+    path = arm_path(run_dir, action)
+    path.parent.mkdir(exist_ok=True)
+    path.touch()
 
 
 def from_env(run_dir: Path, rung_index: int | None = None) -> Injector:

@@ -71,6 +71,7 @@ def check_transition(old: State, new: State) -> None:
 class Event(str, Enum):
     """The kinds of event in the run's journal (journal.sqlite3), each with its own JSON details."""
     SUPERVISOR_START = "supervisor_start"     # a supervisor took the run: pid, python
+    START_RUNG = "start_rung"                 # a new run starts below its first rung (rung memory): reason
     SUPERVISOR_ERROR = "supervisor_error"     # the supervisor itself failed: traceback, what it did then
     JOURNAL_RESET = "journal_reset"           # the journal was damaged, deleted or replaced: reason, kept (its old file)
     BUDGET_RESET = "budget_reset"             # a person resumed: the restart budget starts afresh
@@ -83,9 +84,12 @@ class Event(str, Enum):
     HANG_DETECTED = "hang_detected"           # phase, silent_seconds
     MEMORY_SOFT_LIMIT = "memory_soft_limit"   # worker, limit (bytes)
     MEMORY_HARD_LIMIT = "memory_hard_limit"
+    MEMORY_PRESSURE = "memory_pressure"       # the system's pressure level changed: level, source, figures, action
+    RECYCLE = "recycle"                       # a planned restart on the same rung: worker, baseline, growth, limit
     EXIT = "exit"                             # an attempt ended: failure kind, signal, exit code, evidence...
     RESTART = "restart"                       # delay, reason
-    STEP_DOWN = "step_down"                   # from, to (0-based rung indices), reason, same_step
+    STEP_DOWN = "step_down"                   # from, to (0-based rung indices), reason, same_step, after_step_up
+    STEP_UP = "step_up"                       # from, to, reason: a planned climb after stable progress
     GIVE_UP = "give_up"                       # reason, evidence
     FINISH = "finish"                         # model
     HOOK = "hook"                             # command, exit_code
@@ -97,3 +101,6 @@ class Kill(str, Enum):
     HANG = "hang"                   # no progress: SIGABRT for the stacks, then SIGKILL
     MEMORY_SOFT = "memory_soft"     # past the soft limit: SIGTERM, it checkpoints, next rung
     MEMORY_HARD = "memory_hard"     # past the hard limit: SIGKILL at once
+    MEMORY_PRESSURE = "memory_pressure"   # the system's memory pressure critical: SIGTERM, it checkpoints, next rung
+    RECYCLE = "recycle"             # its memory grew past recycle_growth: SIGTERM, it checkpoints, a fresh one, same rung
+    STEP_UP = "step_up"             # stable long enough on a lower rung: SIGTERM, it checkpoints, the rung above

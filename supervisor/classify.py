@@ -13,6 +13,7 @@ from enum import Enum
 from trainctl.contract.lifecycle import Kill
 from trainctl.contract.protocol import ExitCode
 
+from .memory_watch import pressure_words
 from .text import gib
 
 NATIVE_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE}
@@ -37,6 +38,10 @@ class Kind(str, Enum):
     DIVERGED = "diverged"              # the loss stopped being a number
     DATA_ERROR = "data_error"          # the data went away or changed under the run
     NO_CHECKPOINT = "no_checkpoint"    # checkpoints exist but none verifies: never silently start over
+    # Planned ends, neither failures nor stops: the policy starts the next worker at once, on the same rung
+    # (recycled: its memory grew past [supervisor] recycle_growth) or the rung above (step_up_after).
+    RECYCLED = "recycled"
+    STEPPED_UP = "stepped_up"
 
 
 CANNOT_CONTINUE_KINDS = {Kind.DIVERGED.value, Kind.DATA_ERROR.value, Kind.NO_CHECKPOINT.value}
@@ -50,6 +55,7 @@ class MemorySample:
     available: int           # system memory available
     total: int
     swap_used: int = 0
+    pressure: dict | None = None   # the system's memory pressure (pressure.Reading.to_json()); None: no signal here
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,17 @@ def classify(ended: Exit, memory_history: list[MemorySample], soft_limit: int | 
         how = ("checkpointed and stopped at the soft memory limit" if ended.we_killed is Kill.MEMORY_SOFT
                else "killed at the hard memory limit")
         return Failure(Kind.MEMORY_LIMIT, f"{how} (worker used {gib(memory.get('worker'))})", **base)
+    if ended.we_killed is Kill.MEMORY_PRESSURE:
+        said = _pressure_words(memory_history)
+        return Failure(Kind.MEMORY_LIMIT, f"checkpointed and stopped under memory pressure ({said}; worker used "
+                                          f"{gib(memory.get('worker'))})", decided_by=said, **base)
     if rc == ExitCode.OK:
         return Failure(Kind.DONE, "training finished", **base)
+    planned = PLANNED.get(ended.we_killed)
+    if planned is not None and (rc == ExitCode.STOPPED or sig in ("SIGTERM", "SIGKILL")):
+        kind, what = planned
+        how = "checkpointed and stopped" if rc == ExitCode.STOPPED else f"ended by {sig} before it could checkpoint"
+        return Failure(kind, f"{how} for {what}", **base)
     if rc == ExitCode.STOPPED:
         return Failure(Kind.STOPPED, "stopped after a checkpoint", **base)
     if rc == ExitCode.CONFIG_ERROR:
@@ -140,6 +155,17 @@ def classify(ended: Exit, memory_history: list[MemorySample], soft_limit: int | 
                        evidence=ended.error.get("traceback", ""), **base)
     return Failure(Kind.EXCEPTION, f"exit code {rc} without an error report",
                    evidence=ended.output_tail, **base)
+
+
+# The supervisor's planned ends of a worker: the kind, and what for.
+PLANNED = {Kill.RECYCLE: (Kind.RECYCLED, "a fresh worker on the same rung (its memory grew)"),
+           Kill.STEP_UP: (Kind.STEPPED_UP, "a try of the rung above (stable long enough on this one)")}
+
+
+def _pressure_words(history: list[MemorySample]) -> str:
+    """The last pressure reading before the exit, in words."""
+    reading = next((s.pressure for s in reversed(history) if s.pressure), None)
+    return f"{reading.get('level')}, {pressure_words(reading)}" if reading else "the system's memory pressure"
 
 
 def _last_line(output: str) -> str:

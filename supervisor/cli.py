@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "training).")
     s.add_argument("--config", required=True, type=Path, help="the run's TOML config")
     s.add_argument("--foreground", action="store_true", help="stay attached with a live display (services use this)")
+    s.add_argument("--rung", type=int, help="start on this rung of the ladder (1 = first; default: the first, or "
+                                            "lower where this machine's rung memory says so)")
     s.set_defaults(func=cmd_start)
     s = command("status", "what a run is doing, or what happened to it",
                 "What a run is doing, or what happened to it, from its folder alone (supervisor alive or not).")
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- start / resume --------------------------------------------------------------------------------
 def cmd_start(args) -> int:
     """Check all that can be checked, then create the run folder and start: a refused start writes nothing."""
-    return control.start(args.config, args.foreground)[1]
+    return control.start(args.config, args.foreground, args.rung)[1]
 
 
 def cmd_resume(args) -> int:

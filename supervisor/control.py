@@ -56,10 +56,13 @@ def translated():
 
 # ---- start / resume --------------------------------------------------------------------------------
 @translated()
-def start(config: Path, foreground: bool = False) -> tuple[Path, int]:
+def start(config: Path, foreground: bool = False, rung: int | None = None) -> tuple[Path, int]:
     """`trainctl start`: check all that can be checked, then create the run folder and start; a refused start
-    writes nothing. The run folder and the exit code (detached: OK once the worker trains; foreground: the run's)."""
+    writes nothing. The run folder and the exit code (detached: OK once the worker trains; foreground: the run's).
+    `rung` (from 1) starts there; None: the first, or lower where this machine's rung memory says so."""
     cfg = load(config)
+    if rung is not None and not 1 <= rung <= len(cfg.profiles):
+        raise Refused(f"--rung {rung}: the ladder has rungs 1..{len(cfg.profiles)}", ExitCode.USAGE)
     check_new_run(cfg)
     check_data(cfg)
     run_dir = cfg.run_dir
@@ -69,7 +72,7 @@ def start(config: Path, foreground: bool = False) -> tuple[Path, int]:
         check_can_start(run_dir)
         clear_history(run_dir)
         freeze(run_dir, cfg)
-        return run_dir, launch(run_dir, None, foreground, start_lock=start_lock)
+        return run_dir, launch(run_dir, None if rung is None else rung - 1, foreground, start_lock=start_lock)
 
 
 @translated()

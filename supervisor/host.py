@@ -1,6 +1,6 @@
 """Everything the supervisor does outside the run folder, in one seam: processes, the sleep inhibitor,
-memory, the OOM-kill records, the clock, the service manager. `Host()` is the real machine; tests pass fakes for all of it,
-so the loop runs without a single process.
+memory and its pressure, the OOM-kill records, the clock, the service manager. `Host()` is the real
+machine; tests pass fakes for all of it, so the loop runs without a single process.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from . import memory, oomkill, process
+from . import memory, oomkill, pressure, process
 from .awake import KeepAwake
 from .classify import MemorySample, OomEvidence
 from .notify import Notifier
@@ -45,6 +45,8 @@ class Host:
     keep_awake: Callable[[str, int, Callable[[str], None]], Inhibitor] = KeepAwake   # run name, pid, echo
     sample_memory: Callable[[int, int], MemorySample] = memory.sample               # worker pid, device bytes
     total_memory: Callable[[], int] = memory.total_memory
+    # the system's memory-pressure level, read at every look (built once with the run's thresholds)
+    pressure_reader: Callable[[pressure.Thresholds], pressure.Reader] = pressure.Reader
     # the kernel's oom_kill counters at a spawn (worker pid); after a SIGKILL we did not send, what they (or jetsam) say
     oom_baseline: Callable[[int], oomkill.Baseline] = oomkill.baseline
     oom_evidence: Callable[[oomkill.Baseline], OomEvidence | None] = oomkill.evidence

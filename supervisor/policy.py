@@ -9,6 +9,9 @@
 - Other crashes → restart on the same rung after backoff[n], while the rung's failures since its
   last real progress (a newer committed checkpoint) stay within `max_restarts_per_profile`;
   then step down; past the last rung → give up.
+- Planned ends (the supervisor's own, after a checkpoint): recycled → a fresh worker on the same rung,
+  stepped_up → the rung above, both at once and outside the budget. A failure on a rung climbed to
+  → back down at once, and no more climbing in this run (the supervisor reads that from the journal).
 
 The history outlives the supervisor: `recall` rebuilds it from the journal, so a supervisor that
 died and was started again (a service restart, a reboot) gets the same answer as one that did not.
@@ -24,7 +27,7 @@ from trainctl.contract.lifecycle import Event
 
 from .classify import Kind
 
-CLEAN = (Kind.DONE, Kind.STOPPED)
+CLEAN = (Kind.DONE, Kind.STOPPED, Kind.RECYCLED, Kind.STEPPED_UP)   # not failures: no budget, no backoff
 # Restarting cannot help: a person must change something first.
 GIVE_UP_AT_ONCE = (Kind.CONFIG_ERROR, Kind.DISK_FULL, Kind.DIVERGED, Kind.DATA_ERROR, Kind.NO_CHECKPOINT)
 
@@ -52,7 +55,9 @@ class Do(str, Enum):
     FINISH = "finish"
     STOP = "stop"
     RESTART = "restart"
+    RECYCLE = "recycle"
     STEP_DOWN = "step_down"
+    STEP_UP = "step_up"
     GIVE_UP = "give_up"
 
 
@@ -63,6 +68,7 @@ class Action:
     delay: float = 0.0
     reason: str = ""
     same_step: int | None = None   # set when the reason is "crashes again and again at this step"
+    after_step_up: bool = False    # down again from a rung climbed to: no more climbing in this run
 
 
 def decide(history: list[Attempt], ladder_size: int, s: Settings) -> Action:
@@ -73,11 +79,19 @@ def decide(history: list[Attempt], ladder_size: int, s: Settings) -> Action:
         return Action(Do.FINISH, rung, reason="training finished")
     if cur.kind is Kind.STOPPED:
         return Action(Do.STOP, rung, reason="stopped on request")
+    if cur.kind is Kind.RECYCLED:
+        return Action(Do.RECYCLE, rung, reason=cur.detail)
+    if cur.kind is Kind.STEPPED_UP:
+        return Action(Do.STEP_UP, max(rung - 1, 0), reason=cur.detail)
     if cur.kind in GIVE_UP_AT_ONCE:
         return Action(Do.GIVE_UP, rung, reason=f"{cur.kind.value}: {cur.detail}")
     failed = [a for a in history if a.kind not in CLEAN]
     if cur.kind is Kind.BOOT_FAILURE and len(failed) >= 2 and failed[-2].kind is Kind.BOOT_FAILURE:
         return Action(Do.GIVE_UP, rung, reason=f"the worker failed to start twice in a row: {cur.detail}")
+    if _climbed_to(history, rung) and rung + 1 < ladder_size:
+        return Action(Do.STEP_DOWN, rung + 1, s.backoff_seconds[0],
+                      f"rung {rung + 1} failed again after the step up ({cur.kind.value}: {cur.detail}); "
+                      f"staying on rung {rung + 2} for the rest of the run", after_step_up=True)
     failures = _failures_since_progress(history, rung)
     delay = s.backoff_seconds[min(failures - 1, len(s.backoff_seconds) - 1)]
     same = _same_step_failures(failed, rung)
@@ -115,6 +129,14 @@ def _failures_since_progress(history: list[Attempt], rung: int) -> int:
     return count
 
 
+def _climbed_to(history: list[Attempt], rung: int) -> bool:
+    """The run came to `rung` by a step up (the attempts on it since then are the latest ones)."""
+    for a in reversed(history[:-1]):
+        if a.rung_index != rung:
+            return a.kind is Kind.STEPPED_UP and a.rung_index == rung + 1
+    return False
+
+
 def _same_step_failures(failed: list[Attempt], rung: int) -> int:
     """How many of the latest failed attempts on `rung` failed at the step the last one failed at."""
     last = failed[-1]
@@ -134,6 +156,7 @@ class Past:
     rung_index: int | None = None      # the rung the run is on (None: no attempt yet)
     history: list[Attempt] = field(default_factory=list)   # since the last budget reset
     forgotten: int = 0                 # attempts before that reset
+    may_step_up: bool = True           # no rung climbed to has failed yet in this run
 
 
 def recall(events: list[dict]) -> Past:
@@ -142,12 +165,16 @@ def recall(events: list[dict]) -> Past:
     rung = None
     history: list[Attempt] = []
     forgotten = 0
+    may_step_up = True
     for e in events:
         kind, d = e["kind"], e["data"]
         if kind == Event.SPAWN:
             attempt, rung = max(attempt, e["attempt"] or 0), e["rung"]
         elif kind == Event.STEP_DOWN:
             restarts, rung = restarts + 1, d["to"]
+            may_step_up = may_step_up and not d.get("after_step_up")
+        elif kind == Event.STEP_UP:
+            rung = d["to"]
         elif kind == Event.RESTART:
             restarts += 1
         elif kind == Event.BUDGET_RESET:
@@ -155,4 +182,4 @@ def recall(events: list[dict]) -> Past:
         elif kind == Event.EXIT:
             history.append(Attempt(e["rung"], Kind(d["failure"]), d.get("detail") or "", e["step"],
                                    d.get("epoch"), d.get("cursor"), bool(d.get("progressed"))))
-    return Past(attempt, restarts, rung, history, forgotten)
+    return Past(attempt, restarts, rung, history, forgotten, may_step_up)

@@ -102,6 +102,12 @@ def summarize(events: list[dict]) -> dict:
             f"{e['data']['failure']} on rung {e['rung'] + 1}" for e in crashes)),
         "step_downs": [{"from": e["data"]["from"] + 1, "to": e["data"]["to"] + 1, "reason": e["data"]["reason"],
                         "at": e["time"]} for e in events if e["kind"] == Event.STEP_DOWN],
+        "step_ups": [{"from": e["data"]["from"] + 1, "to": e["data"]["to"] + 1, "reason": e["data"]["reason"],
+                      "at": e["time"]} for e in events if e["kind"] == Event.STEP_UP],
+        "recycles": sum(1 for e in events if e["kind"] == Event.RECYCLE),
+        "memory_pressure": dict(collections.Counter(
+            f"{e['data'].get('level')}: {e['data'].get('action')}" for e in events
+            if e["kind"] == Event.MEMORY_PRESSURE and e["data"].get("action") != "none")),
         "checkpoints_written": sum(e["data"].get("checkpoints_written") or 0 for e in exits),
         "checkpoints_at_failure": len(at_failure), "steps_saved_at_failure": sum(at_failure),
     }
@@ -142,6 +148,14 @@ def write(run_dir: Path, state: str, reason: str | None, val_acc: float | None) 
                          f"not in the run: traceback in the journal's supervisor_error event); the run went on")
     lines += [f"  - rung {d['from']} → {d['to']} at {time.strftime('%H:%M:%S', time.localtime(d['at']))}: {d['reason']}"
               for d in s["step_downs"]]
+    if s["step_ups"]:
+        lines.append(f"- step-ups: {len(s['step_ups'])}")
+        lines += [f"  - rung {d['from']} → {d['to']} at {time.strftime('%H:%M:%S', time.localtime(d['at']))}: "
+                  f"{d['reason']}" for d in s["step_ups"]]
+    if s["recycles"]:
+        lines.append(f"- workers recycled: {s['recycles']} (memory grew past recycle_growth; planned, nothing lost)")
+    if s["memory_pressure"]:
+        lines.append("- memory pressure: " + ", ".join(f"{k} x{v}" for k, v in s["memory_pressure"].items()))
     lines += [f"- checkpoints written: {s['checkpoints_written']}" + (
                   f" ({s['checkpoints_at_failure']} at a failure, saving {s['steps_saved_at_failure']} steps from being "
                   f"done again)" if s["checkpoints_at_failure"] else ""),

@@ -32,12 +32,13 @@ from trainctl.contract.protocol import ExitCode, read_heartbeat
 from trainctl.contract.runfolder import (CONFIG_FILE, LOG_DIR, MODEL_FILE, REPORT_FILE, WORKER_LOG,
                                          error_json_path, fault_log_path, newest_checkpoint, read_error)
 
-from . import logfiles, report, runstate, takeover
+from . import logfiles, report, rung_memory, runstate, takeover
 from .classify import Exit, Failure, Kind, MemorySample, classify
 from .diary import Diary
 from .host import Host
 from .journal import read_events
 from .policy import CLEAN, Action, Attempt, Do, Settings, decide, recall
+from .pressure import Thresholds
 from .watch import (Enter, KillGroup, Limits, Ping, Ready, Record, Say, Seen, Send, StartStandby, Tell, Touch,
                     Watch, assess, in_force, recall_pace, take_heartbeat)
 
@@ -76,16 +77,23 @@ class Supervisor:
         self.pace = recall_pace(journaled)   # what earlier attempts taught about this run's speed (hang timeouts)
         saved = runstate.read_state(self.run_dir)
         rung = start_rung if start_rung is not None else past.rung_index
+        if rung is None and saved is not None:
+            rung = saved.rung_index
+        self.learned: str | None = None   # why a new run starts below its first rung (rung_memory), said at start
         if rung is None:
-            rung = saved.rung_index if saved else 0
+            rung, self.learned = rung_memory.start_rung(cfg) if s.learn_rungs else (0, None)
         self.rung_index = min(max(rung, 0), len(cfg.profiles) - 1)
         # The next attempt's number must not reuse evidence/attempt-NNN.*: state.json or the journal may be gone.
         recorded = saved.attempt if saved and isinstance(saved.attempt, int) else 0
         self.attempt = max(past.attempt, recorded, runstate.last_attempt_seen(self.run_dir))
         self.restarts, self.history = past.restarts, list(past.history)
+        self.may_step_up = past.may_step_up   # false once a rung climbed to failed again (policy.recall)
+        self.pressure = (self.host.pressure_reader(Thresholds(s.memory_pressure_warning, s.memory_pressure_critical))
+                         if s.memory_pressure else None)
         self.fresh_budget = fresh_budget
         self.memory: collections.deque[MemorySample] = collections.deque(maxlen=MEMORY_HISTORY)
         self.worker = None
+        self.notes = rung_memory.Notes(cfg)   # what this run teaches the machine's rung memory
         self.oom_baseline = None           # the OOM counters as this attempt began: read at spawn and after a SIGKILL
         self.watch: Watch | None = None    # the attempt in flight, as last assessed
         self.standby = None
@@ -131,6 +139,9 @@ class Supervisor:
 
     def _supervise(self) -> int:
         self._record(Event.SUPERVISOR_START, pid=os.getpid(), python=sys.executable)
+        if self.learned:
+            self._record(Event.START_RUNG, reason=self.learned)
+            self.echo(self.learned)
         if self.fresh_budget:
             takeover.grant_fresh_budget(self.history, self._record, self.echo)
             self.history = []
@@ -165,6 +176,7 @@ class Supervisor:
             self.worker = self.host.spawn(self.run_dir, self.rung_index, self.attempt, text)
         self.oom_baseline = self.host.oom_baseline(self.worker.pid)
         self.memory.clear()
+        self.notes.spawned()
         self._record(Event.SPAWN, start_step, pid=self.worker.pid,
                      rung=dataclasses.asdict(self.cfg.profiles[self.rung_index]))
         self.echo(f"attempt {self.attempt}: worker pid {self.worker.pid} on rung {self.rung_index + 1} ({text}), "
@@ -172,7 +184,8 @@ class Supervisor:
         self.diary.write(durable=True)
         now = self.host.clock()
         return Watch(self.attempt, self.rung_index, text, self.restarts, start_step or 0, last_progress_at=now,
-                     touched_at=now, checkpoint_step=start_step, started_at=now, pace=self.pace)
+                     touched_at=now, checkpoint_step=start_step, started_at=now, pace=self.pace,
+                     may_step_up=self.may_step_up)
 
     def _follow(self, w: Watch) -> tuple[Watch, int]:
         """Look at the worker every poll until it exits, carrying out what `assess` says."""
@@ -182,9 +195,12 @@ class Supervisor:
             for _ in self.faults.due("supervisor", hb.step if hb else None, from_step_on=True):
                 raise RuntimeError("injected fault: an exception in the supervisor")
             sample = self.host.sample_memory(self.worker.pid, hb.device_memory if hb else 0)
+            if self.pressure is not None and (reading := self.pressure.read()) is not None:
+                sample = dataclasses.replace(sample, pressure=reading.to_json())
             self.memory.append(sample)
             requested, self.checkpoint_requested = self.checkpoint_requested, False
             w, commands = assess(w, self._seen(hb, sample, requested), self.limits)
+            self.notes.beat(w.rung_index, hb.epoch if hb else None)
             self.watch = w
             self._carry_out(w, commands)
             self.diary.flush()
@@ -243,7 +259,7 @@ class Supervisor:
         """Journal the exit and ask the policy what comes next."""
         self._record_exit(w, failure)
         action = decide(self.history, len(self.cfg.profiles), self.settings)
-        if self.stop_requested and action.do in (Do.RESTART, Do.STEP_DOWN):
+        if self.stop_requested and action.do in (Do.RESTART, Do.RECYCLE, Do.STEP_DOWN, Do.STEP_UP):
             action = Action(Do.STOP, action.rung_index, reason="stopped on request")
         return action
 
@@ -254,6 +270,8 @@ class Supervisor:
         progressed = newest is not None and newest.step > w.start_step
         step, epoch, cursor = (hb.step, hb.epoch, hb.cursor) if hb else (None, None, None)
         self.history.append(Attempt(w.rung_index, failure.kind, failure.detail, step, epoch, cursor, progressed))
+        if failure.kind in (Kind.OOM, Kind.MEMORY_LIMIT):
+            self.notes.failed(w.rung_index, failure.kind.value)   # advice for the next run on this machine
         clean = failure.kind in CLEAN
         evidence = (error_json_path(self.run_dir, w.attempt) if failure.kind in ERROR_JSON_KINDS
                     else fault_log_path(self.run_dir, w.attempt))
@@ -270,6 +288,7 @@ class Supervisor:
     def _apply(self, action: Action, failure: Failure) -> int | None:
         """Carry out the policy's action; return the exit code when supervision is over."""
         if action.do is Do.FINISH:
+            self.notes.stable(self.rung_index)
             self._record(Event.FINISH, model=str(self.run_dir / MODEL_FILE))
             self.echo(f"run succeeded: {self.run_dir / MODEL_FILE}")
             return self._end(State.SUCCEEDED, None, ExitCode.OK)
@@ -285,14 +304,27 @@ class Supervisor:
             self._record(Event.GIVE_UP, action.same_step, reason=reason, evidence=failure.evidence[-4000:])
             self.echo(f"giving up: {reason}")
             return self._end(State.FAILED, reason, ExitCode.FAILED)
+        if action.do is Do.RECYCLE:   # planned: no restart counted, no backoff (the journal has its `recycle`)
+            self.echo(f"recycling the worker: a fresh one on rung {self.rung_index + 1}")
+            self._set_state(State.BACKOFF, action.reason)
+            return None
+        if action.do is Do.STEP_UP:
+            self.diary.record(Event.STEP_UP, self.attempt, action.rung_index, **{
+                "from": self.rung_index, "to": action.rung_index, "reason": action.reason})
+            self.echo(f"stepping up to rung {action.rung_index + 1} ({self.cfg.rung_text(action.rung_index)}) to try "
+                      f"it once: {action.reason}")
+            self.rung_index = action.rung_index
+            self._set_state(State.BACKOFF, action.reason)
+            return None
         self.restarts += 1
         if action.do is Do.STEP_DOWN:
             self.diary.record(Event.STEP_DOWN, self.attempt, action.rung_index, **{
                 "from": self.rung_index, "to": action.rung_index, "reason": action.reason,
-                "same_step": action.same_step})
+                "same_step": action.same_step, **({"after_step_up": True} if action.after_step_up else {})})
             self.echo(f"stepping down to rung {action.rung_index + 1} ({self.cfg.rung_text(action.rung_index)}): "
                       f"{action.reason}")
             self.rung_index = action.rung_index
+            self.may_step_up = self.may_step_up and not action.after_step_up
         else:
             self._record(Event.RESTART, delay=action.delay, reason=action.reason)
             self.echo(f"restarting on rung {self.rung_index + 1} in {action.delay:g} s")

@@ -13,6 +13,7 @@ from trainctl.contract.lifecycle import State
 from trainctl.contract.records import Status
 from trainctl.contract.runfolder import is_finite_number
 
+from .memory_watch import pressure_words
 from .text import ago, duration, gib, percent, plural
 
 STATE_STYLE = {State.STARTING: "cyan", State.RUNNING: "green", State.BACKOFF: "yellow", State.STOPPING: "yellow",
@@ -74,6 +75,9 @@ def render_status(st: Status):
         extra = f"  (MPS driver {gib(mem['mps_driver_allocated'])})" if mem.get("mps_driver_allocated") else ""
         row("memory", f"worker {gib(mem.get('worker'))}, system available {gib(mem.get('available'))}"
                                f" of {gib(mem.get('total'))}, swap {gib(mem.get('swap_used'))}{extra}")
+    pressure = mem.get("pressure")
+    if isinstance(pressure, dict) and isinstance(pressure.get("level"), str):   # the OS's signal, where it has one
+        row("pressure", f"{pressure['level']} ({pressure_words(pressure)})")
     ck = st.last_checkpoint
     row("checkpoint", f"step {ck.step}, {duration(ck.age_seconds)} ago"
                       + (f" (at failure: {ck.at_failure})" if ck.at_failure else "") if ck else "none yet")

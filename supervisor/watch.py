@@ -3,9 +3,11 @@
 The loop looks (the worker's heartbeat, a memory sample, the requests that arrived, its clock) and
 asks `assess`, which returns the attempt's new `Watch` and the commands to carry out: signal the
 worker, kill its group, enter a lifecycle state, journal an event, say a line, talk to the service
-manager, touch state.json, start a standby. The verdicts — hang (during boot: the startup timeout),
-soft and hard memory limits, stop and checkpoint requests, the kill deadline, the watchdog ping only
-while the run makes progress — are all made here, and nowhere else.
+manager, touch state.json, start a standby (`commands.py`). The verdicts — hang (during boot: the startup
+timeout), memory (our soft and hard limits, the system's pressure, a leaking worker's recycle:
+`memory_watch.py`, called from here), the planned climb to the rung above (`step_up_after`), stop and
+checkpoint requests, the kill deadline, the watchdog ping only while the run makes progress — are all
+made here, and nowhere else.
 
 Hang timeouts calibrate themselves ("auto", the default): the silence allowed while training is
 HANG_MULTIPLE times the slowest of the recent optimizer steps, or of the checkpoint writes, or (while
@@ -19,14 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from trainctl.contract.config import Config, parse_memory_limit
+from trainctl.contract.config import Config, parse_duration, parse_growth, parse_memory_limit
 from trainctl.contract.lifecycle import Event, Kill, State
 from trainctl.contract.protocol import Heartbeat, Phase
 
 from .classify import MemorySample
+from .commands import Command, Enter, KillGroup, Ping, Ready, Record, Say, Send, StartStandby, Tell, Touch
+from .memory_watch import NORMAL, judge_growth, judge_limits, judge_pressure
 
 ABORT_GRACE_SECONDS = 5.0      # after SIGABRT, time for faulthandler to write the stacks
 TOUCH_SECONDS = 5.0            # state.json is rewritten at least this often while a worker runs
@@ -81,13 +85,22 @@ class Limits:
     soft_limit: int | None = None     # bytes of worker memory
     hard_limit: int | None = None
     warm_standby: bool = False
+    ladder_size: int = 1
+    pressure: bool = False            # act on the system's memory pressure
+    pressure_sustained: float = 0.0   # seconds of warning that count as critical (0: never)
+    recycle_bytes: int | None = None  # recycle_growth as a size ...
+    recycle_share: float | None = None   # ... or as a share of the first steps' footprint
+    step_up_after: float | None = None   # seconds of stable progress on a lower rung before trying the one above
 
     @classmethod
     def of(cls, cfg: Config, total_memory: int) -> Limits:
         s = cfg.supervisor
+        recycle_bytes, recycle_share = parse_growth(s.recycle_growth)
         return cls(_fixed(s.hang_timeout_seconds), _fixed(s.startup_timeout_seconds), s.stop_timeout_seconds,
                    parse_memory_limit(s.memory_soft_limit, total_memory),
-                   parse_memory_limit(s.memory_hard_limit, total_memory), s.warm_standby)
+                   parse_memory_limit(s.memory_hard_limit, total_memory), s.warm_standby, len(cfg.profiles),
+                   s.memory_pressure, s.memory_pressure_sustained_seconds, recycle_bytes, recycle_share,
+                   parse_duration(s.step_up_after))
 
 
 def _fixed(value: float | str) -> float | None:
@@ -117,6 +130,10 @@ class Watch:
     step_seen: int | None = None          # the step of the newest beat, while training
     step_seen_at: float | None = None     # when that step was first seen (None: not timing, e.g. after validation)
     steps_timed: int = 0                  # this attempt's step gaps timed
+    baseline: int = 0                     # the worker's memory over its first steps (what a leak grows from)
+    pressure_level: str = NORMAL          # the system's pressure level last acted on
+    pressure_since: float | None = None   # when the pressure rose above normal
+    may_step_up: bool = True              # no rung climbed to has failed in this run
 
 
 @dataclass(frozen=True)
@@ -131,72 +148,19 @@ class Seen:
     has_standby: bool = False
 
 
-# ---- commands: what the loop carries out, in order -----------------------------------------------
-@dataclass(frozen=True)
-class Send:
-    signal: int                           # to the worker process
-
-
-@dataclass(frozen=True)
-class KillGroup:
-    """SIGKILL the worker's whole process group."""
-
-
-@dataclass(frozen=True)
-class Enter:
-    state: State
-    reason: str | None = None
-
-
-@dataclass(frozen=True)
-class Record:
-    event: Event
-    step: int | None = None
-    data: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Say:
-    message: str
-
-
-@dataclass(frozen=True)
-class Ready:
-    status: str                           # READY=1 to the service manager (once per supervisor)
-
-
-@dataclass(frozen=True)
-class Tell:
-    status: str                           # STATUS= to the service manager
-
-
-@dataclass(frozen=True)
-class Ping:
-    """WATCHDOG=1: the run makes progress."""
-
-
-@dataclass(frozen=True)
-class Touch:
-    """Rewrite state.json (status's 'last seen'), rotate logs, check the sleep inhibitor."""
-
-
-@dataclass(frozen=True)
-class StartStandby:
-    """Boot the next worker now, so it is warm when a crash comes."""
-
-
-Command = Send | KillGroup | Enter | Record | Say | Ready | Tell | Ping | Touch | StartStandby
-
-
 def assess(w: Watch, seen: Seen, limits: Limits) -> tuple[Watch, list[Command]]:
     """The attempt's new Watch and what to do, after one look at a running worker."""
     w, out = take_heartbeat(w, seen, limits)
     state = next((c.state for c in reversed(out) if isinstance(c, Enter)), seen.state)
     now = seen.now
     if seen.memory is not None and w.kill not in (Kill.HANG, Kill.MEMORY_HARD):
-        w = _judge_memory(w, seen.memory.worker, now, limits, out)
+        w = judge_limits(w, seen.memory.worker, now, limits, out)
+        w = judge_pressure(w, seen.memory.pressure, now, limits, out)
+        w = judge_growth(w, seen.memory.worker, now, limits, out)
     if w.kill is None:
         w = _judge_hang(w, now, limits, out)
+    if w.kill is None:
+        w = _judge_step_up(w, now, limits, out)
     if seen.stop_requested and not w.stop_sent:
         if state in (State.STARTING, State.RUNNING):
             out.append(Enter(State.STOPPING, "stop requested"))
@@ -243,9 +207,10 @@ def take_heartbeat(w: Watch, seen: Seen, limits: Limits) -> tuple[Watch, list[Co
     if ckpt.get("step") is not None and ckpt["step"] != w.checkpoint_step:
         w = dataclasses.replace(w, checkpoint_step=ckpt["step"])
         seconds, how = hang_limit(w, limits)
-        at_failure = {"reason": ckpt.get("reason"), "failure": ckpt["failure"]} if ckpt.get("failure") else {}
+        why = {"reason": ckpt["reason"]} if ckpt.get("reason") else {}   # interval, requested, stop, at_failure ...
+        at_failure = {"failure": ckpt["failure"]} if ckpt.get("failure") else {}
         out.append(Record(Event.CHECKPOINT, ckpt["step"], {"path": ckpt.get("path"), "taken": ckpt.get("taken"),
-                                                           **at_failure, "pace": w.pace.to_json(),
+                                                           **why, **at_failure, "pace": w.pace.to_json(),
                                                            "hang_timeout": {"seconds": seconds, "how": how}}))
     return w, out
 
@@ -268,19 +233,6 @@ def _time_pace(w: Watch, hb: Heartbeat, now: float) -> Watch:
         pace = dataclasses.replace(pace, steps=(pace.steps + (round(now - w.step_seen_at, 3),))[-RECENT_STEPS:])
         timed += 1
     return dataclasses.replace(w, pace=pace, step_seen=hb.step, step_seen_at=now, steps_timed=timed)
-
-
-def _judge_memory(w: Watch, used: int, now: float, limits: Limits, out: list) -> Watch:
-    if limits.hard_limit and used >= limits.hard_limit:
-        out += [Record(Event.MEMORY_HARD_LIMIT, data={"worker": used, "limit": limits.hard_limit}),
-                Say(f"worker memory {used / 2**30:.2f} GiB is past the hard limit: killing it"), KillGroup()]
-        return dataclasses.replace(w, kill=Kill.MEMORY_HARD)
-    if limits.soft_limit and used >= limits.soft_limit and w.kill is None:
-        out += [Record(Event.MEMORY_SOFT_LIMIT, data={"worker": used, "limit": limits.soft_limit}),
-                Say(f"worker memory {used / 2**30:.2f} GiB is past the soft limit: checkpoint and stop, "
-                    f"then continue on the next rung"), Send(signal.SIGTERM)]
-        return dataclasses.replace(w, kill=Kill.MEMORY_SOFT, kill_deadline=now + limits.stop_timeout)
-    return w
 
 
 def startup_limit(pace: Pace, limits: Limits) -> tuple[float, str]:
@@ -349,6 +301,18 @@ def _judge_hang(w: Watch, now: float, limits: Limits, out: list) -> Watch:
                 f"(allowed {limit:g} s, {how})"),
             Send(signal.SIGABRT), Send(signal.SIGCONT)]   # a stopped (SIGSTOP) process must run to take the SIGABRT
     return dataclasses.replace(w, kill=Kill.HANG, kill_deadline=now + ABORT_GRACE_SECONDS)
+
+
+def _judge_step_up(w: Watch, now: float, limits: Limits, out: list) -> Watch:
+    """Stable long enough below the top rung, progressing, memory calm: checkpoint, stop, try the rung above once."""
+    hb = w.heartbeat
+    if (limits.step_up_after is None or not w.may_step_up or w.rung_index == 0 or not w.ready or hb is None
+            or hb.phase is not Phase.TRAINING or hb.step <= w.start_step or w.pressure_level != NORMAL
+            or now - w.started_at < limits.step_up_after):
+        return w
+    out += [Say(f"stable on rung {w.rung_index + 1} for {now - w.started_at:.0f} s (step_up_after): checkpoint, "
+                f"stop, and try rung {w.rung_index} once"), Send(signal.SIGTERM)]
+    return dataclasses.replace(w, kill=Kill.STEP_UP, kill_deadline=now + limits.stop_timeout)
 
 
 def _tell_service_manager(w: Watch, state: State, now: float, limits: Limits,

@@ -28,6 +28,13 @@ TEST_RUN = {
 LONG = {"epochs": 12}     # [train] of a 72-step run: time to hit a worker mid-training
 
 
+@pytest.fixture(autouse=True)
+def own_state_home(tmp_path_factory, monkeypatch):
+    """Each test its own $XDG_STATE_HOME (the registry of runs, the rung memory), inherited by the processes it
+    starts: a test's OOM must not make a later test's run start a rung lower, nor touch the person's home."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> tuple[Path, Path]:
     """4 classes x 24 training images (JPEG and PNG), 6 validation images each."""
@@ -60,6 +67,19 @@ def run_worker(run_dir: Path, rung: int = 1, attempt: int = 1, faults: str = "",
     return subprocess.run([sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir), "--rung",
                            str(rung), "--attempt", str(attempt)], env=env, capture_output=True, text=True,
                           timeout=timeout, **popen)
+
+
+def write_file(path: Path, text: str) -> Path:
+    """`text` into `path`, its folders made: fixture trees (/proc, /sys/fs/cgroup) in a temporary folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def roots(tmp_path):
+    """An empty /proc and /sys/fs/cgroup to fill."""
+    return tmp_path / "proc", tmp_path / "cgroup"
 
 
 def photo(w: int, h: int, seed: int = 0, noise: float = 8):

@@ -72,3 +72,19 @@ def test_the_timeouts_take_auto_or_a_number_and_nothing_else(tmp_path, dataset):
             make_run(tmp_path, "bad", config_text("bad", dataset, supervisor={key: "soon"}))
     with pytest.raises(ConfigError, match=r"hang_timeout_seconds = 0\.0 is out of range"):
         make_run(tmp_path, "zero", config_text("zero", dataset, supervisor={"hang_timeout_seconds": 0}))
+
+
+@pytest.mark.soak
+def test_a_run_whose_every_step_is_slower_than_the_floor_is_not_killed_for_being_slow(tmp_path, dataset):
+    """Every step takes 35 s (the `slow` fault), longer than the 30 s floor: the first two pass under the start-up
+    allowance, the rest under 5 x the slowest step seen. (`pytest -m soak`: about three minutes of sleeping.)"""
+    run_dir = make_run(tmp_path, "slow", config_text("slow", dataset, train={"epochs": 1, "effective_batch_size": 24},
+                                                      supervisor={"hang_timeout_seconds": "auto"}))
+    env = {**os.environ, "TRAINCTL_FAULTS": "train_step:slow"}
+    result = subprocess.run([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and read_state(run_dir).state == "succeeded", result.stdout + result.stderr
+    assert events(run_dir, "hang_detected") == [] and [e["data"]["failure"] for e in events(run_dir, "exit")] == ["done"]
+    learned = [e["data"]["hang_timeout"] for e in events(run_dir, "checkpoint") if "slowest recent step" in
+               e["data"].get("hang_timeout", {}).get("how", "")]
+    assert learned and learned[-1]["seconds"] >= 5 * 35, events(run_dir, "checkpoint")

@@ -185,3 +185,16 @@ def test_a_checkpoint_request_arriving_during_a_snapshot_is_answered_not_swallow
     commits = [line for line in result.stdout.splitlines() if "committed" in line]
     assert any("checkpoint at step 3 committed" in line and "interval" in line for line in commits), commits
     assert any("checkpoint at step 4 committed" in line and "requested" in line for line in commits), commits
+
+
+def test_an_armed_fault_fires_once_per_arming_in_whichever_process_reaches_it(tmp_path):
+    """The benches' faults at a chosen moment (bench/goodput.py --catchable): armed by a file, fired once each."""
+    from trainctl.contract.faults import Injector, arm, parse
+    injector = Injector(parse("train_step:exception:armed,train_step:cpu_oom:armed"), tmp_path)
+    assert injector.due("train_step", 3) == []
+    arm(tmp_path, "cpu_oom")
+    assert injector.due("train_step", 4) == ["cpu_oom"] and injector.due("train_step", 5) == []
+    arm(tmp_path, "exception")
+    arm(tmp_path, "exception")   # arming twice before it fires is one firing
+    assert injector.due("micro_batch", 6) == [] and injector.due("train_step", 6) == ["exception"]
+    assert injector.due("train_step", 7) == []

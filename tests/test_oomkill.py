@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LONG, config_text, events, make_run, wait_for
 
 from trainctl.contract import fsio
 from trainctl.contract.config import load
@@ -23,6 +22,8 @@ from trainctl.supervisor.classify import Exit, Kind, MemorySample, OomEvidence, 
 from trainctl.supervisor.host import Host
 from trainctl.supervisor.notify import Notifier
 from trainctl.supervisor.supervise import Supervisor
+
+from conftest import LONG, config_text, events, make_run, wait_for, write_file
 
 GiB = 2**30
 PID = 4242
@@ -46,22 +47,10 @@ def oom_control(oom_kill: int) -> str:
     return f"oom_kill_disable 0\nunder_oom 0\noom_kill {oom_kill}\n"
 
 
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture
-def roots(tmp_path):
-    """An empty /proc and /sys/fs/cgroup to fill."""
-    return tmp_path / "proc", tmp_path / "cgroup"
-
-
 def v2_machine(proc, sys_root, vm=3, cg=0):
-    write(proc / "vmstat", vmstat(vm))
-    write(proc / str(PID) / "cgroup", V2_CGROUP)
-    return write(sys_root / USER_SERVICE.lstrip("/") / "memory.events", memory_events(cg))
+    write_file(proc / "vmstat", vmstat(vm))
+    write_file(proc / str(PID) / "cgroup", V2_CGROUP)
+    return write_file(sys_root / USER_SERVICE.lstrip("/") / "memory.events", memory_events(cg))
 
 
 # ---- Linux counters, from fixture files -------------------------------------------------------------------
@@ -70,8 +59,8 @@ def test_a_rise_of_the_workers_cgroup_counter_is_a_certain_oom(roots):
     events_file = v2_machine(proc, sys_root)
     before = oomkill.baseline(PID, proc, sys_root)
     assert before.cgroup.value == 0 and before.vmstat.value == 3
-    write(events_file, memory_events(1))
-    write(proc / "vmstat", vmstat(4))
+    write_file(events_file, memory_events(1))
+    write_file(proc / "vmstat", vmstat(4))
     found = oomkill.evidence(before, jetsam_folders=[], jetsam_wait=0)
     assert found == OomEvidence(True, f"cgroup memory.events oom_kill +1 ({USER_SERVICE})")
     failure = classify(Exit(-signal.SIGKILL, oom_evidence=found), CALM, 20 * GiB)
@@ -83,7 +72,7 @@ def test_no_rise_in_the_cgroup_is_no_oom_even_when_another_process_was_oom_kille
     proc, sys_root = roots
     v2_machine(proc, sys_root)
     before = oomkill.baseline(PID, proc, sys_root)
-    write(proc / "vmstat", vmstat(4))                   # the kernel killed something, outside our cgroup
+    write_file(proc / "vmstat", vmstat(4))                   # the kernel killed something, outside our cgroup
     found = oomkill.evidence(before, jetsam_folders=[], jetsam_wait=0)
     assert not found.oom_killed
     assert "no oom_kill increment (cgroup memory.events" in found.said and "another process" in found.said
@@ -92,25 +81,25 @@ def test_no_rise_in_the_cgroup_is_no_oom_even_when_another_process_was_oom_kille
 
 def test_a_v1_memory_cgroup_counts_on_a_hybrid_system(roots):
     proc, sys_root = roots
-    write(proc / "vmstat", vmstat(0))
-    write(proc / str(PID) / "cgroup", V1_CGROUP)
-    control = write(sys_root / "memory/process_api/a073c694/memory.oom_control", oom_control(2))
-    write(sys_root / "unified/cgroup.procs", "1\n")     # the v2 root has no memory.events
+    write_file(proc / "vmstat", vmstat(0))
+    write_file(proc / str(PID) / "cgroup", V1_CGROUP)
+    control = write_file(sys_root / "memory/process_api/a073c694/memory.oom_control", oom_control(2))
+    write_file(sys_root / "unified/cgroup.procs", "1\n")     # the v2 root has no memory.events
     before = oomkill.baseline(PID, proc, sys_root)
     assert before.cgroup.path == control and before.cgroup.value == 2
-    write(control, oom_control(3))
+    write_file(control, oom_control(3))
     assert oomkill.kernel_evidence(before) == OomEvidence(
         True, "cgroup memory.oom_control oom_kill +1 (/process_api/a073c694)")
 
 
 def test_proc_vmstat_decides_when_there_is_no_cgroup_counter(roots):
     proc, sys_root = roots
-    write(proc / "vmstat", vmstat(7))
-    write(proc / str(PID) / "cgroup", "0::/\n")         # the root cgroup: no memory.events
+    write_file(proc / "vmstat", vmstat(7))
+    write_file(proc / str(PID) / "cgroup", "0::/\n")         # the root cgroup: no memory.events
     before = oomkill.baseline(PID, proc, sys_root)
     assert before.cgroup is None
     assert oomkill.kernel_evidence(before) == OomEvidence(False, "no oom_kill increment (/proc/vmstat)")
-    write(proc / "vmstat", vmstat(8))
+    write_file(proc / "vmstat", vmstat(8))
     assert oomkill.kernel_evidence(before) == OomEvidence(True, "kernel oom_kill counter +1 (/proc/vmstat)")
 
 
@@ -126,10 +115,10 @@ def test_a_cgroup_that_went_away_or_was_recreated_falls_back_to_proc_vmstat(root
     proc, sys_root = roots
     events_file = v2_machine(proc, sys_root, cg=5)
     before = oomkill.baseline(PID, proc, sys_root)
-    write(events_file, memory_events(0))                 # recreated: counting from 0 again
+    write_file(events_file, memory_events(0))                 # recreated: counting from 0 again
     assert oomkill.kernel_evidence(before).said == "no oom_kill increment (/proc/vmstat)"
     events_file.unlink()
-    write(proc / "vmstat", vmstat(4))
+    write_file(proc / "vmstat", vmstat(4))
     assert oomkill.kernel_evidence(before).said == "kernel oom_kill counter +1 (/proc/vmstat)"
 
 
@@ -165,7 +154,7 @@ def jetsam_ips(folder: Path, when: float, processes: list[dict], bug_type="298",
                            "freeze_skip_reason:": " ", "cpuTime": 1.5, "lifetimeMax": 3000, **p}
                           for p in processes]}
     name = f"JetsamEvent-{time.strftime('%Y-%m-%d-%H%M%S', time.localtime(when))}.ips"
-    path = write(folder / name, json.dumps(header) + "\n" + json.dumps(body, indent=2))
+    path = write_file(folder / name, json.dumps(header) + "\n" + json.dumps(body, indent=2))
     os.utime(path, (mtime or when, mtime or when))
     return path
 
@@ -180,7 +169,7 @@ def test_a_jetsam_report_naming_the_worker_after_its_start_is_oom_evidence(tmp_p
                mtime=start + 60)
     jetsam_ips(user, start + 100, [{"pid": PID + 1, "name": "Safari", "reason": "vm-pageshortage"},
                                    {"pid": PID, "name": "python3.12"}])       # listed, not killed
-    write(system / "JetsamEvent-2026-12-01-999999.ips", "{\"bug_type\":\"298\"}\nnot json")
+    write_file(system / "JetsamEvent-2026-12-01-999999.ips", "{\"bug_type\":\"298\"}\nnot json")
     jetsam_ips(user, start + 200, [{"pid": PID, "name": "python3.12", "reason": "per-process-limit"}],
                bug_type="309")                                                # a crash report, not jetsam
     assert oomkill.jetsam_report(PID, start, folders) is None

@@ -17,6 +17,8 @@ SYSTEM_LOW = CALM + [MemorySample(at=5, worker=3 * GiB, available=GiB // 2, tota
 LONG_AGO = [MemorySample(at=0, worker=19 * GiB, available=GiB // 2, total=24 * GiB),
             MemorySample(at=60, worker=GiB, available=20 * GiB, total=24 * GiB)]
 SOFT = 20 * GiB
+PRESSED = CALM + [MemorySample(at=5, worker=3 * GiB, available=2 * GiB, total=24 * GiB, pressure={
+    "level": "critical", "source": "/proc/pressure/memory", "some_avg10": 55.0, "full_avg10": 31.0})]
 OOM_KILLED = OomEvidence(True, "cgroup memory.events oom_kill +1 (/system.slice/trainctl.service)")
 NOT_OOM = OomEvidence(False, "no oom_kill increment (/proc/vmstat)")
 JETSAM = OomEvidence(True, "jetsam report JetsamEvent-2026-12-01-031522.ips (per-process-limit)")
@@ -73,6 +75,15 @@ CLASSIFY = [
     (Exit(ExitCode.CANNOT_CONTINUE, error={"kind": "no_checkpoint", "message": "none of 3 checkpoints verifies"}), CALM,
      Kind.NO_CHECKPOINT, "verifies"),
     (Exit(ExitCode.CANNOT_CONTINUE, error={"kind": "martian", "message": "m"}), CALM, Kind.EXCEPTION, "m"),
+    # the system's memory pressure: the soft limit's path, saying which signal and its figures
+    (Exit(ExitCode.STOPPED, we_killed=Kill.MEMORY_PRESSURE), PRESSED, Kind.MEMORY_LIMIT,
+     "under memory pressure (critical, /proc/pressure/memory: some avg10 55%, full avg10 31%"),
+    # planned ends: a recycle and a step up, checkpointed, or ended by the stop's signals before they could
+    (Exit(ExitCode.STOPPED, we_killed=Kill.RECYCLE), CALM, Kind.RECYCLED, "checkpointed and stopped for a fresh worker"),
+    (Exit(-signal.SIGKILL, we_killed=Kill.RECYCLE), CALM, Kind.RECYCLED, "ended by SIGKILL before it could checkpoint"),
+    (Exit(ExitCode.STOPPED, we_killed=Kill.STEP_UP), CALM, Kind.STEPPED_UP, "a try of the rung above"),
+    (Exit(0, we_killed=Kill.STEP_UP), CALM, Kind.DONE, "finished"),      # it finished before it could stop
+    (Exit(-signal.SIGSEGV, we_killed=Kill.RECYCLE), CALM, Kind.NATIVE_CRASH, "SIGSEGV"),   # a crash is a crash
 ]
 
 
@@ -150,6 +161,17 @@ DECIDE = [
     ([A(Kind.BOOT_FAILURE), A(Kind.STOPPED), A(Kind.BOOT_FAILURE)], 3, Do.GIVE_UP, 0, 0, "failed to start twice"),
     ([A(Kind.KILLED, step=1), A(Kind.STOPPED, step=2, progressed=True), A(Kind.EXCEPTION, step=3)], 3,
      Do.RESTART, 0, 2.0, "exception"),                                      # ...but its checkpoint is progress
+    # Planned ends: at once, outside the budget; a recycle stays on its rung, a step up climbs one
+    ([A(Kind.KILLED, step=1), A(Kind.KILLED, step=2), A(Kind.RECYCLED, step=3)], 3, Do.RECYCLE, 0, 0, "detail"),
+    ([A(Kind.KILLED, step=1), A(Kind.KILLED, step=2), A(Kind.RECYCLED, step=3), A(Kind.EXCEPTION, step=4)], 3,
+     Do.STEP_DOWN, 1, 2.0, "3 failures on rung 1"),                        # a recycle is not progress either
+    ([A(Kind.OOM, step=2), A(Kind.STEPPED_UP, rung=1, step=9)], 3, Do.STEP_UP, 0, 0, "detail"),
+    # a rung climbed to fails again: back down at once, whatever the kind
+    ([A(Kind.OOM, step=2), A(Kind.STEPPED_UP, rung=1, step=9), A(Kind.KILLED, step=12)], 3, Do.STEP_DOWN, 1, 2.0,
+     "rung 1 failed again after the step up (killed: detail); staying on rung 2"),
+    ([A(Kind.STEPPED_UP, rung=1, step=9), A(Kind.STOPPED, step=10), A(Kind.NATIVE_CRASH, step=12)], 3,
+     Do.STEP_DOWN, 1, 2.0, "after the step up"),
+    ([A(Kind.STEPPED_UP, rung=2, step=9), A(Kind.KILLED, rung=1, step=10)], 3, Do.STEP_DOWN, 2, 2.0, "staying on rung 3"),
 ]
 
 
@@ -206,6 +228,19 @@ def test_recall_rebuilds_what_the_policy_knew_from_the_journal():
     assert [(a.rung_index, a.kind, a.step, a.cursor, a.progressed) for a in past.history] == [
         (0, Kind.KILLED, 3, 48, False), (0, Kind.HANG, 3, 48, True)]
     assert recall([]) == recall([ev(Event.SUPERVISOR_START)]) and recall([]).rung_index is None
+
+
+def test_recall_follows_planned_climbs_and_remembers_a_failed_one():
+    climbed = JOURNAL + [ev(Event.SPAWN, 3, 1), exit_event(3, 1, "stepped_up", 9),
+                         ev(Event.STEP_UP, 3, 0, **{"from": 1, "to": 0})]
+    past = recall(climbed)
+    assert (past.rung_index, past.restarts, past.may_step_up) == (0, 2, True)   # a climb is not a restart
+    fell = climbed + [ev(Event.SPAWN, 4, 0), exit_event(4, 0, "oom", 12),
+                      ev(Event.STEP_DOWN, 4, 1, **{"from": 0, "to": 1, "after_step_up": True})]
+    past = recall(fell)
+    assert (past.rung_index, past.restarts, past.may_step_up) == (1, 3, False)
+    action = decide(recall(climbed).history + [A(Kind.OOM, step=12)], 3, S)
+    assert action.do is Do.STEP_DOWN and action.after_step_up
 
 
 def test_recall_forgets_what_a_budget_reset_granted_and_keeps_counting_attempts():

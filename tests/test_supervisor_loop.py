@@ -11,6 +11,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 from conftest import config_text, make_run
@@ -23,7 +24,9 @@ from trainctl.contract.runfolder import HEARTBEAT_FILE, JOURNAL_FILE, STATE_FILE
 from trainctl.supervisor.classify import MemorySample
 from trainctl.supervisor.host import Host
 from trainctl.supervisor.journal import RETRY_SECONDS, read_events
+from trainctl.supervisor import rung_memory
 from trainctl.supervisor.notify import Notifier
+from trainctl.supervisor.pressure import Level, Reading
 from trainctl.supervisor.runstate import read_state
 from trainctl.supervisor.supervise import Supervisor
 from trainctl.supervisor.watch import ABORT_GRACE_SECONDS
@@ -52,6 +55,7 @@ class World:
         self.workers, self.memory, self.messages = [], 1 * GiB, []
         self.standbys, self.inhibitors = [], []
         self.on_tick = []          # callables run after every tick: what a test does to the world meanwhile
+        self.pressure = None       # the system's memory-pressure level the fake reader reports (None: no signal)
 
     def clock(self):
         return self.now
@@ -77,6 +81,10 @@ class World:
     def sample(self, pid, reported):
         return MemorySample(at=self.now, worker=self.memory, available=20 * GiB, total=24 * GiB)
 
+    def read_pressure(self):
+        return None if self.pressure is None else Reading(Level(self.pressure), "fake /proc/pressure/memory", 50.0,
+                                                          30.0 if self.pressure == "critical" else 1.0)
+
     def keep_awake(self, run_name, pid, echo):
         inhibitor = FakeInhibitor()
         self.inhibitors.append(inhibitor)
@@ -85,7 +93,8 @@ class World:
     def host(self) -> Host:
         return Host(spawn=self.launch, spawn_standby=self.launch_standby, find_orphans=lambda run_dir: [],
                     settle_orphans=lambda found, grace: [], keep_awake=self.keep_awake, sample_memory=self.sample,
-                    total_memory=lambda: 24 * GiB, clock=self.clock, sleep=self.sleep, notifier=Notifier(""))
+                    total_memory=lambda: 24 * GiB, clock=self.clock, sleep=self.sleep, notifier=Notifier(""),
+                    pressure_reader=lambda thresholds: SimpleNamespace(read=self.read_pressure))
 
 
 class FakeInhibitor:
@@ -256,6 +265,94 @@ def test_hard_memory_limit_kills_at_once(tmp_path, dataset):
     assert world.workers[0].killed_at == 2.0 and world.workers[0].signals == []
     assert crashes(events)[0]["data"]["failure"] == "memory_limit"
     assert world.workers[1].rung_index == 1
+
+
+def test_critical_memory_pressure_checkpoints_stops_and_steps_down_and_status_shows_it(tmp_path, dataset):
+    def pressure(sup, world):
+        world.on_tick.append(lambda: setattr(world, "pressure", "critical" if len(world.workers) == 1 and
+                                             world.now >= 3 else "normal"))
+
+    code, sup, world, events = run_world(tmp_path, dataset, [trains, trains_then_finishes], before=pressure)
+    first = world.workers[0]
+    assert first.signals == [signal.SIGTERM] and first.rc == ExitCode.STOPPED   # graceful: it checkpoints
+    said = kinds(events, Event.MEMORY_PRESSURE)[0]["data"]
+    assert (said["level"], said["action"], said["source"]) == ("critical", "step_down", "fake /proc/pressure/memory")
+    ended = kinds(events, Event.EXIT)[0]["data"]
+    assert ended["failure"] == "memory_limit" and "under memory pressure (critical" in ended["detail"]
+    assert kinds(events, Event.STEP_DOWN)[0]["data"]["to"] == 1 and world.workers[1].rung_index == 1
+    assert code == ExitCode.OK and read_state(sup.run_dir).memory["pressure"]["level"] == "normal"
+
+
+def test_a_warning_asks_for_a_checkpoint_once_and_training_goes_on(tmp_path, dataset):
+    def pressure(sup, world):
+        world.on_tick.append(lambda: setattr(world, "pressure", "warning" if 2 <= world.now < 4 else "normal"))
+
+    code, sup, world, events = run_world(tmp_path, dataset, [trains_then_finishes], before=pressure)
+    assert world.workers[0].signals == [signal.SIGUSR1] and code == ExitCode.OK
+    assert [e["data"]["action"] for e in kinds(events, Event.MEMORY_PRESSURE)] == ["checkpoint", "none"]
+
+
+def test_a_leaking_worker_is_recycled_on_the_same_rung_without_using_the_budget(tmp_path, dataset):
+    def leak(sup, world):   # the first worker holds 1 GiB over its first steps, then grows 0.25 GiB a second
+        sup.host.sample_memory = lambda pid, reported: MemorySample(
+            world.now, int((1 + max(0.0, world.now - 12) / 4) * GiB) if len(world.workers) == 1 else GiB,
+            20 * GiB, 24 * GiB)
+
+    code, sup, world, events = run_world(tmp_path, dataset, [trains, trains_then_finishes], before=leak,
+                                         supervisor={"recycle_growth": "1GB", "max_restarts_per_profile": 0})
+    first, second = world.workers
+    assert first.signals == [signal.SIGTERM] and first.rc == ExitCode.STOPPED
+    recycled = kinds(events, Event.RECYCLE)[0]
+    assert recycled["data"]["baseline"] == GiB and recycled["data"]["growth"] >= GiB
+    assert kinds(events, Event.EXIT)[0]["data"]["failure"] == "recycled"
+    assert second.rung_index == 0
+    assert kinds(events, Event.RESTART) == [] and kinds(events, Event.STEP_DOWN) == []   # no budget, no backoff
+    assert code == ExitCode.OK and read_state(sup.run_dir).restarts == 0
+
+
+def test_a_lower_rung_stable_long_enough_climbs_once_and_stays_down_when_that_fails(tmp_path, dataset):
+    def trains_a_minute(w, t):
+        return ("exit", ExitCode.OK) if t >= 60 else ("beat", int(t))
+
+    code, sup, world, events = run_world(
+        tmp_path, dataset, [trains, crash_at_3, trains_a_minute],
+        before=lambda sup, world: setattr(sup, "rung_index", 1), supervisor={"step_up_after": 20})
+    assert [w.rung_index for w in world.workers] == [1, 0, 1] and code == ExitCode.OK
+    assert [e["data"]["failure"] for e in kinds(events, Event.EXIT)] == ["stepped_up", "exception", "done"]
+    up, = kinds(events, Event.STEP_UP)
+    assert (up["data"]["from"], up["data"]["to"]) == (1, 0)
+    down, = kinds(events, Event.STEP_DOWN)
+    assert down["data"]["after_step_up"] and "staying on rung 2" in down["data"]["reason"]
+    assert world.workers[2].signals == []   # stable long enough again, but no second climb in this run
+
+
+def test_a_new_run_starts_below_a_rung_that_ran_out_of_memory_three_times_on_this_machine(tmp_path, dataset):
+    run_dir, cfg = loop_run(tmp_path, dataset)
+    for _ in range(3):   # three earlier runs' OOMs on rung 1 (this test's own $XDG_STATE_HOME: conftest)
+        assert rung_memory.note_memory_failure(rung_memory.key_of(cfg, 0), "oom", "earlier")
+    world = World(run_dir, [trains_then_finishes])
+    assert Supervisor(run_dir, cfg, world.host(), echo=world.messages.append).run() == ExitCode.OK
+    assert [w.rung_index for w in world.workers] == [1]
+    started, = kinds(read_events(run_dir), Event.START_RUNG)
+    assert started["data"]["reason"].startswith("starting on rung 2 (cpu batch 4 x accum 4): rung 1 (cpu batch 8 x "
+                                                "accum 2) ran out of memory 3 times on this machine since ")
+    assert started["data"]["reason"] in world.messages
+    assert rung_memory.load()[rung_memory.key_of(cfg, 1).text()].stable is not None   # it finished there: stable
+
+
+def test_a_memory_failure_is_remembered_for_the_next_run_and_learn_rungs_false_ignores_it(tmp_path, dataset):
+    def oom_at_2(w, t):
+        return ("exit", ExitCode.OUT_OF_MEMORY) if t >= 2 else ("beat", int(t))
+
+    cfg = run_world(tmp_path, dataset, [oom_at_2, trains_then_finishes])[1].cfg
+    entry = rung_memory.load()[rung_memory.key_of(cfg, 0).text()]
+    assert len(entry.memory_failures) == 1 and entry.last_failure_kind == "oom"
+    for _ in range(2):
+        rung_memory.note_memory_failure(rung_memory.key_of(cfg, 0), "oom", "earlier")
+    (tmp_path / "off").mkdir()
+    code, sup, world, events = run_world(tmp_path / "off", dataset, [trains_then_finishes],
+                                         supervisor={"learn_rungs": False})
+    assert [w.rung_index for w in world.workers] == [0] and kinds(events, Event.START_RUNG) == []
 
 
 def test_a_crash_loop_on_the_last_rung_fails_in_bounded_time(tmp_path, dataset):

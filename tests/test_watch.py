@@ -24,14 +24,24 @@ def hb(beat: int, phase: Phase = Phase.TRAINING, step: int = 3, attempt: int = 1
                      total_steps=18, **fields)
 
 
-def mem(gib: float) -> MemorySample:
-    return MemorySample(at=0.0, worker=int(gib * GiB), available=20 * GiB, total=24 * GiB)
+def mem(gib: float, pressure: str | None = None) -> MemorySample:
+    reading = {"level": pressure, "source": "/proc/pressure/memory", "some_avg10": 12.0, "full_avg10": 1.5}
+    return MemorySample(at=0.0, worker=int(gib * GiB), available=20 * GiB, total=24 * GiB,
+                        pressure=reading if pressure else None)
+
+
+PRESSURE = dataclasses.replace(LIMITS, ladder_size=3, pressure=True, pressure_sustained=60)
+RECYCLE = dataclasses.replace(LIMITS, recycle_bytes=GiB)
+STEP_UP = dataclasses.replace(LIMITS, step_up_after=3600)
 
 
 BOOTING = Watch(attempt=1, rung_index=0, rung_text="cpu batch 8 x accum 2", restarts=0, start_step=0,
                 last_progress_at=0.0, touched_at=0.0)
 BOOTED = dataclasses.replace(BOOTING, beat=1, heartbeat=hb(1, Phase.BOOTING, step=0))
 TRAINING = dataclasses.replace(BOOTING, beat=5, heartbeat=hb(5), ready=True, last_progress_at=10.0, touched_at=10.0)
+WARNED = dataclasses.replace(TRAINING, pressure_level="warning", pressure_since=5.0)
+LEARNED = dataclasses.replace(TRAINING, baseline=2 * GiB, heartbeat=hb(5, step=20))   # past its first steps
+LOWER = dataclasses.replace(TRAINING, rung_index=1, heartbeat=hb(5, step=20))
 
 
 def at(now: float, watch: Watch = TRAINING, **seen) -> tuple[Watch, Seen]:
@@ -139,6 +149,64 @@ CASES = [
     ("watchdog: never while trainctl is ending the worker, however it beats",
      at(11, dataclasses.replace(TRAINING, stop_sent=True, kill=Kill.STOP, kill_deadline=31), heartbeat=hb(6)),
      LIMITS, ["Tell"], {}),
+    # the system's memory pressure (pressure.py reads it; here its level): each level acted on once
+    ("pressure warning: a checkpoint now (the worker empties its device cache first)",
+     at(11, heartbeat=hb(6), memory=mem(3, "warning")), PRESSURE,
+     [Record(Event.MEMORY_PRESSURE, None, {**mem(3, "warning").pressure, "action": "checkpoint"}), SAY,
+      Send(signal.SIGUSR1), "Tell", Ping()], {"pressure_level": "warning", "pressure_since": 11, "kill": None}),
+    ("pressure warning again: asked once",
+     at(12, WARNED, heartbeat=hb(6), memory=mem(3, "warning")), PRESSURE, ["Tell", Ping()],
+     {"pressure_level": "warning", "pressure_since": 5.0}),
+    ("pressure warning for memory_pressure_sustained_seconds: as critical, checkpoint, stop, next rung",
+     at(65, WARNED, heartbeat=hb(6), memory=mem(3, "warning")), PRESSURE,
+     [Record(Event.MEMORY_PRESSURE, None, {**mem(3, "warning").pressure, "action": "step_down", "why": "warning for 60 s"}),
+      SAY, Send(signal.SIGTERM), "Tell"], {"kill": Kill.MEMORY_PRESSURE, "kill_deadline": 65 + 20}),
+    ("pressure critical: checkpoint, stop, next rung",
+     at(11, heartbeat=hb(6), memory=mem(3, "critical")), PRESSURE,
+     [Record(Event.MEMORY_PRESSURE, None, {**mem(3, "critical").pressure, "action": "step_down", "why": "critical"}),
+      SAY, Send(signal.SIGTERM), "Tell"], {"kill": Kill.MEMORY_PRESSURE, "pressure_level": "critical"}),
+    ("pressure critical on the last rung: a checkpoint, training goes on",
+     at(11, dataclasses.replace(TRAINING, rung_index=2), heartbeat=hb(6), memory=mem(3, "critical")), PRESSURE,
+     [Record(Event.MEMORY_PRESSURE, None, {**mem(3, "critical").pressure, "action": "checkpoint", "why": "critical"}),
+      SAY, Send(signal.SIGUSR1), "Tell", Ping()], {"kill": None, "pressure_level": "critical"}),
+    ("pressure back to normal: journaled once, the clock reset",
+     at(12, WARNED, heartbeat=hb(6), memory=mem(3, "normal")), PRESSURE,
+     [Record(Event.MEMORY_PRESSURE, None, {**mem(3, "normal").pressure, "action": "none"}), SAY, "Tell", Ping()],
+     {"pressure_level": "normal", "pressure_since": None}),
+    ("pressure with memory_pressure = false: nothing",
+     at(11, heartbeat=hb(6), memory=mem(3, "critical")), LIMITS, ["Tell", Ping()], {"kill": None}),
+    ("pressure while booting: nothing yet (a booting worker cannot checkpoint)",
+     at(1, BOOTING, heartbeat=hb(1, Phase.BOOTING, step=0), memory=mem(3, "critical")), PRESSURE, [Ping()],
+     {"kill": None, "pressure_level": "normal"}),
+    # a leak: the footprint of the first steps is learned, then growth past recycle_growth recycles the worker
+    ("recycle: the first steps' footprint is learned (the most seen)",
+     at(11, dataclasses.replace(TRAINING, baseline=2 * GiB), heartbeat=hb(6, step=4), memory=mem(2.5)), RECYCLE,
+     ["Tell", Ping()], {"baseline": int(2.5 * GiB)}),
+    ("recycle: grown less than allowed after the first steps: nothing",
+     at(11, LEARNED, heartbeat=hb(6, step=21), memory=mem(2.9)), RECYCLE, ["Tell", Ping()],
+     {"kill": None, "baseline": 2 * GiB}),
+    ("recycle: grown by recycle_growth: checkpoint, stop, a fresh worker on the same rung",
+     at(11, LEARNED, heartbeat=hb(6, step=21), memory=mem(3)), RECYCLE,
+     [Record(Event.RECYCLE, 21, {"worker": 3 * GiB, "baseline": 2 * GiB, "growth": GiB, "allowed": GiB}), SAY,
+      Send(signal.SIGTERM), "Tell"], {"kill": Kill.RECYCLE, "kill_deadline": 11 + 20}),
+    ("recycle: a share of the first steps' footprint",
+     at(11, LEARNED, heartbeat=hb(6, step=21), memory=mem(3)), dataclasses.replace(LIMITS, recycle_share=0.5),
+     [Record(Event.RECYCLE, 21, {"worker": 3 * GiB, "baseline": 2 * GiB, "growth": GiB, "allowed": GiB}), SAY,
+      Send(signal.SIGTERM), "Tell"], {"kill": Kill.RECYCLE}),
+    # step_up_after: stable long enough below the top rung, try the rung above once
+    ("step up: stable for step_up_after on rung 2: checkpoint, stop, try rung 1",
+     at(3600, LOWER, heartbeat=hb(6, step=21)), STEP_UP, [SAY, Send(signal.SIGTERM), "Tell"],
+     {"kill": Kill.STEP_UP, "kill_deadline": 3600 + 20}),
+    ("step up: not yet",
+     at(3599, LOWER, heartbeat=hb(6, step=21)), STEP_UP, ["Tell", Ping()], {"kill": None}),
+    ("step up: never again once a rung climbed to has failed in this run",
+     at(3600, dataclasses.replace(LOWER, may_step_up=False), heartbeat=hb(6, step=21)), STEP_UP, ["Tell", Ping()],
+     {"kill": None}),
+    ("step up: not under memory pressure",
+     at(3600, dataclasses.replace(LOWER, pressure_level="warning"), heartbeat=hb(6, step=21)), STEP_UP,
+     ["Tell", Ping()], {"kill": None}),
+    ("step up: not from the top rung",
+     at(3600, LEARNED, heartbeat=hb(6, step=21)), STEP_UP, ["Tell", Ping()], {"kill": None}),
     ("state.json is rewritten every TOUCH_SECONDS (status's 'last seen')",
      (TRAINING, Seen(now=10 + TOUCH_SECONDS, heartbeat=hb(6), state=State.RUNNING)), LIMITS,
      [Touch(), "Tell", Ping()], {"touched_at": 10 + TOUCH_SECONDS}),

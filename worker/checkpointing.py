@@ -12,6 +12,7 @@ import time
 
 from trainctl.contract.runfolder import Committed
 
+from . import device as devicelib
 from .ckptwriter import Writer
 from .report import say
 from .snapshot import capture, shares_training_memory
@@ -54,6 +55,8 @@ class Checkpointing:
         self.step_seconds = took if not self.step_seconds else 0.9 * self.step_seconds + 0.1 * took
         self._collect(self.writer.poll())
         if self._due():
+            if self.requested:   # a person's request, or the system's memory pressure: give the cache back too
+                devicelib.empty_cache(self.t.device)
             self.snapshot("requested" if self.requested else "interval")
         if self.every_steps and self.step - self.committed_step >= self.every_steps:
             started = time.monotonic()

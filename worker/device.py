@@ -80,7 +80,8 @@ def after_micro_batch(profile: Profile, device: torch.device, count: int) -> Non
 
 
 def empty_cache(device: torch.device) -> None:
-    """Hand the allocator's cached blocks back (before a checkpoint at failure: its write must have room)."""
+    """Hand the allocator's cached blocks back (before a checkpoint at failure: its write must have room; on a
+    requested one: the supervisor asks for it under memory pressure)."""
     if device.type == "mps":
         torch.mps.empty_cache()
     elif device.type == "cuda":

@@ -7,7 +7,8 @@ checkpoint-write phases ``ckpt_begin``, ``ckpt_bytes`` (mid-write), ``ckpt_writt
 ``ckpt_committed`` (durable, no marker yet), ``ckpt_marked``, and ``export_written`` (the model folder
 complete under its temporary name, not yet renamed).
 Actions: sigkill, sigsegv, sigbus, sigabrt, sigusr1 (a checkpoint request), exception, mps_oom, cuda_oom, cpu_oom, hang, spin,
-grow_memory (fast, until killed), leak (keeps 40 MB more at every hit), enospc,
+grow_memory (fast, until killed), leak (keeps 40 MB more at every hit), slow (sleeps SLOW_SECONDS: a step that
+takes that long), enospc,
 nan_loss (at ``train_step``: that step's loss comes out NaN, as a diverging run's does).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ CUDA_OOM_TEXT = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.78 Gi
 CPU_OOM_TEXT = ("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
                 "allocate 8589934592 bytes.")
 
+SLOW_SECONDS = 35.0   # longer than the hang timeout's 30 s floor: only a timeout learned from the steps lets it pass
 _SIGNALS = {"sigkill": signal.SIGKILL, "sigsegv": signal.SIGSEGV, "sigbus": signal.SIGBUS,
             "sigabrt": signal.SIGABRT}
 
@@ -67,6 +69,8 @@ class Faults:
         elif action == "hang":
             while True:
                 time.sleep(3600)
+        elif action == "slow":
+            time.sleep(SLOW_SECONDS)
         elif action == "spin":
             while True:
                 pass

@@ -122,6 +122,8 @@ def checkpoint_at_failure(trainer, what: str, exc: BaseException) -> None:
     Its own failure is said and goes no further: the original error decides how the worker exits."""
     if getattr(trainer, "ckpt", None) is None:
         return   # it failed before training began: the newest checkpoint is where it stands
+    if not trainer.cfg.checkpoint.at_failure:
+        return   # [checkpoint] at_failure = false: the newest scheduled checkpoint is where the next attempt starts
     traceback.clear_frames(exc.__traceback__)   # the failed step's activations and graph, held by its frames
     try:
         trainer.checkpoint_at_failure(what)
