@@ -133,8 +133,14 @@ def is_whole(v) -> bool:
 
 
 def is_finite_number(v) -> bool:
-    """A finite int or float (not a bool, None, NaN, inf or a string from a hand-edited file)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float (not a bool, None, NaN, inf, a string from a hand-edited file, or a whole number
+    too large for a float: 400 typed digits would raise OverflowError wherever it is used as one)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _is_hex(v, digits: int) -> bool:

@@ -42,6 +42,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
+from trainctl.contract.runfolder import is_finite_number
+
 from .oomkill import PROC, SYS_CGROUP, cgroup_files
 
 SYSTEM_LABEL = "/proc/pressure/memory"
@@ -243,9 +245,7 @@ def _avg10(fields: str) -> float | None:
 
 def _finite(value) -> float | None:
     """A number JSON can carry: finite floats pass, anything else is None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
+    return float(value) if is_finite_number(value) else None
 
 
 @functools.cache

@@ -17,7 +17,6 @@ the same after a reboot, and a day of error in a seven-day window is harmless.
 from __future__ import annotations
 
 import json
-import math
 import socket
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import filelock
 
 from trainctl.contract import fsio
 from trainctl.contract.config import Config
+from trainctl.contract.runfolder import is_finite_number
 
 from .runs import registry_path
 
@@ -89,22 +89,12 @@ class Entry:
         if not isinstance(obj, dict):
             return None
         failures = obj.get("memory_failures")
-        times = sorted(t for t in (failures if isinstance(failures, list) else []) if is_time(t))
+        times = sorted(t for t in (failures if isinstance(failures, list) else []) if is_finite_number(t))
         stable = obj.get("stable")
         return cls(memory_failures=tuple(float(t) for t in times[-KEEP_FAILURES:]),
-                   stable=float(stable) if is_time(stable) else None,
+                   stable=float(stable) if is_finite_number(stable) else None,
                    last_failure_kind=text_or_empty(obj.get("last_failure_kind")),
                    last_run=text_or_empty(obj.get("last_run")))
-
-
-def is_time(value: Any) -> bool:
-    """A finite number (bools are not times, though JSON's true is an int to Python)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:   # a whole number of 400 digits, typed by hand: no float holds it
-        return False
 
 
 def text_or_empty(value: Any) -> str:
