@@ -1,9 +1,10 @@
 """Recovery time (MTTR): from a worker's SIGKILL to the first optimizer step after the restore.
 
 A tiny model (test_vit, 32 px) trains under a real supervisor with the default backoff; the worker is
-SIGKILLed N times and each recovery is split into: detection, backoff, process start, imports, data
-scan + checkpoint load, model build, sanity check, first step — cold (a new Python process) and warm
-(`warm_standby = true`: a standby worker has already imported torch and timm).
+SIGKILLed N times, each time after it committed a checkpoint (a crash after progress: restarted at once),
+and each recovery is split into: detection, backoff, process start, imports, data scan + checkpoint load,
+model build, sanity check (once per rung: skipped on a restart), first step — cold (a new Python process)
+and warm (`warm_standby = true`: a standby worker has already imported torch and timm and built the model).
 
     python bench/recovery.py [--kills 5] [--device cpu]
 """
@@ -25,6 +26,7 @@ from common import machine, start_supervisor, tiny_run  # noqa: E402
 
 from trainctl.contract.lifecycle import State
 from trainctl.contract.protocol import Heartbeat, read_heartbeat
+from trainctl.contract.runfolder import newest_checkpoint
 from trainctl.supervisor.journal import read_events
 from trainctl.supervisor.runstate import read_state
 from trainctl.supervisor.waiting import wait_for
@@ -61,6 +63,10 @@ def measure(root: Path, warm: bool, kills: int, device: str) -> list[dict]:
         for attempt in range(1, kills + 1):
             trained(run_dir, attempt)
             time.sleep(8 if warm else 2)    # warm: let the standby finish its own imports first
+            started_at = next(e["step"] for e in read_events(run_dir)
+                              if e["kind"] == "spawn" and e["attempt"] == attempt)
+            wait_for(lambda: (c := newest_checkpoint(run_dir)) is not None and c.step > (started_at or 0), 120,
+                     interval=0.02, what=f"a checkpoint of attempt {attempt}")   # progress: restarted at once
             hb = read_heartbeat(run_dir)
             rss = standby_rss(run_dir) if warm else 0
             killed = time.time()
@@ -79,6 +85,10 @@ def measure(root: Path, warm: bool, kills: int, device: str) -> list[dict]:
                      "first step": t["first_step"] - t["sanity_done"]}
             parts["total"] = t["first_step"] - killed
             parts["standby_rss_mib"] = rss / 2**20
+            parts["prebuild"] = t["prebuilt"] - t["imported"] if "prebuilt" in t else 0.0   # before GO: not waited for
+            parts["delay"] = next(e["data"]["delay"] for e in events
+                                  if e["kind"] == "restart" and e["attempt"] == attempt)   # the policy's backoff
+            parts["beyond imports"] = parts["total"] - parts["imports"]
             out.append(parts)
     finally:
         sup.send_signal(signal.SIGTERM)
@@ -96,14 +106,17 @@ def main(argv=None) -> dict:
     result = {}
     for warm in (False, True):
         runs = measure(root, warm, args.kills, args.device)
-        keys = (*PARTS, "total", "standby_rss_mib")
+        keys = (*PARTS, "total", "beyond imports", "standby_rss_mib", "prebuild", "delay")
         result["warm" if warm else "cold"] = {k: statistics.median(r[k] for r in runs) for k in keys}
     print(f"recovery time after SIGKILL, device {args.device} ({machine()}), median of {args.kills}, default backoff:")
     print(f"  {'part':24s} {'cold':>8s} {'warm':>8s}")
-    for k in (*PARTS, "total"):
+    for k in (*PARTS, "total", "beyond imports"):
         print(f"  {k:24s} {result['cold'][k]:7.2f}s {result['warm'][k]:7.2f}s")
-    print(f"  the waiting standby worker's RSS: {result['warm']['standby_rss_mib']:.0f} MiB")
-    print("  target: total <= 2 s (warm)")
+    print(f"  the waiting standby worker's RSS: {result['warm']['standby_rss_mib']:.0f} MiB; it built the model in "
+          f"{result['warm']['prebuild']:.2f} s before it was told GO")
+    print(f"  the policy's restart delay (median): cold {result['cold']['delay']:g} s, "
+          f"warm {result['warm']['delay']:g} s")
+    print("  target: warm total <= 1.0 s; cold total <= imports + 1.0 s")
     return result
 
 

@@ -23,6 +23,11 @@ class Folder:
         return len(self.paths)
 
 
+def class_names(root: Path) -> list[str]:
+    """The class folders of an ImageFolder, sorted: its sub-folders, hidden ones left out."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
 def scan(root: Path, extensions: tuple[str, ...], what: str = "[data] train_dir",
          classes: tuple[str, ...] | None = None) -> Folder:
     """Scan an ImageFolder of two or more classes; with `classes` given (validation), a subset of them."""
@@ -30,7 +35,7 @@ def scan(root: Path, extensions: tuple[str, ...], what: str = "[data] train_dir"
     if not root.is_dir():
         raise ConfigError(f"{what} {root} does not exist or is not a folder. Fix: point it at a folder "
                           f"with one sub-folder of images per class.")
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    found = class_names(root)
     if not found:
         raise ConfigError(f"{what} {root} has no class folders. Fix: put the images in one sub-folder "
                           f"per class, e.g. {root}/cat/1.jpg and {root}/dog/2.jpg.")

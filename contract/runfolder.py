@@ -22,6 +22,7 @@ METRICS_FILE = "metrics.jsonl"
 BAD_IMAGES_FILE = "bad_images.json"
 DATA_MANIFEST_FILE = "data_manifest.jsonl"   # the training files the checkpoints were made with (manifest.py)
 LABELS_FILE = "labels.json"
+SANITY_FILE = "sanity.json"          # the sanity checks passed, one per rung (worker/train.py)
 MODEL_FILE = "model.safetensors"
 MODEL_DIR = "model"                  # the final model in timm's own format: config.json + model.safetensors
 REPORT_FILE = "report.md"

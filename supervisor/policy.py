@@ -6,9 +6,10 @@
 - oom / memory_limit → step down at once (the same rung would run out again).
 - The same step failing `same_step_limit` times on a rung → step down; on the last rung, give up
   naming the step (its images are looked up by the supervisor).
-- Other crashes → restart on the same rung after backoff[n], while the rung's failures since its
-  last real progress (a newer committed checkpoint) stay within `max_restarts_per_profile`;
-  then step down; past the last rung → give up.
+- Other crashes → restart on the same rung, while the rung's failures since its last real progress
+  (a newer committed checkpoint) stay within `max_restarts_per_profile`; then step down; past the last
+  rung → give up. At once when the failed attempt itself made progress, else after backoff[n], n the
+  failures since then: the wait grows only while the rung fails without progress.
 - Planned ends (the supervisor's own, after a checkpoint): recycled → a fresh worker on the same rung,
   stepped_up → the rung above, both at once and outside the budget. A failure on a rung climbed to
   → back down at once, and no more climbing in this run (the supervisor reads that from the journal).
@@ -93,7 +94,9 @@ def decide(history: list[Attempt], ladder_size: int, s: Settings) -> Action:
                       f"rung {rung + 1} failed again after the step up ({cur.kind.value}: {cur.detail}); "
                       f"staying on rung {rung + 2} for the rest of the run", after_step_up=True)
     failures = _failures_since_progress(history, rung)
-    delay = s.backoff_seconds[min(failures - 1, len(s.backoff_seconds) - 1)]
+    # A crash after real progress restarts at once; the wait counts only the failures without progress since.
+    fruitless = failures - 1 if failed[-failures].progressed else failures   # the counted ones are failed[-failures:]
+    delay = 0.0 if cur.progressed else s.backoff_seconds[min(fruitless - 1, len(s.backoff_seconds) - 1)]
     same = _same_step_failures(failed, rung)
     if cur.step is not None and same >= s.same_step_limit:
         why = f"failed {same} times at step {cur.step} on rung {rung + 1} ({cur.kind.value}: {cur.detail})"

@@ -32,7 +32,8 @@ class WorkerProcess:
 
     @classmethod
     def spawn_standby(cls, run_dir: Path) -> WorkerProcess:
-        """A worker that imports torch and timm now and waits on its stdin to take over (see `go`)."""
+        """A worker that imports torch and timm and builds the model now (worker/train.py `prebuild`), then waits on
+        its stdin to take over (see `go`): after GO only the rung's device, the checkpoint and the optimizer remain."""
         return cls(_popen(run_dir, ["--standby"], subprocess.PIPE))
 
     def go(self, rung_index: int, attempt: int, describe: str) -> bool:

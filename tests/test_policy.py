@@ -140,9 +140,9 @@ DECIDE = [
     ([A(Kind.KILLED, step=1), A(Kind.HANG, step=2), A(Kind.EXCEPTION, step=3)], 3, Do.STEP_DOWN, 1, 2.0,
      "3 failures on rung 1 without progress"),
     ([A(Kind.KILLED, step=1), A(Kind.HANG, step=2), A(Kind.EXCEPTION, step=3, progressed=True)], 3,
-     Do.RESTART, 0, 2.0, "exception"),                                      # progress resets the budget
+     Do.RESTART, 0, 0, "exception"),                                        # progress resets the budget, no wait
     ([A(Kind.KILLED, step=1), A(Kind.KILLED, step=2, progressed=True), A(Kind.EXCEPTION, step=3)], 3,
-     Do.RESTART, 0, 10.0, "exception"),                                     # counted from the progress on
+     Do.RESTART, 0, 2.0, "exception"),                                      # counted from the progress on
     ([A(Kind.KILLED, rung=2, step=1), A(Kind.HANG, rung=2, step=2), A(Kind.EXCEPTION, rung=2, step=3)], 3,
      Do.GIVE_UP, 2, 0, "ladder exhausted"),
     ([A(Kind.NATIVE_CRASH, step=7), A(Kind.NATIVE_CRASH, step=7)], 3, Do.STEP_DOWN, 1, 2.0, "failed 2 times at step 7"),
@@ -172,6 +172,17 @@ DECIDE = [
     ([A(Kind.STEPPED_UP, rung=1, step=9), A(Kind.STOPPED, step=10), A(Kind.NATIVE_CRASH, step=12)], 3,
      Do.STEP_DOWN, 1, 2.0, "after the step up"),
     ([A(Kind.STEPPED_UP, rung=2, step=9), A(Kind.KILLED, rung=1, step=10)], 3, Do.STEP_DOWN, 2, 2.0, "staying on rung 3"),
+    # Backoff: none after a crash that followed real progress; it grows only with the failures without progress
+    ([A(Kind.KILLED, step=5, progressed=True)], 3, Do.RESTART, 0, 0, "killed"),
+    ([A(Kind.KILLED, step=3, progressed=True), A(Kind.KILLED, step=6, progressed=True),
+      A(Kind.HANG, step=9, progressed=True)], 3, Do.RESTART, 0, 0, "hang"),          # progress each time: never a wait
+    ([A(Kind.KILLED, step=5, progressed=True), A(Kind.KILLED, step=6)], 3, Do.RESTART, 0, 2.0, "killed"),
+    ([A(Kind.KILLED, step=5, progressed=True), A(Kind.STOPPED, step=5), A(Kind.KILLED, step=6)], 3,
+     Do.RESTART, 0, 2.0, "killed"),                                         # a clean stop between counts for nothing
+    ([A(Kind.KILLED, rung=0, step=5, progressed=True), A(Kind.KILLED, rung=1, step=6)], 3, Do.RESTART, 1, 2.0,
+     "killed"),                                                             # progress on another rung: this one waits
+    ([A(Kind.OOM, rung=2, step=5, progressed=True)], 3, Do.RESTART, 2, 0, "oom"),   # last rung: a restart, at once
+    ([A(Kind.OOM, step=5, progressed=True)], 3, Do.STEP_DOWN, 1, 2.0, "oom"),          # a step-down keeps its wait
 ]
 
 

@@ -29,7 +29,8 @@ def parse_args(argv):
     parser.add_argument("--rung", type=int, default=1, help="rung of the ladder (1 = first)")
     parser.add_argument("--attempt", type=int, default=0, help="attempt number, names the evidence files")
     parser.add_argument("--standby", action="store_true",
-                        help="import torch and timm, then wait for 'GO RUNG ATTEMPT' on stdin (warm standby)")
+                        help="import torch and timm and build the model, then wait for 'GO RUNG ATTEMPT' on stdin "
+                             "(warm standby)")
     parser.add_argument("--check-config", type=Path, metavar="FILE",
                         help="check what only torch and timm can check in a config file, write nothing, exit")
     args = parser.parse_args(argv)
@@ -64,7 +65,12 @@ def main(argv=None) -> int:
     from .train import Trainer  # imports torch and timm: the slow part of booting
     timings["imported"] = time.time()
 
+    prebuilt = None
     if args.standby:   # warm: the imports are done; a crash elsewhere makes this the next worker
+        from .boot import prebuild
+        prebuilt = prebuild(run_dir)   # the model too: after GO a resume only moves it and loads the checkpoint
+        if prebuilt is not None:
+            timings["prebuilt"] = time.time()
         line = sys.stdin.readline().split()
         if len(line) != 3 or line[0] != "GO":
             return 0   # the supervisor went away or let the standby go
@@ -91,7 +97,8 @@ def main(argv=None) -> int:
         cfg = load(run_dir / CONFIG_FILE)
         if not 0 <= rung_index < len(cfg.profiles):
             raise ConfigError(f"--rung {args.rung} is not a rung of the ladder (1..{len(cfg.profiles)})")
-        trainer = Trainer(cfg, run_dir, rung_index, flags, reporter, faults)
+        trainer = Trainer(cfg, run_dir, rung_index, flags, reporter, faults, prebuilt)
+        prebuilt = None   # the trainer holds it now, and lets it go once built (an unused model is not kept)
         trainer.setup()
         if trainer.progress.epoch < cfg.train.epochs:
             trainer.sanity_check()

@@ -21,10 +21,11 @@ from trainctl.contract import folders, fsio, manifest
 from trainctl.contract.config import Config, ConfigError, identity
 from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import CannotContinue, ExitCode, Phase
-from trainctl.contract.runfolder import CHECKPOINT_DIR
+from trainctl.contract.runfolder import CHECKPOINT_DIR, SANITY_FILE
 
 from . import checkpoint, data, export
 from . import device as devicelib
+from .boot import Prebuilt, passed_before, record_pass, sanity_key
 from .checkpointing import Checkpointing
 from .model import build_model, build_optimizer, build_scheduler, recipe_for
 from .report import Reporter, StepRate, say
@@ -91,8 +92,10 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, rung_index: int, flags, reporter: Reporter, faults):
+    def __init__(self, cfg: Config, run_dir: Path, rung_index: int, flags, reporter: Reporter, faults,
+                 prebuilt: Prebuilt | None = None):
         self.cfg, self.run_dir, self.flags, self.reporter, self.faults = cfg, Path(run_dir), flags, reporter, faults
+        self.prebuilt = prebuilt   # a warm standby's model (prebuild), used by a resume if it fits
         self.rung_index, self.profile = rung_index, cfg.profiles[rung_index]
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.progress, self.history = Progress(), []
@@ -139,7 +142,12 @@ class Trainer:
         if problem := manifest.keep(self.run_dir, self.manifest, self.train_set.root):
             say(problem)
         torch.manual_seed(cfg.run.seed)   # the same initial weights on every fresh start
-        self.model = build_model(cfg, len(self.train_set.classes), load_weights=state is None)
+        # A resume may take the standby's model: built the same way, and the checkpoint replaces its weights and the
+        # RNG states its build used. A fresh start builds from the seed after GO, exactly as without a standby.
+        model = self._prebuilt_model() if state is not None else None
+        self.prebuilt = None   # an unused one frees its memory before the build
+        self.model = (model if model is not None
+                      else build_model(cfg, len(self.train_set.classes), load_weights=state is None))
         self.recipe = recipe_for(cfg, self.model)
         self.model.to(self.device)
         self._timing("model_built")
@@ -164,9 +172,16 @@ class Trainer:
                            skipped_checkpoints=skipped, force=True,
                            **self._position())
 
+    def _prebuilt_model(self) -> torch.nn.Module | None:
+        """The standby's model if it is what this boot would build, else None."""
+        p = self.prebuilt
+        return p.model if p is not None and p.fits(self.cfg, len(self.train_set.classes)) else None
+
     def _checkpoint_bound(self) -> int | None:
         """The most a checkpoint of this run can weigh (checkpoint.size_bound), from the model built on the meta
         device (no memory, nothing read; before any checkpoint is); None if a model cannot be built there."""
+        if (model := self._prebuilt_model()) is not None:   # the same shapes, already built
+            return checkpoint.size_bound(model.state_dict())
         try:
             with torch.device("meta"):
                 model = build_model(self.cfg, len(self.train_set.classes), load_weights=False)
@@ -200,7 +215,14 @@ class Trainer:
         return (losses * valid).sum(), ((logits.argmax(1) == y) & valid).sum()
 
     def sanity_check(self) -> None:
-        """One forward/backward on a real batch before training: finite loss and gradients."""
+        """One forward/backward on a real batch before training: finite loss and gradients. Once per run and rung:
+        a later boot of the rung with the same config, device and software skips it (SANITY_FILE)."""
+        key = sanity_key(self.cfg, self.rung_index, self.device)
+        if (before := passed_before(self.run_dir, key)) is not None:
+            self._timing("sanity_done")
+            say(f"sanity check skipped: it passed on rung {self.rung_index + 1} ({self.device}) with this config "
+                f"at step {before.get('step')} ({SANITY_FILE}); another rung or a resume --config runs it again")
+            return
         self.reporter.beat(Phase.SANITY, force=True)
         p = self.progress
         mb = self.train_data[(p.epoch, p.cursor) if p.epoch < self.cfg.train.epochs else (0, 0)]
@@ -222,6 +244,10 @@ class Trainer:
                 raise CannotContinue("diverged", diverged_at_start(self, value, weights_ok))
             raise SanityCheckFailed(f"pre-training sanity check failed at step {p.step}: loss {value}, "
                                     f"gradients {'finite' if grads_ok else 'not finite'}")
+        try:
+            record_pass(self.run_dir, key, p.step)
+        except OSError as e:   # a full disk: nothing lost but the skip, the next boot checks again
+            say(f"could not record the sanity check in {SANITY_FILE} ({e.strerror or e}); the next boot runs it again")
         self._timing("sanity_done")
         params = sum(q.numel() for q in self.model.parameters())
         say(f"sanity check passed: loss {value:.4f} | seed {self.cfg.run.seed} | device {self.device} | "
