@@ -9,8 +9,11 @@ the writer's own speed, the same background write with training waiting for it.
 
 For each: the time the training thread is blocked (for the background write: capture, plus any wait
 before the next update), how much longer the next step took than a step with no write in flight (two
-cores shared by training and writer), and the time until the checkpoint is durable. The disk's own
-fsync'd sequential write speed (`dd ... conv=fsync`) is the physical limit.
+cores shared by training and writer; the reference is the median of all steps with no write in flight), the
+time until the checkpoint is durable, and the CPU time of the write alone (training waiting). The disk's own
+fsync'd sequential write speed (`dd ... conv=fsync`) is the physical limit; the floor of the writer's CPU
+is one pass over the state's bytes, a copy plus the CRC-32 (into a reused 1 MiB buffer, no file): measured
+alone and on a thread beside a training step, as the background write runs.
 
     python bench/checkpoint.py [--repeats 3] [--batch 2] [--accum 4] [--model eva02_base_patch14_224] [--device cpu]
     python bench/checkpoint.py --writeback-sweep [--repeats 4]   # how often to start writeback (chosen: 16 MiB)
@@ -24,6 +27,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -68,17 +72,25 @@ def train_step(t, batch: int, accum: int, before_update=lambda: None) -> float:
 
 def plain_save(t, folder: Path, args) -> dict:
     started = time.perf_counter()
-    with open(folder / f"plain-{t.progress.step}.pt", "wb") as f:
+    path = folder / f"plain-{t.progress.step}.pt"
+    with open(path, "wb") as f:
         torch.save(capture(t), f)
         f.flush()
         os.fsync(f.fileno())
     took = time.perf_counter() - started
+    path.unlink()   # the disk holds one state-sized file besides the checkpoints
     return {"blocked": took, "durable": took, "next_step": train_step(t, args.batch, args.accum)}
+
+
+def process_cpu() -> float:
+    """CPU seconds of this process, all threads (user + system)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def ours(t, folder: Path, args, background: bool, alone: bool = False) -> dict:
     writer = Writer(folder, keep_last=1, on_phase=lambda phase, s: None, background=background)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), process_cpu()
     writer.submit(t.progress.step, capture(t, background), {"epoch": 0},
                   shares_training_memory=background and shares_training_memory(t))
     blocked = time.perf_counter() - started
@@ -88,11 +100,56 @@ def ours(t, folder: Path, args, background: bool, alone: bool = False) -> dict:
         at = time.perf_counter()
         writer.wait_released()
         waited.append(time.perf_counter() - at)
-    if alone:   # the writer's own speed: training waits for it (not what the worker does)
+    out = {}
+    if alone:   # the writer's own speed: training waits for it (not what the worker does), so all CPU is the write's
         writer.wait()
+        out["cpu"] = process_cpu() - cpu
     next_step = train_step(t, args.batch, args.accum, before_update)
     writer.wait()
-    return {"blocked": blocked + waited[0], "durable": writer.write_seconds, "next_step": next_step}
+    return {"blocked": blocked + waited[0], "durable": writer.write_seconds, "next_step": next_step, **out}
+
+
+def tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors(v)
+
+
+def one_pass(state: dict) -> None:
+    """The floor: every byte of the state's tensors copied once (into a reused 1 MiB buffer) and checksummed with
+    the writer's CRC-32."""
+    crc, buffer = 0, torch.empty(1 << 20, dtype=torch.uint8).numpy()
+    for tensor in tensors(state):
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        for at in range(0, len(data), len(buffer)):
+            piece = data[at:at + len(buffer)]
+            buffer[:len(piece)] = piece
+            crc = checkpointlib.crc32(buffer[:len(piece)], crc)
+
+
+def floor(t, args, beside: bool) -> dict:
+    """The floor alone (training waits), or on a thread beside the next step, which waits for it before its
+    update (as for the background write)."""
+    state = capture(t, background=True)
+    out = {}
+
+    def run():
+        at = time.perf_counter()
+        one_pass(state)
+        out["durable"] = time.perf_counter() - at
+    cpu = process_cpu()
+    thread = threading.Thread(target=run)
+    thread.start()
+    if not beside:
+        thread.join()
+        out["cpu"] = process_cpu() - cpu
+    next_step = train_step(t, args.batch, args.accum, before_update=thread.join)
+    return {"blocked": 0.0, "next_step": next_step, **out}
 
 
 def disk_speed(folder: Path, mib: int) -> float:
@@ -112,12 +169,14 @@ def writeback_sweep(t, folder: Path, size: int, repeats: int) -> dict:
     for r in range(repeats):
         speeds.append(disk_speed(folder, max(256, size // 2**20)))
         for mib in choices:
-            checkpointlib._HashingWriter.WRITEBACK_BYTES = mib << 20
+            checkpointlib.ChecksumWriter.DIRECT = False   # early writeback matters to page-cache writes only
+            checkpointlib.ChecksumWriter.WRITEBACK_BYTES = mib << 20
             started = time.perf_counter()
             checkpointlib.save(folder, r, capture(t), 1, {})
             times[mib].append(time.perf_counter() - started)
     disk = statistics.median(speeds)
-    print(f"early writeback sweep, {size / 2**30:.2f} GiB, median of {repeats} ({machine()}); "
+    print(f"early writeback sweep (page-cache writes, no O_DIRECT), {size / 2**30:.2f} GiB, median of {repeats} "
+          f"({machine()}); "
           f"disk fsync'd write (dd conv=fsync): {disk / 2**20:.0f} MiB/s")
     for mib, ts in times.items():
         took = statistics.median(ts)
@@ -147,7 +206,7 @@ def main(argv=None) -> dict:
     if args.writeback_sweep:
         return writeback_sweep(t, args.dir, size, args.repeats)
     runs = {"plain torch.save + fsync": [], "trainctl sync": [], "trainctl background": [],
-            "background writer alone": []}
+            "background writer alone": [], "floor: copy + CRC-32": [], "floor beside training": []}
     speeds, steps = [], []
     for r in range(args.repeats):
         speeds.append(disk_speed(args.dir, max(256, size // 2**20)))
@@ -156,26 +215,44 @@ def main(argv=None) -> dict:
         runs["trainctl sync"].append(ours(t, args.dir, args, background=False))
         runs["trainctl background"].append(ours(t, args.dir, args, background=True))
         runs["background writer alone"].append(ours(t, args.dir, args, background=True, alone=True))
-        for f in args.dir.glob("plain-*.pt"):
-            f.unlink()
+        runs["floor: copy + CRC-32"].append(floor(t, args, beside=False))
+        runs["floor beside training"].append(floor(t, args, beside=True))
+        steps.append(train_step(t, args.batch, args.accum))   # and another, after the writes
+    # Every step that ran with no write in flight is a reference: the two above and the steps after the writes that
+    # training waited for (plain, sync, the writer alone, the floor alone); one step alone is too noisy a reference.
+    steps += [r["next_step"] for name in ("plain torch.save + fsync", "trainctl sync", "background writer alone",
+                                          "floor: copy + CRC-32") for r in runs[name]]
     disk, step = statistics.median(speeds), statistics.median(steps)
-    result = {"state_bytes": size, "disk_bytes_per_s": disk, "step_seconds": step}
-    print(f"checkpoint of {args.model} + AdamW state on {args.device}: {size / 2**30:.2f} GiB ({machine()}), median of "
-          f"{args.repeats}; a step = {args.accum} x batch {args.batch}, {step:.2f} s with no write in flight; "
-          f"disk fsync'd write (dd conv=fsync): {disk / 2**20:.0f} MiB/s")
+    result = {"state_bytes": size, "disk_bytes_per_s": disk, "step_seconds": step, "crc32": checkpointlib.CRC32_BY,
+              "direct": checkpointlib.ChecksumWriter.DIRECT}
+    print(f"checkpoint of {args.model} + AdamW state on {args.device}: {size / 2**30:.2f} GiB ({machine()}), "
+          f"median of {args.repeats}; a step = {args.accum} x batch {args.batch}, {step:.2f} s with no write in flight "
+          f"(median of {len(steps)}); disk fsync'd write (dd conv=fsync): {disk / 2**20:.0f} MiB/s; CRC-32 by "
+          f"{checkpointlib.CRC32_BY}, O_DIRECT {'on' if checkpointlib.ChecksumWriter.DIRECT else 'off'}")
     base = statistics.median(r["blocked"] for r in runs["plain torch.save + fsync"])
     for name, rs in runs.items():
         m = {k: statistics.median(r[k] for r in rs) for k in ("blocked", "durable", "next_step")}
+        m["slowdown"] = m["next_step"] - step
+        cpu = [r["cpu"] for r in rs if "cpu" in r]
+        m["cpu"] = statistics.median(cpu) if cpu else None
         result[name] = m
         print(f"  {name:26s} blocked {m['blocked']:6.2f} s ({m['blocked'] / base:6.1%} of plain)   next step "
-              f"+{m['next_step'] - step:5.2f} s   durable after {m['durable']:6.2f} s   commit throughput "
-              f"{size / m['durable'] / 2**20:6.0f} MiB/s ({size / m['durable'] / disk:4.0%} of the disk)")
+              f"{m['slowdown']:+5.2f} s ({m['slowdown'] / base:6.1%} of plain)   "
+              + (f"cpu {m['cpu']:5.2f} s   " if m["cpu"] is not None else " " * 14)
+              + f"done after {m['durable']:6.2f} s"
+              + ("" if name.startswith("floor") else f"   commit throughput {size / m['durable'] / 2**20:6.0f} MiB/s "
+                                                       f"({size / m['durable'] / disk:4.0%} of the disk)"))
     result["blocked_ratio"] = result["trainctl background"]["blocked"] / base
+    result["slowdown_ratio"] = result["trainctl background"]["slowdown"] / base
+    result["floor_ratio"] = result["floor beside training"]["slowdown"] / base
     result["commit_share_of_disk"] = size / result["trainctl background"]["durable"] / disk
     result["sync_commit_share_of_disk"] = size / result["trainctl sync"]["durable"] / disk
     result["alone_commit_share_of_disk"] = size / result["background writer alone"]["durable"] / disk
-    print(f"  targets: blocked <= 10% of plain (got {result['blocked_ratio']:.1%}); commit >= 50% of the disk "
-          f"(writer alone {result['alone_commit_share_of_disk']:.0%}, sync {result['sync_commit_share_of_disk']:.0%}; "
+    print(f"  targets: blocked <= 10% of plain (got {result['blocked_ratio']:.1%}); the step beside the background "
+          f"write slowed by <= 25% of plain (got {result['slowdown_ratio']:.1%}; the floor beside a step: "
+          f"{result['floor_ratio']:.1%}, its CPU {result['floor: copy + CRC-32']['cpu']:.2f} s vs the writer's "
+          f"{result['background writer alone']['cpu']:.2f} s); commit >= 50% of the disk (writer alone "
+          f"{result['alone_commit_share_of_disk']:.0%}, sync {result['sync_commit_share_of_disk']:.0%}; "
           f"{result['commit_share_of_disk']:.0%} beside training)")
     shutil.rmtree(args.dir, ignore_errors=True)
     return result
