@@ -82,6 +82,22 @@ def roots(tmp_path):
     return tmp_path / "proc", tmp_path / "cgroup"
 
 
+def start_supervisor(run_dir: Path, faults: str = "") -> subprocess.Popen:
+    """A real supervisor of `run_dir` (with a fault spec), its output captured."""
+    env = {**os.environ, "TRAINCTL_FAULTS": faults}
+    return subprocess.Popen([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    """The supervisor's output once it has exited (killed if it outlives `timeout`)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return out
+
+
 def photo(w: int, h: int, seed: int = 0, noise: float = 8):
     """A smooth colour gradient with noise (a PIL image): JPEG-friendly, and its orientation is visible."""
     rng = np.random.default_rng(seed)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
-from conftest import LONG, assert_same_weights, config_text, events, make_run, run_worker, wait_for
+from conftest import (LONG, assert_same_weights, config_text, events, finish, make_run, run_worker, start_supervisor,
+                      wait_for)
 from safetensors.torch import save_file
 
 from trainctl.contract.config import load
@@ -24,20 +23,6 @@ from trainctl.worker.boot import passed_before, record_pass, sanity_key
 
 PASSED, SKIPPED = "sanity check passed", "sanity check skipped"
 SLOW_BACKOFF = {"backoff_seconds": [30]}   # a restart that waited would show in the journal (and the clock)
-
-
-def start_supervisor(run_dir, faults: str = "") -> subprocess.Popen:
-    env = {**os.environ, "TRAINCTL_FAULTS": faults}
-    return subprocess.Popen([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        proc.kill()
-    return out
 
 
 def training(run_dir, attempt: int, min_step: int = 0):
@@ -90,7 +75,7 @@ def test_a_crash_after_progress_restarts_at_once_on_the_prebuilt_standby_and_end
         os.kill(hb.pid, signal.SIGKILL)   # after real progress: a newer checkpoint than the attempt started from
         second = wait_for(lambda: [e for e in events(run_dir, Event.SPAWN) if e["attempt"] == 2], 60,
                           what="attempt 2")[0]
-        out = finish(proc)
+        out = finish(proc, timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == 0 and read_state(run_dir).state == "succeeded", out
@@ -120,7 +105,7 @@ def test_a_fresh_start_on_the_standby_builds_from_the_seed_and_the_weights_file(
         standby = wait_for(lambda: standby_of(run_dir), 60, what="the standby")[0]
         assert newest_checkpoint(run_dir) is None
         os.kill(hb.pid, signal.SIGKILL)
-        out = finish(proc)
+        out = finish(proc, timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == 0 and read_state(run_dir).state == "succeeded", out

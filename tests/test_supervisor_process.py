@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import psutil
-from conftest import LONG, assert_same_weights, config_text, events, make_run, wait_for
+from conftest import LONG, assert_same_weights, config_text, events, finish, make_run, start_supervisor, wait_for
 
 from trainctl.contract.lifecycle import Event
 from trainctl.contract.protocol import ExitCode, Phase, read_heartbeat
@@ -15,20 +15,6 @@ from trainctl.contract.runfolder import committed_checkpoints, newest_checkpoint
 from trainctl.supervisor import service
 from trainctl.supervisor.process import run_processes
 from trainctl.supervisor.runstate import read_state, supervisor_alive
-
-
-def start_supervisor(run_dir, faults: str = "") -> subprocess.Popen:
-    env = {**os.environ, "TRAINCTL_FAULTS": faults}
-    return subprocess.Popen([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        proc.kill()
-    return out
 
 
 def crashes(run_dir):
