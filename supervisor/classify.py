@@ -20,6 +20,9 @@ NATIVE_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, 
 NEAR_LIMIT_SHARE = 0.90        # worker memory at 90% of the soft limit counts as "near the limit"
 LOW_AVAILABLE_SHARE = 0.05     # or the system down to its last 5% of memory
 MEMORY_LOOKBACK_SECONDS = 10.0
+# faulthandler's first line names the fatal signal it caught (CPython's Modules/faulthandler.c)
+FAULTHANDLER_NAMES = {"Segmentation fault": "SIGSEGV", "Bus error": "SIGBUS", "Aborted": "SIGABRT",
+                      "Illegal instruction": "SIGILL", "Floating point exception": "SIGFPE"}
 
 
 class Kind(str, Enum):
@@ -147,6 +150,11 @@ def classify(ended: Exit, memory_history: list[MemorySample], soft_limit: int | 
     if sig == "SIGKILL":
         return _sigkill(ended.oom_evidence, _pressure(memory_history, soft_limit), base)
     if sig is not None and signal.Signals[sig] in NATIVE_SIGNALS:
+        first = first_fatal_signal(ended.fault_log) or sig
+        if first != sig:   # faulthandler's stack dump can itself fault while another thread runs (a writer)
+            base["signal"] = first
+            return Failure(Kind.NATIVE_CRASH, f"native crash ({first}; the stack dump then died of {sig})",
+                           evidence=ended.fault_log, **base)
         return Failure(Kind.NATIVE_CRASH, f"native crash ({sig})", evidence=ended.fault_log, **base)
     if sig is not None:
         return Failure(Kind.KILLED, f"killed by {sig} (not sent by trainctl)", **base)
@@ -210,4 +218,12 @@ def _pressure(history: list[MemorySample], soft_limit: int | None) -> str | None
     low = min((s for s in recent if s.total), key=lambda s: s.available / s.total, default=None)
     if low is not None and low.available <= LOW_AVAILABLE_SHARE * low.total:
         return f"system memory down to {low.available / low.total:.0%} available ({gib(low.available)})"
+    return None
+
+
+def first_fatal_signal(fault_log: str) -> str | None:
+    """The signal faulthandler caught first, from its "Fatal Python error: Bus error" line; None if it wrote none."""
+    for line in fault_log.splitlines():
+        if line.startswith("Fatal Python error: "):
+            return FAULTHANDLER_NAMES.get(line.removeprefix("Fatal Python error: ").strip())
     return None

@@ -114,6 +114,18 @@ def test_classify_keeps_the_evidence():
     assert f.exit_code == ExitCode.INTERNAL_ERROR and f.evidence == "Traceback..."
 
 
+@pytest.mark.parametrize("caught", ["SIGBUS", "SIGABRT", "SIGILL", "SIGFPE"])
+def test_classify_names_the_signal_faulthandler_caught_first(caught):
+    """faulthandler's stack dump can itself fault while another thread runs (seen in CI: a SIGBUS whose dump died
+    of SIGSEGV beside the checkpoint writer); the crash is the first signal, and the detail says both."""
+    words = {"SIGBUS": "Bus error", "SIGABRT": "Aborted", "SIGILL": "Illegal instruction",
+             "SIGFPE": "Floating point exception"}[caught]
+    log = f"Fatal Python error: {words}\n\nThread 0x1 (most recent call first):\n  File x\nFatal Python error: Segm"
+    f = classify(Exit(-signal.SIGSEGV, fault_log=log), CALM, SOFT)
+    assert (f.kind, f.signal) == (Kind.NATIVE_CRASH, caught) and "then died of SIGSEGV" in f.detail
+    assert classify(Exit(-signal.SIGSEGV, fault_log="garbage"), CALM, SOFT).signal == "SIGSEGV"
+
+
 S = Settings(max_restarts_per_profile=2, backoff_seconds=(2.0, 10.0, 60.0), same_step_limit=2)
 
 

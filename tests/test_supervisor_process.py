@@ -59,13 +59,10 @@ def test_real_signals_are_classified_and_the_run_recovers_bit_identical(tmp_path
         proc.kill()
     assert proc.returncode == 0, out
     found = [(c["data"]["failure"], c["data"]["signal"]) for c in crashes(run_dir)]
-    # faulthandler answers SIGABRT by dumping every thread's stack; when the background checkpoint writer is
-    # in the middle of torch.save, that dump can itself fault (CPython reads another thread's frames without
-    # the GIL) and the process dies of SIGSEGV — after writing "Fatal Python error: Aborted" (seen once in CI).
-    expected = [("killed", {"SIGKILL"}), ("native_crash", {"SIGSEGV"}), ("native_crash", {"SIGABRT", "SIGSEGV"}),
-                ("native_crash", {"SIGBUS"})]
-    assert len(found) == len(expected) and all(kind == want and sig in sigs
-                                               for (kind, sig), (want, sigs) in zip(found, expected)), (found, out)
+    # the signal sent, also when faulthandler's stack dump then faulted beside the background checkpoint writer
+    # (seen in CI for SIGABRT and SIGBUS: the process died of SIGSEGV after writing "Fatal Python error: Aborted")
+    assert found == [("killed", "SIGKILL"), ("native_crash", "SIGSEGV"), ("native_crash", "SIGABRT"),
+                     ("native_crash", "SIGBUS")], (found, out)
     aborted = (run_dir / "evidence" / "attempt-003.fault.log").read_text()
     assert aborted.startswith("Fatal Python error: Aborted"), aborted    # the SIGABRT was taken first
     assert "Fatal Python error" in (run_dir / "evidence" / "attempt-002.fault.log").read_text()
