@@ -4,7 +4,7 @@ Each fixed cost of a run (two processes starting, imports, the sanity check, the
 export) gets a number only if some file holds the moment it began or ended: the journal (supervisor side),
 the worker's heartbeat `timings`, metrics.jsonl, the checkpoint markers, the final heartbeat, and the mtimes of
 state.json and the report (the supervisor's last writes). logs/worker.log has no timestamps, so it gives none.
-A moment nothing records is listed with `time = None` and what would record it, rather than guessed.
+A moment a run folder does not record (an older run, no validation) is listed without a time, not guessed.
 
     python bench/timeline.py RUN_DIR [--started EPOCH_SECONDS] [--ended EPOCH_SECONDS]
 """
@@ -29,18 +29,6 @@ class Moment:
     time: float | None
     source: str
     stage: bool = True
-
-
-# Moments no file records today, and the one line that would record each (not added here: bench code only reads).
-UNRECORDED = (
-    ("worker: loader processes started (fit begins)",
-     'worker/train.py Trainer.fit, before data.iterate(...): self._timing("fit_start")'),
-    ("worker: export begins (checkpoint write collected)",
-     'worker/train.py Trainer.fit, after self.ckpt.finish(): self._timing("export_start")'),
-    ("worker: main() returns (then only the interpreter's finalization is left)",
-     'worker/main.py main(), in its finally after lock.release(): timings["returned"] = time.time(); '
-     'reporter.beat(force=True) — journal exit minus this is the finalization'),
-)
 
 
 def first(events: list[dict], kind: str, attempt: int | None = None) -> float | None:
@@ -84,6 +72,7 @@ def moments(run_dir: Path, started: float | None = None, ended: float | None = N
         Moment("data scanned, checkpoints searched", timings.get("checkpoint_loaded"),
                "heartbeat timings.checkpoint_loaded"),
         Moment("model built", timings.get("model_built"), "heartbeat timings.model_built"),
+        Moment("loader started", timings.get("fit_start"), "heartbeat timings.fit_start"),
         Moment("sanity check done", timings.get("sanity_done"), "heartbeat timings.sanity_done"),
         Moment("worker ready (seen by the supervisor)", first(events, "worker_ready", 1),
                "journal: worker_ready (the supervisor's next poll after the sanity check)", stage=False),
@@ -95,7 +84,9 @@ def moments(run_dir: Path, started: float | None = None, ended: float | None = N
     out += [
         Moment("epoch-end checkpoint taken", marker.get("taken"), "checkpoint marker: taken"),
         Moment("epoch-end checkpoint committed", marker.get("created"), "checkpoint marker: created"),
-        Moment("export done", done, "heartbeat: time of the phase 'done' beat"),
+        Moment("export begins", timings.get("export_start"), "heartbeat timings.export_start"),
+        Moment("export done", timings.get("exported", done), "heartbeat timings.exported"),
+        Moment("worker main() returns", timings.get("returned"), "heartbeat timings.returned"),
         Moment("worker exit (seen by the supervisor)", first(events, "exit", 1), "journal: exit"),
         Moment("run finished", first(events, "finish"), "journal: finish"),
         Moment("final state written", mtime(run_dir / STATE_FILE), "state.json mtime"),
@@ -103,7 +94,7 @@ def moments(run_dir: Path, started: float | None = None, ended: float | None = N
         Moment("report written", mtime(run_dir / REPORT_JSON), "report.json mtime"),
         Moment("supervisor exit", ended, "the caller's clock when it exited (--ended)"),
     ]
-    return out + [Moment(name, None, how) for name, how in UNRECORDED]
+    return out
 
 
 def by_time(items: list[Moment]) -> list[Moment]:
@@ -124,7 +115,7 @@ def render(items: list[Moment]) -> str:
         previous = m.time
     for m in items:
         if m.time is None:
-            lines.append(f"| {m.name} | — | — | not recorded; would be: {m.source} |")
+            lines.append(f"| {m.name} | — | — | not recorded ({m.source}) |")
     return "\n".join(lines)
 
 

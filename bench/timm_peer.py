@@ -224,6 +224,33 @@ def floor(skip_finalization: bool = False) -> dict:
     return {"start": began - started, "imports": imported - began, "exit": ended - imported}
 
 
+# The model's own step rate: forward, backward and AdamW on a batch already in memory (no loader, no decode), the
+# same model, batch and threads as the runs. Neither tool's steady state can pass it on the same cores.
+CEILING = """
+import sys, time, torch, timm, timm.optim
+model_name, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+model = timm.create_model(model_name, num_classes=4)
+opt = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 4, (batch,))
+times = []
+for _ in range(steps + 3):
+    began = time.perf_counter()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    times.append(time.perf_counter() - began)
+print(batch * steps / sum(times[3:]))
+"""
+
+
+def ceiling(model: str, batch: int, steps: int = 20) -> float:
+    """Images/s of the model's bare training step (CEILING) in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", CEILING, model, str(batch), str(steps)], check=True,
+                         capture_output=True, text=True).stdout
+    return float(out.split()[-1])
+
+
 @contextlib.contextmanager
 def locked(path: Path | None):
     """Hold the shared CPU lock (flock(2), as flock(1) takes it) for one round; nothing when no path."""
@@ -352,10 +379,12 @@ def main(argv=None) -> dict:
             quick = [floor(skip_finalization=True) for _ in range(args.extras)]
             preflight = [seconds_of([sys.executable, "-m", "trainctl.worker", "--check-config", str(root / "run.toml")])
                          for _ in range(args.extras)]
+            bare = [ceiling(args.model, args.batch) for _ in range(args.extras)]
             shutil.rmtree(root, ignore_errors=True)
         result["floor"] = {k: min(f[k] for f in floors) for k in floors[0]}
         result["floor"]["exit_with_os_exit"] = min(f["exit"] for f in quick)
         result["preflight"] = min(preflight)
+        result["ceiling_images_per_s"] = max(bare)
         f = result["floor"]
         print(f"\na process that imports torch + timm and exits, best of {args.extras}: "
               f"Python start {f['start']:.2f} s, imports {f['imports']:.2f} s, "
@@ -363,6 +392,9 @@ def main(argv=None) -> dict:
               f"{f['exit_with_os_exit']:.2f} s)")
         print(f"`trainctl start`'s preflight (python -m trainctl.worker --check-config), which the trainctl runs above "
               f"do not include: {result['preflight']:.2f} s")
+        print(f"the model's bare training step (a batch in memory, no loader), best of {args.extras}: "
+              f"{result['ceiling_images_per_s']:.2f} images/s, an upper bound for either tool's steady state "
+              f"with this model, batch and precision")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
     return result

@@ -37,12 +37,15 @@ class ModelSection:
     pretrained: bool = False
     weights: str = ""                 # local .safetensors / .pth to start from ("" = none)
     img_size: int | None = None       # None = the model's own input size
+    drop_path_rate: float = 0.0       # stochastic depth (timm.create_model's drop_path_rate); 0 = off
+    drop_rate: float = 0.0            # dropout before the classifier (timm.create_model's drop_rate); 0 = off
 
 
 @dataclass(frozen=True)
 class DataSection:
     train_dir: Path
     val_dir: Path | None = None
+    val_split: float = 0.0                           # no val_dir: this share of train_dir, per class, validates (split.py)
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     crop_scale: tuple[float, float] = (0.08, 1.0)     # random-resized-crop area range
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)   # random-resized-crop aspect range
@@ -69,6 +72,7 @@ class TrainSection:
     threads: int = 0                  # torch CPU threads; 0 = torch's default
     deterministic: bool = True
     max_nonfinite_steps: int = 3      # steps in a row with a non-finite loss (each skipped) before: diverged
+    layer_decay: float | None = None  # layer-wise LR decay (timm's create_optimizer_v2 layer_decay); unset = off
 
 
 @dataclass(frozen=True)
@@ -327,29 +331,39 @@ def identity(c: Config) -> dict:
             "sched": c.train.sched, "warmup_epochs": c.train.warmup_epochs, "min_lr": c.train.min_lr,
             "label_smoothing": c.train.label_smoothing, "grad_clip": c.train.grad_clip,
             "crop_scale": list(c.data.crop_scale), "crop_ratio": list(c.data.crop_ratio),
-            "hflip": c.data.hflip}
+            "hflip": c.data.hflip, **{k: v for k, v in _recipe(c).items() if v}}
+
+
+def _recipe(c: Config) -> dict:
+    """Fine-tuning settings added after runs had checkpoints. In `identity` only when on (not 0, not unset): a
+    checkpoint written before they existed (so with them off) still resumes; one made with them on refuses a
+    resume without them, or with other values."""
+    return {"drop_path_rate": c.model.drop_path_rate, "drop_rate": c.model.drop_rate,
+            "layer_decay": c.train.layer_decay}
 
 
 # The settings an unfinished run's checkpoints fix, and where each lives in the TOML file: `identity` (the
-# worker refuses a checkpoint when one differs), [data] extensions (they choose the training set, which the
-# checkpoint also fixes) and [train] warmup_lr (the checkpoint's own scheduler state keeps the old value: a
-# new one would be ignored without a word). An exact run's data order, augmentations and learning-rate
+# worker refuses a checkpoint when one differs), [data] extensions and val_split (they choose the training set,
+# which the checkpoint also fixes: manifest.py) and [train] warmup_lr (the checkpoint's own scheduler state
+# keeps the old value: a new one would be ignored without a word). An exact run's data order, augmentations and learning-rate
 # schedule are functions of these. Everything else may change on resume: the ladder ([[profiles]]),
 # [supervisor], [checkpoint], [logging], [data] val_dir and max_image_pixels, log_every_steps, threads, deterministic.
 FIXED_ON_RESUME = {
     "model": "[model] name", "img_size": "[model] img_size", "pretrained": "[model] pretrained",
+    "drop_path_rate": "[model] drop_path_rate", "drop_rate": "[model] drop_rate", "layer_decay": "[train] layer_decay",
     "weights": "[model] weights", "train_dir": "[data] train_dir", "crop_scale": "[data] crop_scale",
     "crop_ratio": "[data] crop_ratio", "hflip": "[data] hflip", "seed": "[run] seed", "epochs": "[train] epochs",
     "effective_batch_size": "[train] effective_batch_size", "lr": "[train] lr", "opt": "[train] opt",
     "weight_decay": "[train] weight_decay", "sched": "[train] sched", "warmup_epochs": "[train] warmup_epochs",
     "warmup_lr": "[train] warmup_lr", "min_lr": "[train] min_lr", "label_smoothing": "[train] label_smoothing",
-    "grad_clip": "[train] grad_clip", "extensions": "[data] extensions",
+    "grad_clip": "[train] grad_clip", "extensions": "[data] extensions", "val_split": "[data] val_split",
 }
 
 
 def fixed_on_resume(c: Config) -> dict:
     """The values of the settings in FIXED_ON_RESUME."""
-    return {**identity(c), "warmup_lr": c.train.warmup_lr, "extensions": list(c.data.extensions)}
+    return {**identity(c), **_recipe(c), "warmup_lr": c.train.warmup_lr, "extensions": list(c.data.extensions),
+            "val_split": c.data.val_split}
 
 
 def resume_changes(frozen: Config, edited: Config) -> list[str]:

@@ -50,9 +50,12 @@ RATE_MAX = 1e6              # a huge but finite rate diverges, which training re
 RANGES = {
     ("run", "seed"): Range(0, 2**32 - 1),   # numpy's SeedSequence refuses negatives; 32 bits is what every seeder takes
     ("model", "img_size"): Range(8, 4096),
+    ("model", "drop_path_rate"): Range(0, 1, below=True),   # a probability; 1 would drop every residual branch
+    ("model", "drop_rate"): Range(0, 1, below=True),
     ("data", "crop_scale"): Range(0, 1, above=True),
     ("data", "crop_ratio"): Range(0, 100, above=True),
     ("data", "hflip"): Range(0, 1),
+    ("data", "val_split"): Range(0, 1, below=True),   # 1 would leave nothing to train on
     ("data", "max_image_pixels"): Range(1, 10**12),
     ("data", "max_bad_share_step"): Range(0, 1),
     ("data", "max_bad_share_epoch"): Range(0, 1),
@@ -68,6 +71,7 @@ RANGES = {
     ("train", "log_every_steps"): Range(1, COUNT_MAX),
     ("train", "threads"): Range(0, 4096),
     ("train", "max_nonfinite_steps"): Range(1, 1_000_000),
+    ("train", "layer_decay"): Range(0, 1, above=True),   # the head's LR x layer_decay per layer down; 1 = every layer alike
     ("checkpoint", "every_steps"): Range(0, COUNT_MAX),
     ("checkpoint", "every_seconds"): Range(0, SECONDS_MAX, unit="seconds"),
     ("checkpoint", "keep_last"): Range(1, 1_000_000),
@@ -163,6 +167,10 @@ def validate(c, where: str = "config") -> None:
         _fail(where, "[data] crop_ratio", list(d.crop_ratio), "is not an increasing positive range", "use e.g. [0.75, 1.3333]")
     if not d.extensions:
         _fail(where, "[data] extensions", [], "is empty", "list the image extensions to read, e.g. ['.jpg', '.png']")
+    if d.val_split and d.val_dir:   # two validation sets: which one would the accuracy be of?
+        _fail(where, "[data] val_split", d.val_split, f"is set together with [data] val_dir ({d.val_dir})",
+              "use one of them: remove val_dir to validate on the share of train_dir that val_split holds out, "
+              "or remove val_split (or set it to 0) to validate on val_dir")
     t = c.train
     if t.warmup_epochs >= t.epochs:
         _fail(where, "[train] warmup_epochs", t.warmup_epochs, f"is not below epochs ({t.epochs})", "use a shorter warmup")

@@ -12,12 +12,21 @@ from .config import ConfigError
 
 
 @dataclass(frozen=True)
+class HeldOut:
+    """What [data] val_split held out of a training folder (contract/split.py); part of the run's identity."""
+    fraction: float
+    count: int
+    fingerprint: str   # of the held-out files' paths relative to the folder
+
+
+@dataclass(frozen=True)
 class Folder:
     """A scanned ImageFolder: sorted class names and (path, label) samples sorted by path."""
     root: Path
     classes: tuple[str, ...]
     paths: tuple[str, ...]
     labels: tuple[int, ...]
+    held_out: HeldOut | None = None   # the training part of a split folder: what its validation part took
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -104,6 +113,7 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 def step_files(cfg, epoch: int, cursor: int) -> list[str]:
     """The image files of the optimizer step that starts at (epoch, sample cursor) of run config `cfg`."""
-    folder = scan(cfg.data.train_dir, cfg.data.extensions)
+    from .split import training_set   # split.py builds on this module
+    folder = training_set(cfg)
     order = epoch_order(cfg.run.seed, epoch, len(folder))
     return [folder.paths[int(i)] for i in order[cursor:cursor + cfg.train.effective_batch_size]]

@@ -3,6 +3,8 @@
 A run's checkpoints are only exact for the files they were trained on, in the order `folders.scan` gives
 them. The checkpoint stores a fingerprint of the file list (`identity`); the list itself is written once
 beside the checkpoints (DATA_MANIFEST_FILE, one JSON line per file), so that a refusal can name what changed.
+With [data] val_split the list holds the training part of train_dir only, and the identity adds the split: its
+fraction, and the count and a digest of the held-out paths (contract/split.py), so another split is refused.
 Size + mtime, not a content hash: a stat per file costs about a second for 100k files, reading them all
 would cost minutes at every boot. Standard library only (the supervisor may use it).
 """
@@ -15,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import fsio
+from .config_rules import ConfigError
 from .folders import Folder
 from .names import shell_run
 from .protocol import CannotContinue
 from .runfolder import DATA_MANIFEST_FILE
 
-DATA_KEYS = ("classes", "num_samples", "data_fingerprint")   # the keys of a checkpoint's identity about the data
+SPLIT_KEYS = ("val_split", "val_held_out", "val_fingerprint")   # what [data] val_split held out (none: absent)
+DATA_KEYS = ("classes", "num_samples", "data_fingerprint") + SPLIT_KEYS   # a checkpoint's identity about the data
 SHOWN = 3   # files named per kind of change
 
 
@@ -56,8 +60,12 @@ def fingerprint_of(files) -> str:
 
 
 def identity(folder: Folder, manifest: Manifest) -> dict:
-    """What a checkpoint stores about its data (DATA_KEYS)."""
-    return {"classes": list(folder.classes), "num_samples": len(folder), "data_fingerprint": manifest.fingerprint}
+    """What a checkpoint stores about its data (DATA_KEYS; the split's keys only for a split folder, so that
+    checkpoints of runs without one read as before)."""
+    out = {"classes": list(folder.classes), "num_samples": len(folder), "data_fingerprint": manifest.fingerprint}
+    if (held := folder.held_out) is not None:
+        out.update(val_split=held.fraction, val_held_out=held.count, val_fingerprint=held.fingerprint)
+    return out
 
 
 def settings_only(identity_: dict) -> dict:
@@ -177,11 +185,14 @@ def class_difference(before: list[str], after: list[str]) -> str:
 
 # ---- the check at boot ----------------------------------------------------------------------------------
 def check(saved: dict, current: Manifest, folder: Folder, run_dir: Path) -> None:
-    """Refuse (CannotContinue 'data_error') when the training files are not the ones checkpoint identity `saved`
-    was made with. Checkpoints from before file-level checks (no fingerprint) compare what they have."""
+    """Refuse (CannotContinue 'data_error') when the training files, or the files [data] val_split holds out, are
+    not the ones checkpoint identity `saved` was made with (another val_split: ConfigError). Checkpoints from before
+    file-level checks (no fingerprint) compare what they have."""
     run_dir = Path(run_dir)
+    _check_fraction(saved, folder, run_dir)
     fingerprint = saved.get("data_fingerprint")
     if fingerprint == current.fingerprint:
+        _check_held_out(saved, folder, run_dir)   # else the training files' refusal below names the files
         return
     listed = ""
     if fingerprint is None:
@@ -196,11 +207,39 @@ def check(saved: dict, current: Manifest, folder: Folder, run_dir: Path) -> None
         else:
             what = (_coarse_difference(saved, folder) or "the same classes and image count, other files") + \
                    f" ({run_dir / DATA_MANIFEST_FILE}, the list of the files they were made with, is missing)"
+    if folder.held_out is not None:
+        what += (" ([data] val_split holds out a share of each class: an image added or removed can move another "
+                 "between training and validation)")
     name = shell_run(run_dir)
     raise CannotContinue("data_error", (
         f"the training data in {folder.root} is not what the checkpoints of run {run_dir.name} were trained on: "
         f"{what}. Resuming would not continue the same run. Fix: put the data back as it was{listed}, then: "
         f"trainctl resume {name}; or train on the new data as a new run (another [run] name)."))
+
+
+def _check_fraction(saved: dict, folder: Folder, run_dir: Path) -> None:
+    """Refuse (ConfigError) a [data] val_split other than the one checkpoint identity `saved` was made with."""
+    then = saved.get("val_split", 0.0)   # checkpoints without the key were made without a split
+    now = folder.held_out.fraction if folder.held_out is not None else 0.0
+    if then != now:
+        raise ConfigError(
+            f"the checkpoints in {run_dir} were made with [data] val_split = {then:g}, now it is {now:g}: another "
+            f"held-out validation set would also change the images the run trains on. Fix: restore val_split = "
+            f"{then:g} in {run_dir / 'config.toml'}, then: trainctl resume {shell_run(run_dir)}; or start a new run "
+            f"under another [run] name.")
+
+
+def _check_held_out(saved: dict, folder: Folder, run_dir: Path) -> None:
+    """Refuse (data_error) the same val_split holding out other files: images added to or removed from train_dir
+    that changed the validation set only (with the training files' fingerprint unchanged)."""
+    held = folder.held_out
+    if held is None or saved.get("val_fingerprint") == held.fingerprint:
+        return
+    raise CannotContinue("data_error", (
+        f"the files that [data] val_split = {held.fraction:g} holds out of {folder.root} are not those the checkpoints "
+        f"of run {run_dir.name} were validated on ({saved.get('val_held_out')} images then, {held.count} now): images "
+        f"were added to or removed from train_dir. Fix: put the data back as it was, then: trainctl resume "
+        f"{shell_run(run_dir)}; or train on the new data as a new run (another [run] name)."))
 
 
 def _coarse_difference(saved: dict, folder: Folder) -> str:

@@ -104,6 +104,7 @@ class Heartbeat:
     lr: float | None = None
     images_per_sec: float | None = None
     val_acc: float | None = None
+    val_top5: float | None = None   # with more than 5 classes
     skipped_checkpoints: list = field(default_factory=list)
     checkpoints_written: int = 0
     checkpoint_blocked_seconds: float = 0.0

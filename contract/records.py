@@ -114,6 +114,7 @@ class Status:
     set_aside_checkpoints: list = field(default_factory=list)
     hang_timeout: dict | None = None      # the hang timeout in force (or last in force): {"seconds", "how"}
     startup_timeout: dict | None = None   # the start-up allowance, the same way
+    val_top5: float | None = None         # the latest validation's top-5 (more than 5 classes only)
 
     def to_json(self) -> dict:
         """The `trainctl status --json` object (without the recent metrics); strict JSON: NaN and inf are null."""

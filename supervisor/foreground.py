@@ -177,7 +177,8 @@ def progress_line(rec: dict, hb, saved) -> str | None:
     """'epoch 1.50/3 step 9/18 loss 1.2034 acc 0.438 151.2 images/s ETA 1s rung 1/2' (None: not a metrics line)."""
     epochs = hb.epochs if hb and hb.epochs else "?"
     if rec.get("kind") == "val":
-        return f"epoch {rec['epoch']}/{epochs} validation: top-1 {number(rec.get('val_acc'), '.3f')}"
+        top5 = f", top-5 {number(rec['val_top5'], '.3f')}" if rec.get("val_top5") is not None else ""
+        return f"epoch {rec['epoch']}/{epochs} validation: top-1 {number(rec.get('val_acc'), '.3f')}{top5}"
     if rec.get("kind") != "train":
         return None
     total = hb.total_steps if hb else None

@@ -18,9 +18,8 @@ from pathlib import Path
 import filelock
 from rich.markup import escape
 
-from trainctl.contract import fsio
+from trainctl.contract import fsio, split
 from trainctl.contract.config import Config, ConfigError, to_toml
-from trainctl.contract.folders import scan
 from trainctl.contract.lifecycle import State, is_final
 from trainctl.contract.names import shell_path, shell_run
 from trainctl.contract.protocol import ExitCode, read_heartbeat
@@ -47,11 +46,10 @@ HISTORY_DIRS = (EVIDENCE_DIR, FAULTS_FIRED_DIR, TENSORBOARD_DIR)
 
 def check_data(cfg: Config) -> None:
     """Data folders checked now, in one clear line, rather than by the worker later."""
-    train = scan(cfg.data.train_dir, cfg.data.extensions)
-    if cfg.data.val_dir:
-        scan(cfg.data.val_dir, cfg.data.extensions, "[data] val_dir", train.classes)
+    train, _ = split.train_and_val(cfg)   # what the worker will train on: without a val_split's held-out share
     if len(train) < cfg.train.effective_batch_size:
-        raise ConfigError(f"[data] train_dir has {len(train)} images, fewer than one [train] effective_batch_size "
+        held = f" (after [data] val_split = {cfg.data.val_split:g} held some out)" if train.held_out else ""
+        raise ConfigError(f"[data] train_dir has {len(train)} images{held}, fewer than one [train] effective_batch_size "
                           f"({cfg.train.effective_batch_size}). Fix: add images or lower effective_batch_size.")
 
 

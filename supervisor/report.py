@@ -25,7 +25,8 @@ from pathlib import Path
 from trainctl.contract import fsio
 from trainctl.contract.lifecycle import Event, State, is_final
 from trainctl.contract.names import shell_run
-from trainctl.contract.runfolder import BAD_IMAGES_FILE, MODEL_FILE, REPORT_FILE, REPORT_JSON, read_json
+from trainctl.contract.runfolder import (BAD_IMAGES_FILE, MODEL_FILE, REPORT_FILE, REPORT_JSON, is_finite_number,
+                                         read_json, read_metrics)
 
 from . import plot
 from .journal import read_events
@@ -50,7 +51,7 @@ def summarize(events: list[dict]) -> dict:
         if a is None:
             continue
         if e["kind"] == Event.WORKER_READY:
-            a["ready"] = e["time"]
+            a["ready"] = ready_time(e, a["spawn"])
         elif e["kind"] == Event.CHECKPOINT:
             # When training stood at that step, not when the supervisor noticed the commit (it may notice
             # only after the crash, and the work between the two is re-done).
@@ -66,7 +67,7 @@ def summarize(events: list[dict]) -> dict:
     for i, number in enumerate(ordered):
         a = attempts[number]
         end = a["end"] or (a["checkpoints"][-1] if a["checkpoints"] else a["ready"] or a["spawn"])
-        ready = a["ready"] or end
+        ready = a["ready"] if a["ready"] is not None else end
         boot = ready - a["spawn"]
         if previous_crashed:
             restarts += boot + supervised_between(lifetimes, previous_end or a["spawn"], a["spawn"])
@@ -120,6 +121,13 @@ def lost_nothing(a: dict, following: dict | None) -> bool:
             and following["from"] >= a["reached"])
 
 
+def ready_time(e: dict, spawned: float) -> float:
+    """When an attempt was ready to train: the worker's own moment (`ready_at`, journaled since issue 22), else
+    when the supervisor saw it; never before its spawn nor after the observation."""
+    said = (e.get("data") or {}).get("ready_at")
+    return e["time"] if not isinstance(said, (int, float)) else min(e["time"], max(spawned, said))
+
+
 def supervised_between(lifetimes: list, start: float, end: float) -> float:
     """How much of [start, end] some supervisor was running (lifetimes: [first event, last event, ended])."""
     return sum(max(0.0, min(end, last) - max(start, first)) for first, last, _ in lifetimes)
@@ -131,6 +139,9 @@ def write(run_dir: Path, state: str, reason: str | None, val_acc: float | None) 
     s = summarize(read_events(run_dir))
     s.update(state=state, reason=reason, val_acc=val_acc,
              bad_images=(read_json(run_dir / BAD_IMAGES_FILE) or {}).get("count", 0))
+    top5 = final_top5(run_dir)
+    if top5 is not None:   # measured only past 5 classes: otherwise absent, never shown as 100%
+        s["val_top5"] = top5
     lines = [f"# trainctl report: {run_dir.name} — {state.upper()}", "",
              f"- ended: {time.strftime('%Y-%m-%d %H:%M:%S')}" + (f" — {reason}" if reason else ""),
              f"- wall time: {duration(s['wall_seconds'])} (supervised: {duration(s['supervised_seconds'])})",
@@ -160,7 +171,7 @@ def write(run_dir: Path, state: str, reason: str | None, val_acc: float | None) 
                   f" ({s['checkpoints_at_failure']} at a failure, saving {s['steps_saved_at_failure']} steps from being "
                   f"done again)" if s["checkpoints_at_failure"] else ""),
               f"- bad images: {s['bad_images']}" + (f" (listed in {BAD_IMAGES_FILE})" if s["bad_images"] else ""),
-              f"- final validation accuracy: {percent(val_acc)}"]
+              f"- final validation accuracy: {percent(val_acc)}" + (f" (top-5: {percent(top5)})" if top5 is not None else "")]
     if state == State.SUCCEEDED:
         lines.append(f"- model: {run_dir / MODEL_FILE}")
     # Written before the figure is drawn, and again after: whatever drawing does, the report is there.
@@ -207,3 +218,14 @@ def run_hook(command: str, run_dir: Path, state: str, reason: str | None, timeou
 
 def read_summary(run_dir: Path) -> dict | None:
     return read_json(Path(run_dir) / REPORT_JSON)
+
+
+def final_top5(run_dir: Path) -> float | None:
+    """The top-5 accuracy of the last validated epoch (its newest line: an epoch re-done after a crash writes it
+    again), or None when the run measured none (5 classes or fewer, no validation)."""
+    last: dict[int, dict] = {}
+    for rec in read_metrics(run_dir):
+        if rec.get("kind") == "val" and isinstance(rec.get("epoch"), int):
+            last[rec["epoch"]] = rec
+    value = last[max(last)].get("val_top5") if last else None
+    return value if is_finite_number(value) else None

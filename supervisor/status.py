@@ -76,6 +76,7 @@ def gather(run_dir: Path) -> Status:
         epochs=hb.epochs if hb else None, samples_seen=live.samples_seen if placed else 0,
         loss=finite(live.loss) if live else None, lr=finite(live.lr) if live else None,
         images_per_sec=finite(live.images_per_sec) if live else None, val_acc=finite(hb.val_acc) if hb else None,
+        val_top5=finite(hb.val_top5) if hb else None,
         eta_seconds=_eta(state, live),
         memory={**((saved.memory if saved else None) or {}), **(hb.memory if hb else {})} if worker_alive else {},
         restarts=restarts, crashes=crashes,
@@ -130,15 +131,19 @@ def _evidence(run_dir: Path, recorded: str | None) -> str | None:
 def recent_metrics(run_dir: Path, keep: int = 40) -> dict:
     """The latest train losses/accuracies (one per step: a re-done step replaces the older line) and val accuracies."""
     train: dict[int, dict] = {}
-    val: dict[int, float] = {}
+    val: dict[int, dict] = {}
     for rec in read_metrics(run_dir):
         if rec.get("kind") == "train":
             train[rec["step"]] = rec
         elif rec.get("kind") == "val":
-            val[rec["epoch"]] = rec["val_acc"]
+            val[rec["epoch"]] = rec
     steps = sorted(train)[-keep:]
-    return {"loss": [finite(train[s].get("loss")) for s in steps], "acc": [finite(train[s].get("acc")) for s in steps],
-            "val_acc": [finite(val[e]) for e in sorted(val)]}
+    recent = {"loss": [finite(train[s].get("loss")) for s in steps], "acc": [finite(train[s].get("acc")) for s in steps],
+              "val_acc": [finite(val[e].get("val_acc")) for e in sorted(val)]}
+    top5 = [finite(val[e]["val_top5"]) for e in sorted(val) if "val_top5" in val[e]]
+    if top5:   # measured only past 5 classes (worker/train.py): otherwise absent, never shown as 100%
+        recent["val_top5"] = top5
+    return recent
 
 
 def _eta(state: str, hb) -> float | None:

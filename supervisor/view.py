@@ -67,6 +67,8 @@ def render_status(st: Status):
         row("train acc", f"{number((m.get('acc') or [None])[-1], '.3f')}  {sparkline(m.get('acc') or [])}")
     if m.get("val_acc"):
         row("val acc", f"{number(m['val_acc'][-1], '.3f')}  {sparkline(m['val_acc'])}  (per epoch)")
+    if m.get("val_top5"):   # only runs of more than 5 classes measure it
+        row("val top-5", f"{number(m['val_top5'][-1], '.3f')}  {sparkline(m['val_top5'])}  (per epoch)")
     if is_finite_number(st.images_per_sec) and st.images_per_sec and state in (State.RUNNING, State.STARTING):
         eta = st.eta_seconds if is_finite_number(st.eta_seconds) else None
         row("speed", f"{st.images_per_sec:.1f} images/s   ETA {duration(eta)}")

@@ -195,9 +195,13 @@ def take_heartbeat(w: Watch, seen: Seen, limits: Limits) -> tuple[Watch, list[Co
     if hb.phase.booted and not w.ready:
         boots = (w.pace.boots + (round(seen.now - w.started_at, 3),))[-RECENT_BOOTS:]
         w = dataclasses.replace(w, ready=True, pace=dataclasses.replace(w.pace, boots=boots))
+        # ready_at: the worker's own moment (its clock is ours: one machine), not this poll's, which may come up to
+        # a poll later while it already trains; the report's restart and start-up times are measured to it.
+        ready_at = hb.timings.get("sanity_done") if isinstance(hb.timings, dict) else None
         out.append(Record(Event.WORKER_READY, hb.step, {"device": hb.device,
                                                         "skipped_checkpoints": hb.skipped_checkpoints,
-                                                        "boot_seconds": boots[-1], "pace": w.pace.to_json()}))
+                                                        "boot_seconds": boots[-1], "pace": w.pace.to_json(),
+                                                        **({"ready_at": ready_at} if ready_at else {})}))
         if seen.state is State.STARTING:
             out.append(Enter(State.RUNNING))
         out.append(Ready(status_line(w, State.RUNNING if seen.state is State.STARTING else seen.state)))

@@ -31,6 +31,21 @@ def test_time_is_split_into_training_redone_work_restarts_and_startup():
     assert s["checkpoints_written"] == 5 and s["supervisor_deaths"] == 0
 
 
+def test_a_restart_ends_when_the_worker_was_ready_not_when_the_supervisor_polled():
+    """worker_ready carries the worker's own moment (ready_at); the poll that saw it may come up to a second later,
+    while the worker already trains. An implausible ready_at (before the spawn, after the poll) is clamped."""
+    night = [ev(0, "supervisor_start"), ev(0, "spawn", 1), ev(10.9, "worker_ready", 1, ready_at=10.2),
+             ev(100, "exit", 1, failure="killed"), ev(100, "spawn", 2), ev(100.9, "worker_ready", 2, ready_at=100.1),
+             ev(150, "exit", 2, failure="done"), ev(151, "state", 2, to="succeeded")]
+    s = summarize(night)
+    assert s["startup_seconds"] == 10.2 and s["restart_seconds"] == 0.1
+    assert s["training_seconds"] == 49.9 and s["redone_seconds"] == 89.8   # 150 - 100.1; no checkpoint: 100 - 10.2
+    odd = [dict(e, data={**e["data"], "ready_at": {1: -5.0, 2: 200.0}[e["attempt"]]}) if e["kind"] == "worker_ready"
+           else e for e in night]
+    s = summarize(odd)
+    assert s["startup_seconds"] == 0 and s["restart_seconds"] == 0.9   # clamped to the spawn, to the poll
+
+
 def test_a_supervisor_that_died_is_counted():
     night = NIGHT[:5] + [ev(300, "supervisor_start"), ev(300, "spawn", 2), ev(310, "worker_ready", 2),
                          ev(400, "exit", 2, failure="done"), ev(401, "state", 2, to="succeeded")]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 from conftest import assert_same_weights, config_text, make_run, run_worker, wait_for, weights
 
@@ -83,13 +84,17 @@ def test_unreadable_images_are_listed_and_training_finishes(tmp_path, dataset):
 
 
 def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_stops(tmp_path, dataset):
-    text = config_text("signals", dataset, train={"epochs": 200}, checkpoint={"every_steps": 0})
+    """... and the worker, which leaves by os._exit (no interpreter teardown), takes its loader processes with it."""
+    text = config_text("signals", dataset, train={"epochs": 200}, checkpoint={"every_steps": 0},
+                       profiles=[{"device": "cpu", "batch_size": 8, "num_workers": 1}])
     run_dir = make_run(tmp_path, "signals", text)
     env = {**os.environ, "TRAINCTL_FAULTS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir), "--attempt", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: getattr(read_heartbeat(run_dir), "step", 0) >= 2, 120, what="training to start")
+        loaders = psutil.Process(proc.pid).children(recursive=True)
+        assert loaders   # the loader process (and multiprocessing's resource tracker, if any)
         proc.send_signal(signal.SIGUSR1)
         ck = wait_for(lambda: [c for c in committed_checkpoints(run_dir / "checkpoints")
                                if c.marker.get("requested")], 60, what="the requested checkpoint")
@@ -105,6 +110,9 @@ def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_stops(tmp_pat
     # The checkpoint is at the step it stopped at ("epoch" when that step happened to end an epoch).
     assert newest.marker["reason"] in ("stop", "epoch") and newest.step == read_heartbeat(run_dir).step > requested
     assert "stopped at step" in out
+    assert "returned" in read_heartbeat(run_dir).timings   # main() ran to its end (its finally) before os._exit
+    # no loader process left behind (shut down before the exit, not orphaned)
+    assert not [p for p in loaders if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.mark.parametrize("case", ["unknown_model", "missing_data", "empty_class", "changed_settings"])

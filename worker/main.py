@@ -101,6 +101,7 @@ def main(argv=None) -> int:
         prebuilt = None   # the trainer holds it now, and lets it go once built (an unused model is not kept)
         trainer.setup()
         if trainer.progress.epoch < cfg.train.epochs:
+            trainer.start_loading()   # its processes start while the sanity check runs
             trainer.sanity_check()
         return trainer.fit()
     except ConfigError as e:
@@ -119,9 +120,15 @@ def main(argv=None) -> int:
             checkpoint_at_failure(trainer, "exception", e)
         return report_error(run_dir, args.attempt, "exception", e, ExitCode.INTERNAL_ERROR, trainer)
     finally:
+        if trainer is not None:
+            trainer.stop_loading()
         if getattr(trainer, "ckpt", None) is not None:
             trainer.ckpt.writer.drain()
+        if getattr(trainer, "board", None) is not None:
+            trainer.board.close()   # its last events, before __main__ leaves by os._exit
         lock.release()
+        timings["returned"] = time.time()
+        reporter.beat(force=True)
 
 
 def checkpoint_at_failure(trainer, what: str, exc: BaseException) -> None:

@@ -30,19 +30,16 @@ def build_model(cfg: Config, num_classes: int, load_weights: bool = True) -> tor
     kwargs: dict = {"num_classes": num_classes}
     if cfg.model.img_size:
         kwargs["img_size"] = cfg.model.img_size
+    for key in DROP_KEYS:   # passed only when on: a model without them builds as it always did
+        if getattr(cfg.model, key):
+            kwargs[key] = getattr(cfg.model, key)
     pretrained = cfg.model.pretrained and load_weights
     if cfg.model.weights and load_weights:
         pretrained = True
         kwargs["pretrained_cfg_overlay"] = _local_weights(name, cfg.model.weights)
     try:
         with _LoadReport() as report:
-            try:
-                model = timm.create_model(name, pretrained=pretrained, **kwargs)
-            except TypeError as e:
-                if "img_size" not in str(e):
-                    raise
-                kwargs.pop("img_size")  # convolutional nets take any input size
-                model = timm.create_model(name, pretrained=pretrained, **kwargs)
+            model = _create(cfg, pretrained, kwargs)
     except (OSError, RuntimeError) as e:
         if pretrained and "pretrained_cfg_overlay" not in kwargs:
             raise ConfigError(f"[model] pretrained weights for {name!r} could not be fetched ({e}). "
@@ -58,6 +55,24 @@ def build_model(cfg: Config, num_classes: int, load_weights: bool = True) -> tor
         raise ConfigError(f"[model] {source} does not fit {name!r}: {len(missing)} weights are missing from it "
                           f"(e.g. {', '.join(missing[:3])}). Fix: use a weights file made for this architecture.")
     return model
+
+
+DROP_KEYS = ("drop_path_rate", "drop_rate")   # [model] keys that timm.create_model takes as they are
+
+
+def _create(cfg: Config, pretrained: bool, kwargs: dict) -> torch.nn.Module:
+    """timm.create_model; a net that takes no img_size is built without one (convolutional nets take any size)."""
+    name = cfg.model.name
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        for key in DROP_KEYS:
+            if key in kwargs and f"'{key}'" in str(e):
+                raise ConfigError(f"[model] {key} = {kwargs[key]!r}: {name!r} does not take it ({e}). Fix: remove "
+                                  f"{key} (or set it to 0) for this model.") from None
+        if "img_size" not in kwargs or "img_size" not in str(e):
+            raise
+        return _create(cfg, pretrained, {k: v for k, v in kwargs.items() if k != "img_size"})
 
 
 class _LoadReport(logging.Handler):
@@ -118,13 +133,20 @@ def recipe_for(cfg: Config, model: torch.nn.Module) -> Recipe:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module):
-    """timm's optimizer factory (AdamW by default); the bias/norm weight-decay split is timm's."""
+    """timm's optimizer factory (AdamW by default); the bias/norm weight-decay split is timm's, and so are the
+    layer-decay groups: each holds an `lr_scale` that timm's schedulers multiply the scheduled LR by."""
     try:
         return timm.optim.create_optimizer_v2(model, opt=cfg.train.opt, lr=cfg.train.lr,
-                                              weight_decay=cfg.train.weight_decay)
+                                              weight_decay=cfg.train.weight_decay, layer_decay=cfg.train.layer_decay)
     except (ValueError, AssertionError, KeyError) as e:
         raise ConfigError(f"[train] opt = {cfg.train.opt!r} is not a timm optimizer ({e}). "
                           f"Fix: use e.g. 'adamw', 'sgd', 'lamb'.") from None
+
+
+def scheduled_lr(optimizer) -> float:
+    """The learning rate the schedule sets now: the top layer's (lr_scale 1); layer decay scales the others down."""
+    group = max(optimizer.param_groups, key=lambda g: g.get("lr_scale", 1.0))
+    return float(group["lr"]) / group.get("lr_scale", 1.0)
 
 
 def build_scheduler(cfg: Config, optimizer, total_steps: int, warmup_steps: int):

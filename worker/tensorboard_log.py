@@ -74,8 +74,9 @@ class Board:
         self.scalars(record["step"], values)
 
     def val(self, record: dict) -> None:
-        """A metrics.jsonl 'val' record (top-1 accuracy, loss) at its step."""
-        self.scalars(record["step"], {"val/accuracy": record.get("val_acc"), "val/loss": record.get("val_loss")})
+        """A metrics.jsonl 'val' record (top-1 accuracy, top-5 with more than 5 classes, loss) at its step."""
+        self.scalars(record["step"], {"val/accuracy": record.get("val_acc"), "val/top5": record.get("val_top5"),
+                                      "val/loss": record.get("val_loss")})
 
     def scalars(self, step: int, values: dict) -> None:
         """Each value that is a number (None = no value: not drawn), then flush (a SIGKILL after this loses nothing)."""

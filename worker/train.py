@@ -9,6 +9,7 @@ do not depend on where a restart happened.
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainctl.contract import folders, fsio, manifest
+from trainctl.contract import fsio, manifest, split
 from trainctl.contract.config import Config, ConfigError, identity
 from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import CannotContinue, ExitCode, Phase
@@ -27,7 +28,7 @@ from . import checkpoint, data, export
 from . import device as devicelib
 from .boot import Prebuilt, passed_before, record_pass, sanity_key
 from .checkpointing import Checkpointing
-from .model import build_model, build_optimizer, build_scheduler, recipe_for
+from .model import build_model, build_optimizer, build_scheduler, recipe_for, scheduled_lr
 from .report import Reporter, StepRate, say
 from .snapshot import Progress, StepStart, check_identity, restore
 from .tensorboard_log import open_board
@@ -91,6 +92,15 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return images.float().sub_(mean).div_(std)
 
 
+TOP5_MIN_CLASSES = 5   # top-5 accuracy is reported past this many classes (with 5 or fewer it is always 100%)
+
+
+def hits(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, k: int) -> int:
+    """How many valid samples have their label among their `k` highest logits (k = 1: the argmax, as training counts)."""
+    top = logits.argmax(1, keepdim=True) if k == 1 else logits.topk(k, dim=1).indices
+    return int(((top == labels[:, None]).any(1) & valid).sum())
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, rung_index: int, flags, reporter: Reporter, faults,
                  prebuilt: Prebuilt | None = None):
@@ -103,6 +113,7 @@ class Trainer:
         self.rate = StepRate()
         self.last_finite: tuple[int, float] | None = None   # (step, mean loss) of this process's last finite step
         self.stage, self.step_start = BETWEEN_STEPS, None
+        self.batches = None   # the loader's micro-batches (start_loading .. stop_loading)
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -114,9 +125,7 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.reporter.beat(Phase.LOADING, force=True)
-        self.train_set = folders.scan(cfg.data.train_dir, cfg.data.extensions)
-        self.val_set = (folders.scan(cfg.data.val_dir, cfg.data.extensions, "[data] val_dir", self.train_set.classes)
-                        if cfg.data.val_dir else None)
+        self.train_set, self.val_set = split.train_and_val(cfg, say)   # val_dir, a held-out share (val_split), or none
         E = cfg.train.effective_batch_size
         self.accum = cfg.grad_accum(self.rung_index)
         self.steps_per_epoch = len(self.train_set) // E
@@ -225,7 +234,7 @@ class Trainer:
             return
         self.reporter.beat(Phase.SANITY, force=True)
         p = self.progress
-        mb = self.train_data[(p.epoch, p.cursor) if p.epoch < self.cfg.train.epochs else (0, 0)]
+        mb = self._first_batch()
         self.reporter.bad_images(mb.bad)
         n_valid = int(mb.valid.sum())
         self.model.eval()   # eval: no running-stat updates, no RNG draws — training state stays untouched
@@ -257,10 +266,34 @@ class Trainer:
             f"= {self.cfg.train.effective_batch_size} | {self.total_steps} steps")
 
     # ---- the loop --------------------------------------------------------------------------------
-    def fit(self) -> int:
+    def start_loading(self) -> None:
+        """Start the loader at the checkpoint's cursor, before the sanity check: its processes start and decode
+        while the check runs, and the check takes the loader's first micro-batch (decoded once, not twice)."""
         cfg, p, E = self.cfg, self.progress, self.cfg.train.effective_batch_size
+        self._timing("fit_start")
         keys = data.train_keys(p.epoch, p.cursor, cfg.train.epochs, self.steps_per_epoch, E, self.profile.batch_size)
-        batches = data.iterate(self.train_data, keys, self.workers, cfg.run.seed, self.device.type != "cpu")
+        self.batches = data.iterate(self.train_data, keys, self.workers, cfg.run.seed, self.device.type != "cpu")
+
+    def _first_batch(self) -> data.MicroBatch:
+        """The loader's next micro-batch, kept for the training step that would have taken it."""
+        mb = next(self.batches)
+        self.batches = itertools.chain([mb], self.batches)
+        return mb
+
+    def stop_loading(self) -> None:
+        """Shut the loader processes down now (the worker may leave by os._exit, which would orphan them)."""
+        self.batches = None
+
+    def fit(self) -> int:
+        if self.batches is None:
+            self.start_loading()
+        try:
+            return self._fit(self.batches)
+        finally:
+            self.stop_loading()
+
+    def _fit(self, batches) -> int:
+        cfg, p, E = self.cfg, self.progress, self.cfg.train.effective_batch_size
         self.reporter.beat(Phase.TRAINING, force=True, **self._position())
         self.step_start = StepStart(self.model, self.device)
         window = {"loss": 0.0, "correct": 0, "valid": 0}
@@ -297,7 +330,9 @@ class Trainer:
             else:
                 self.ckpt.after_step()
         self.ckpt.finish()
+        self._timing("export_start")
         export.write(self)
+        self._timing("exported")
         return ExitCode.OK
 
     def _step(self, batches) -> tuple[float, int, int, bool]:
@@ -403,7 +438,8 @@ class Trainer:
             f"max_bad_share_step / max_bad_share_epoch: trainctl resume {name} --config FILE."))
 
     def _lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        """The scheduled LR (with [train] layer_decay, the top layer's: the lower layers' are scaled down from it)."""
+        return scheduled_lr(self.optimizer)
 
     def _images_per_sec(self) -> float | None:
         """The smoothed rate (report.StepRate) that the heartbeat, the metrics lines and the ETA share."""
@@ -430,36 +466,52 @@ class Trainer:
         self.stage = EPOCH_END
         finished = p.epoch + 1
         if self.val_set is not None:
-            acc, loss = self.validate()
-            self.history.append({"epoch": finished, "step": p.step, "val_acc": acc, "val_loss": loss})
-            record = {"kind": "val", "epoch": finished, "step": p.step, "val_acc": acc,
+            scores = self.validate()
+            loss = scores["val_loss"]
+            self.history.append({"epoch": finished, "step": p.step, **scores})
+            record = {"kind": "val", "epoch": finished, "step": p.step, **scores,
                       "val_loss": loss if math.isfinite(loss) else None}   # JSON has no NaN
             self.reporter.metric(record)
             self.board.val(record)
-            self.reporter.beat(val_acc=acc)
-            say(f"epoch {finished}/{self.cfg.train.epochs} validation: top-1 {acc:.3f}, loss {loss:.4f}")
+            self.reporter.beat(val_acc=scores["val_acc"], val_top5=scores.get("val_top5"))
+            top5 = f", top-5 {scores['val_top5']:.3f}" if "val_top5" in scores else ""
+            say(f"epoch {finished}/{self.cfg.train.epochs} validation: top-1 {scores['val_acc']:.3f}{top5}, "
+                f"loss {loss:.4f}")
         p.epoch, p.cursor = finished, 0
         self.stage = BETWEEN_STEPS
         self.ckpt.snapshot("epoch")
 
-    def validate(self) -> tuple[float, float]:
-        """Top-1 accuracy and mean loss on the validation folder (bad images excluded)."""
+    def validate(self) -> dict:
+        """Top-1 accuracy, mean loss and, past TOP5_MIN_CLASSES classes, top-5 accuracy on the validation images
+        (bad images excluded): {"val_acc", "val_loss"[, "val_top5"]}."""
         self.reporter.beat(Phase.VALIDATING, force=True)
         dataset = data.MicroBatches(self.val_set, self.recipe, self.cfg.run.seed, self.profile.batch_size, False)
         batches = data.iterate(dataset, data.eval_keys(len(self.val_set), self.profile.batch_size),
                                self.workers, self.cfg.run.seed, self.device.type != "cpu")
-        correct = valid = 0
+        top5 = len(self.train_set.classes) > TOP5_MIN_CLASSES   # with 5 classes or fewer every label is in the top 5
+        correct = correct5 = valid = 0
         loss_sum = 0.0
         self.model.eval()
         with torch.no_grad():
             for mb in batches:
                 self.reporter.bad_images(mb.bad)
-                loss, right = self._forward(mb)
-                loss_sum, correct, valid = loss_sum + float(loss), correct + int(right), valid + int(mb.valid.sum())
+                loss, right, right5 = self._evaluate(mb, 5 if top5 else 0)
+                loss_sum, correct, correct5 = loss_sum + loss, correct + right, correct5 + right5
+                valid += int(mb.valid.sum())
                 self.reporter.beat()
         self.model.train()
         self.reporter.beat(Phase.TRAINING, force=True)
-        return correct / max(valid, 1), loss_sum / max(valid, 1)
+        n = max(valid, 1)
+        return {"val_acc": correct / n, "val_loss": loss_sum / n, **({"val_top5": correct5 / n} if top5 else {})}
+
+    def _evaluate(self, mb: data.MicroBatch, k: int) -> tuple[float, int, int]:
+        """A validation micro-batch: summed loss, top-1 and top-k hits (0 when k = 0) over its valid samples.
+        Plain labels whatever the training recipe: validation is never augmented nor mixed."""
+        y, valid = mb.labels.to(self.device), mb.valid.to(self.device)
+        with devicelib.autocast(self.profile, self.device):
+            logits = self.model(self._inputs(mb))
+        losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=self.cfg.train.label_smoothing)
+        return float((losses * valid).sum()), hits(logits, y, valid, 1), hits(logits, y, valid, k) if k else 0
 
     def _stop(self) -> int:
         self.ckpt.stop()
