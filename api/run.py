@@ -23,7 +23,8 @@ from trainctl.contract.runfolder import read_metrics
 from trainctl.supervisor.status import gather
 
 
-def start(config: str | os.PathLike | Mapping, name: str | None = None, foreground: bool = False) -> Run:
+def start(config: str | os.PathLike | Mapping, name: str | None = None, foreground: bool = False,
+          rung: int | None = None) -> Run:
     """Start a new run, as `trainctl start --config` does: everything that can be checked is checked first (a
     refused start writes nothing), then the run folder is made with a frozen copy of the config.
 
@@ -31,10 +32,12 @@ def start(config: str | os.PathLike | Mapping, name: str | None = None, foregrou
     "data": {...}, "train": {...}, "profiles": [{...}], ...}); relative paths in a dict are relative to the
     current folder. `name` replaces [run] name. Detached (the default), it returns once the worker trains, and
     the run goes on whatever happens to this process; `foreground=True` supervises it here and returns when the
-    run has ended. Raises trainctl.ConfigError, trainctl.AlreadyRunning, trainctl.Refused, ... (trainctl.Error).
+    run has ended. `rung` (from 1) starts there, as `trainctl start --rung` does; None: the first, or lower where
+    this machine's rung memory says so. Raises trainctl.ConfigError, trainctl.AlreadyRunning, trainctl.Refused, ...
+    (trainctl.Error).
     """
     with control.translated(), quiet_widgets(), config_file(config, name) as path:
-        run_dir, _ = control.start(path, foreground)
+        run_dir, _ = control.start(path, foreground, rung)
     return Run(run_dir)
 
 

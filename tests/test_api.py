@@ -140,6 +140,7 @@ def test_each_error_is_the_clis_one_line_as_an_exception(home, dataset, capsys):
         (home / place).mkdir()
         remember(make_run(home / place, "twin", config_text("twin", dataset)))
     remember(make_run(home, "idle", config_text("idle", dataset)))
+    (home / "ladder.toml").write_text(config_text("ladder", dataset))   # a ladder of 2 rungs
     same_as_cli = [   # (what the API does, its error class, exit code, the same command on the CLI)
         (lambda: trainctl.Run("nosuchrun"), trainctl.RunNotFound, ExitCode.NOT_FOUND, ["status", "nosuchrun"]),
         (lambda: trainctl.Run("twin"), trainctl.AmbiguousRun, ExitCode.USAGE, ["status", "twin"]),
@@ -147,6 +148,8 @@ def test_each_error_is_the_clis_one_line_as_an_exception(home, dataset, capsys):
          ["start", "--config", "missing.toml"]),
         (lambda: trainctl.Run("idle").stop(), trainctl.NotRunning, ExitCode.REFUSED, ["stop", "idle"]),
         (lambda: trainctl.Run("idle").resume(rung=9), trainctl.Refused, ExitCode.USAGE, ["resume", "idle", "--rung", "9"]),
+        (lambda: trainctl.start(home / "ladder.toml", rung=3), trainctl.Refused, ExitCode.USAGE,
+         ["start", "--config", str(home / "ladder.toml"), "--rung", "3"]),
     ]
     for call, kind, code, args in same_as_cli:
         with pytest.raises(kind) as raised:
@@ -166,6 +169,7 @@ def test_each_error_is_the_clis_one_line_as_an_exception(home, dataset, capsys):
         assert isinstance(raised.value, ValueError) and "\n" not in str(raised.value)
     assert not (home / "runs" / "errs").exists()                        # a refused start wrote nothing
     assert not (home / "runs" / "no" / "slash").exists()
+    assert not (home / "runs" / "ladder").exists()
 
 
 def test_importing_trainctl_loads_neither_torch_nor_the_supervisor():

@@ -136,20 +136,21 @@ def test_the_supervisor_survives_sighup_and_a_closed_stdout(tmp_path, dataset):
 
 def test_without_a_terminal_lines_are_plain_unwrapped_and_show_progress(tmp_path, dataset, env):
     """A service's log, nohup, a redirect: `HH:MM:SS message` lines, never wrapped (COLUMNS is 40 here), one
-    progress line per `[train] log_every_steps` (2 here: 9 of the run's 18 steps), and the final panel."""
+    progress line per `[train] log_every_steps` (2 here: 9 of the run's 18 steps), and the final panel. Started
+    with `--rung 2`: the whole run trains on the second rung."""
     run_dir = write_config(tmp_path, dataset, "plain-output-of-a-run-with-a-long-name")
     with open(tmp_path / "out.log", "wb") as out:
-        result = subprocess.run([*CLI, "start", "--config", "run.toml", "--foreground"], env=env, cwd=tmp_path,
+        result = subprocess.run([*CLI, "start", "--config", "run.toml", "--foreground", "--rung", "2"], env=env, cwd=tmp_path,
                                 stdout=out, stderr=subprocess.PIPE, timeout=300)
     text = (tmp_path / "out.log").read_text()
     assert result.returncode == ExitCode.OK, text + result.stderr.decode()
     lines = text.splitlines()
     report = f"report: {run_dir / 'report.md'}"
     assert any(re.fullmatch(rf"{STAMP} {re.escape(report)}( \(goodput .*\))?", line) for line in lines), text
-    assert any(re.fullmatch(rf"{STAMP} attempt 1: worker pid \d+ on rung 1 \(.*\), from the start", line)
+    assert any(re.fullmatch(rf"{STAMP} attempt 1: worker pid \d+ on rung 2 \(.*\), from the start", line)
                for line in lines), text
     progress = [re.fullmatch(rf"{STAMP} epoch (\d+\.\d\d)/3 step (\d+)/18 loss \d+\.\d{{4}} acc [01]\.\d{{3}} "
-                             rf"\d+\.\d images/s ETA \S+ rung 1/2", line) for line in lines]
+                             rf"\d+\.\d images/s ETA \S+ rung 2/2", line) for line in lines]
     assert [int(m.group(2)) for m in progress if m] == list(range(2, 19, 2)), text
     validations = [re.fullmatch(rf"{STAMP} epoch (\d)/3 validation: top-1 [01]\.\d{{3}}", line) for line in lines]
     assert [int(m.group(1)) for m in validations if m] == [1, 2, 3], text
