@@ -2,8 +2,10 @@
 
 The two compute the same updates up to float summation order; the difference then grows with the
 number of steps trained after the switch. Prints the max |w_switched - w_reference| per horizon.
+--mixup: with Mixup/CutMix on (mixup_alpha 0.8, cutmix_alpha 1.0, the issue's recipe) and the ladder batch 4 x
+accum 4 -> batch 1 x accum 16 (issue 18: the same pairs and λ at micro-batch 1).
 
-    python bench/rung_switch.py [--epochs 6]
+    python bench/rung_switch.py [--epochs 6] [--mixup]
 """
 from __future__ import annotations
 
@@ -29,28 +31,32 @@ def worker(run_dir: Path, rung: int, faults: str = "") -> None:
                    env=env, capture_output=True, check=faults == "")
 
 
-def run(root: Path, name: str, epochs: int) -> Path:
-    """Rung 1: batch 8 x accum 2; rung 2: batch 4 x accum 4; a checkpoint after every step, all kept."""
+def run(root: Path, name: str, epochs: int, mixup: bool = False) -> Path:
+    """Rung 1: batch 8 x accum 2; rung 2: batch 4 x accum 4 (mixup: 4 x 4, then 1 x 16); a checkpoint after every
+    step, all kept."""
+    batches = (4, 1) if mixup else (8, 4)
     return frozen_run(root / f"{name}.toml", small_config(
         name, "data/train", run={"seed": 7}, train={"epochs": epochs},
         checkpoint={"every_steps": 1, "keep_last": 100},
-        profiles=[{"device": "cpu", "batch_size": 8}, {"device": "cpu", "batch_size": 4}]))
+        **({"augment": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}} if mixup else {}),
+        profiles=[{"device": "cpu", "batch_size": b} for b in batches]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--mixup", action="store_true", help="Mixup/CutMix on; batch 4 x 4 -> 1 x 16")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_dataset(root / "data", per_class_train=24, per_class_val=0, size=40, seed=1)
-        reference = run(root, "reference", args.epochs)
+        reference = run(root, "reference", args.epochs, args.mixup)
         worker(reference, 1)
         total = 6 * args.epochs
         ref = load_file(str(reference / "model.safetensors"))
         print(f"{'steps after the switch':>24} | max abs weight difference")
         for after in sorted({1, 3, 10, total // 2, total - 1}):
-            switched = run(root, f"switch-{after}", args.epochs)
+            switched = run(root, f"switch-{after}", args.epochs, args.mixup)
             worker(switched, 1, faults=f"train_step:sigkill@{total - after}")
             worker(switched, 2)
             got = load_file(str(switched / "model.safetensors"))

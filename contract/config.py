@@ -127,6 +127,33 @@ class LoggingSection:
 
 
 @dataclass(frozen=True)
+class EmaSection:
+    """An exponential moving average of the weights (timm's ModelEmaV3), updated once per optimizer step."""
+    enabled: bool = False
+    decay: float = 0.9998             # timm train.py's --model-ema-decay default
+    warmup: bool = False              # ModelEmaV3 use_warmup: the decay grows with the optimizer step
+    device: str = "same"              # "same": beside the model; "cpu": in CPU memory (keeps the GPU's for training)
+
+
+@dataclass(frozen=True)
+class AugmentSection:
+    """timm's training augmentations, on the training images only (worker/augment.py); every default is off."""
+    auto_augment: str = ""            # timm's grammar: "rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original"...; "" = off
+    color_jitter: float = 0.0         # brightness/contrast/saturation factor; as in timm, not applied with auto_augment
+    re_prob: float = 0.0              # random erasing: the share of images erased; 0 = off
+    re_mode: str = "pixel"            # erased with per-pixel noise ("pixel"), one random colour ("rand") or 0 ("const")
+    re_count: int = 1                 # at most this many erased patches per image
+    # Mixup / CutMix over the effective batch (worker/mixup.py): timm's --mixup, --cutmix, --cutmix-minmax,
+    # --mixup-prob, --mixup-switch-prob, --mixup-mode; off while both alphas are 0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    cutmix_minmax: tuple[float, float] | None = None   # CutMix box sides as shares of the image; set: alpha unused
+    mixup_prob: float = 1.0           # the share of steps (batch mode), pairs or images that are mixed
+    mixup_switch_prob: float = 0.5    # with both on: the chance of CutMix rather than Mixup
+    mixup_mode: str = "batch"         # one draw per effective batch ("batch"), per pair ("pair"), per image ("elem")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunSection
     model: ModelSection
@@ -135,6 +162,8 @@ class Config:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     supervisor: SupervisorSection = field(default_factory=SupervisorSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    ema: EmaSection = field(default_factory=EmaSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
     profiles: tuple[Profile, ...] = ()
     source: Path | None = None        # the file it was loaded from (not a TOML key)
 
@@ -153,7 +182,8 @@ class Config:
 
 
 SECTIONS = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
-            "checkpoint": CheckpointSection, "supervisor": SupervisorSection, "logging": LoggingSection}
+            "checkpoint": CheckpointSection, "supervisor": SupervisorSection, "logging": LoggingSection,
+            "ema": EmaSection, "augment": AugmentSection}
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -339,7 +369,30 @@ def _recipe(c: Config) -> dict:
     checkpoint written before they existed (so with them off) still resumes; one made with them on refuses a
     resume without them, or with other values."""
     return {"drop_path_rate": c.model.drop_path_rate, "drop_rate": c.model.drop_rate,
-            "layer_decay": c.train.layer_decay}
+            "layer_decay": c.train.layer_decay, **_ema(c), **_augment(c)}
+
+
+def _augment(c: Config) -> dict:
+    """[augment] as the checkpoints fix it: each augmentation when on; the erasing mode and count only with erasing on."""
+    a = c.augment
+    erasing, mixing = a.re_prob > 0, mixing_on(a)
+    return {"auto_augment": a.auto_augment, "color_jitter": a.color_jitter, "re_prob": a.re_prob,
+            "re_mode": a.re_mode if erasing else None, "re_count": a.re_count if erasing else None,
+            **({"mixup_alpha": a.mixup_alpha, "cutmix_alpha": a.cutmix_alpha,
+                "cutmix_minmax": list(a.cutmix_minmax) if a.cutmix_minmax else None, "mixup_prob": a.mixup_prob,
+                "mixup_switch_prob": a.mixup_switch_prob, "mixup_mode": a.mixup_mode} if mixing else {})}
+
+
+def mixing_on(a: AugmentSection) -> bool:
+    """Whether [augment] asks for Mixup or CutMix (as timm: either alpha above 0, or a CutMix box range)."""
+    return a.mixup_alpha > 0 or a.cutmix_alpha > 0 or a.cutmix_minmax is not None
+
+
+def _ema(c: Config) -> dict:
+    """[ema] as the checkpoints fix it: on or off, and when on its decay and warmup (the EMA weights in a checkpoint
+    are a function of them). Its device is not: like the rung's, it may change on resume."""
+    on = c.ema.enabled
+    return {"ema": on, "ema_decay": c.ema.decay if on else None, "ema_warmup": c.ema.warmup if on else None}
 
 
 # The settings an unfinished run's checkpoints fix, and where each lives in the TOML file: `identity` (the
@@ -347,7 +400,8 @@ def _recipe(c: Config) -> dict:
 # which the checkpoint also fixes: manifest.py) and [train] warmup_lr (the checkpoint's own scheduler state
 # keeps the old value: a new one would be ignored without a word). An exact run's data order, augmentations and learning-rate
 # schedule are functions of these. Everything else may change on resume: the ladder ([[profiles]]),
-# [supervisor], [checkpoint], [logging], [data] val_dir and max_image_pixels, log_every_steps, threads, deterministic.
+# [supervisor], [checkpoint], [logging], [data] val_dir and max_image_pixels, log_every_steps, threads, deterministic,
+# [ema] device.
 FIXED_ON_RESUME = {
     "model": "[model] name", "img_size": "[model] img_size", "pretrained": "[model] pretrained",
     "drop_path_rate": "[model] drop_path_rate", "drop_rate": "[model] drop_rate", "layer_decay": "[train] layer_decay",
@@ -357,6 +411,11 @@ FIXED_ON_RESUME = {
     "weight_decay": "[train] weight_decay", "sched": "[train] sched", "warmup_epochs": "[train] warmup_epochs",
     "warmup_lr": "[train] warmup_lr", "min_lr": "[train] min_lr", "label_smoothing": "[train] label_smoothing",
     "grad_clip": "[train] grad_clip", "extensions": "[data] extensions", "val_split": "[data] val_split",
+    "ema": "[ema] enabled", "ema_decay": "[ema] decay", "ema_warmup": "[ema] warmup",
+    "auto_augment": "[augment] auto_augment", "color_jitter": "[augment] color_jitter", "re_prob": "[augment] re_prob",
+    "re_mode": "[augment] re_mode", "re_count": "[augment] re_count",
+    **{key: f"[augment] {key}" for key in ("mixup_alpha", "cutmix_alpha", "cutmix_minmax", "mixup_prob",
+                                           "mixup_switch_prob", "mixup_mode")},
 }
 
 

@@ -35,7 +35,7 @@ class Range:
     def text(self) -> str:
         low, high = _number(self.low), _number(self.high)
         if self.above:
-            return f"above {low} and at most {high}"
+            return f"above {low} and {'below' if self.below else 'at most'} {high}"
         return f"at least {low} and below {high}" if self.below else f"between {low} and {high}"
 
 
@@ -91,7 +91,17 @@ RANGES = {
     ("supervisor", "memory_pressure_critical"): Range(0, 100, above=True, unit="percent"),
     ("supervisor", "memory_pressure_sustained_seconds"): Range(0, SECONDS_MAX, unit="seconds"),
     ("supervisor", "step_up_after"): Range(1, SECONDS_MAX, unit="seconds"),
+    ("ema", "decay"): Range(0, 1, above=True, below=True),   # 0 would copy the model at every step, 1 never move
+    ("augment", "color_jitter"): Range(0, 1),   # each factor drawn from [1 - x, 1 + x]: 1 reaches black and double
+    ("augment", "re_prob"): Range(0, 1),
+    ("augment", "re_count"): Range(1, 100),
+    ("augment", "mixup_alpha"): Range(0, 100),   # Beta(alpha, alpha): timm's recipes use 0.1 to 1
+    ("augment", "cutmix_alpha"): Range(0, 100),
+    ("augment", "cutmix_minmax"): Range(0, 1, above=True),   # shares of the image's sides
+    ("augment", "mixup_prob"): Range(0, 1),
+    ("augment", "mixup_switch_prob"): Range(0, 1),
 }
+EMA_DEVICES = ("same", "cpu")
 
 
 def check_numbers(c, where: str = "config") -> None:
@@ -172,6 +182,13 @@ def validate(c, where: str = "config") -> None:
               "use one of them: remove val_dir to validate on the share of train_dir that val_split holds out, "
               "or remove val_split (or set it to 0) to validate on val_dir")
     t = c.train
+    from .augment_rules import check_augment, check_mixing   # it uses _fail from here
+    check_augment(c.augment, where)
+    check_mixing(c.augment, t.effective_batch_size, where)
+    if c.ema.device not in EMA_DEVICES:
+        _fail(where, "[ema] device", c.ema.device, "is not known",
+              '"same" keeps the EMA beside the model, "cpu" keeps it in CPU memory (the accelerator\'s stays for '
+              'training): use one of those')
     if t.warmup_epochs >= t.epochs:
         _fail(where, "[train] warmup_epochs", t.warmup_epochs, f"is not below epochs ({t.epochs})", "use a shorter warmup")
     for i, p in enumerate(c.profiles):

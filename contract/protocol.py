@@ -105,6 +105,7 @@ class Heartbeat:
     images_per_sec: float | None = None
     val_acc: float | None = None
     val_top5: float | None = None   # with more than 5 classes
+    ema_val_acc: float | None = None   # [ema] enabled: the EMA's top-1 of the same validation
     skipped_checkpoints: list = field(default_factory=list)
     checkpoints_written: int = 0
     checkpoint_blocked_seconds: float = 0.0

@@ -115,6 +115,7 @@ class Status:
     hang_timeout: dict | None = None      # the hang timeout in force (or last in force): {"seconds", "how"}
     startup_timeout: dict | None = None   # the start-up allowance, the same way
     val_top5: float | None = None         # the latest validation's top-5 (more than 5 classes only)
+    ema_val_acc: float | None = None      # [ema] enabled: the EMA's top-1 of the latest validation
 
     def to_json(self) -> dict:
         """The `trainctl status --json` object (without the recent metrics); strict JSON: NaN and inf are null."""

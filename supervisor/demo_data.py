@@ -31,7 +31,7 @@ def small_config(name: str, train_dir: Path | str, val_dir: Path | str | None = 
     for section, keys in sections.items():
         if section == "profiles":
             continue
-        doc[section] = {k: v for k, v in {**doc[section], **keys}.items() if v is not None}
+        doc[section] = {k: v for k, v in {**doc.get(section, {}), **keys}.items() if v is not None}
     doc["profiles"] = [dict(p) for p in sections.get("profiles", SMALL_RUN["profiles"])]
     return (header + "\n" if header else "") + tomlout.dumps(doc)
 

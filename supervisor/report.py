@@ -139,9 +139,11 @@ def write(run_dir: Path, state: str, reason: str | None, val_acc: float | None) 
     s = summarize(read_events(run_dir))
     s.update(state=state, reason=reason, val_acc=val_acc,
              bad_images=(read_json(run_dir / BAD_IMAGES_FILE) or {}).get("count", 0))
-    top5 = final_top5(run_dir)
+    top5, ema = final_val(run_dir, "val_top5"), final_val(run_dir, "ema_val_acc")
     if top5 is not None:   # measured only past 5 classes: otherwise absent, never shown as 100%
         s["val_top5"] = top5
+    if ema is not None:    # [ema] enabled
+        s["ema_val_acc"] = ema
     lines = [f"# trainctl report: {run_dir.name} — {state.upper()}", "",
              f"- ended: {time.strftime('%Y-%m-%d %H:%M:%S')}" + (f" — {reason}" if reason else ""),
              f"- wall time: {duration(s['wall_seconds'])} (supervised: {duration(s['supervised_seconds'])})",
@@ -171,7 +173,8 @@ def write(run_dir: Path, state: str, reason: str | None, val_acc: float | None) 
                   f" ({s['checkpoints_at_failure']} at a failure, saving {s['steps_saved_at_failure']} steps from being "
                   f"done again)" if s["checkpoints_at_failure"] else ""),
               f"- bad images: {s['bad_images']}" + (f" (listed in {BAD_IMAGES_FILE})" if s["bad_images"] else ""),
-              f"- final validation accuracy: {percent(val_acc)}" + (f" (top-5: {percent(top5)})" if top5 is not None else "")]
+              f"- final validation accuracy: {percent(val_acc)}" + (f" (top-5: {percent(top5)})" if top5 is not None else "")
+              + (f"; EMA of the weights: {percent(ema)}" if ema is not None else "")]
     if state == State.SUCCEEDED:
         lines.append(f"- model: {run_dir / MODEL_FILE}")
     # Written before the figure is drawn, and again after: whatever drawing does, the report is there.
@@ -220,12 +223,12 @@ def read_summary(run_dir: Path) -> dict | None:
     return read_json(Path(run_dir) / REPORT_JSON)
 
 
-def final_top5(run_dir: Path) -> float | None:
-    """The top-5 accuracy of the last validated epoch (its newest line: an epoch re-done after a crash writes it
-    again), or None when the run measured none (5 classes or fewer, no validation)."""
+def final_val(run_dir: Path, key: str) -> float | None:
+    """`key` of the last validated epoch's line (its newest: an epoch re-done after a crash writes it again), or None
+    when the run measured none ("val_top5": 5 classes or fewer; "ema_val_acc": [ema] off; no validation)."""
     last: dict[int, dict] = {}
     for rec in read_metrics(run_dir):
         if rec.get("kind") == "val" and isinstance(rec.get("epoch"), int):
             last[rec["epoch"]] = rec
-    value = last[max(last)].get("val_top5") if last else None
+    value = last[max(last)].get(key) if last else None
     return value if is_finite_number(value) else None

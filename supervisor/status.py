@@ -76,7 +76,7 @@ def gather(run_dir: Path) -> Status:
         epochs=hb.epochs if hb else None, samples_seen=live.samples_seen if placed else 0,
         loss=finite(live.loss) if live else None, lr=finite(live.lr) if live else None,
         images_per_sec=finite(live.images_per_sec) if live else None, val_acc=finite(hb.val_acc) if hb else None,
-        val_top5=finite(hb.val_top5) if hb else None,
+        val_top5=finite(hb.val_top5) if hb else None, ema_val_acc=finite(hb.ema_val_acc) if hb else None,
         eta_seconds=_eta(state, live),
         memory={**((saved.memory if saved else None) or {}), **(hb.memory if hb else {})} if worker_alive else {},
         restarts=restarts, crashes=crashes,
@@ -143,6 +143,9 @@ def recent_metrics(run_dir: Path, keep: int = 40) -> dict:
     top5 = [finite(val[e]["val_top5"]) for e in sorted(val) if "val_top5" in val[e]]
     if top5:   # measured only past 5 classes (worker/train.py): otherwise absent, never shown as 100%
         recent["val_top5"] = top5
+    ema = [finite(val[e]["ema_val_acc"]) for e in sorted(val) if "ema_val_acc" in val[e]]
+    if ema:   # [ema] enabled
+        recent["ema_val_acc"] = ema
     return recent
 
 

@@ -69,6 +69,8 @@ def render_status(st: Status):
         row("val acc", f"{number(m['val_acc'][-1], '.3f')}  {sparkline(m['val_acc'])}  (per epoch)")
     if m.get("val_top5"):   # only runs of more than 5 classes measure it
         row("val top-5", f"{number(m['val_top5'][-1], '.3f')}  {sparkline(m['val_top5'])}  (per epoch)")
+    if m.get("ema_val_acc"):   # [ema] enabled: the moving average of the weights, validated beside them
+        row("ema val acc", f"{number(m['ema_val_acc'][-1], '.3f')}  {sparkline(m['ema_val_acc'])}  (per epoch)")
     if is_finite_number(st.images_per_sec) and st.images_per_sec and state in (State.RUNNING, State.STARTING):
         eta = st.eta_seconds if is_finite_number(st.eta_seconds) else None
         row("speed", f"{st.images_per_sec:.1f} images/s   ETA {duration(eta)}")

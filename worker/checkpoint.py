@@ -248,10 +248,11 @@ def size_text(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-def size_bound(state: dict) -> int:
+def size_bound(state: dict, extra: dict | None = None) -> int:
     """The most a checkpoint of a run whose model (or whole state) is `state` can plausibly weigh: the
-    model, optimizer moments and the rest with generous slack. A bigger file is refused unread."""
-    return 8 * _tensor_bytes(state) + (256 << 20)
+    model, optimizer moments and the rest with generous slack, and `extra` (saved once beside them: the EMA's
+    weights). A bigger file is refused unread."""
+    return 8 * _tensor_bytes(state) + _tensor_bytes(extra) + (256 << 20)
 
 
 def _tensor_bytes(obj) -> int:

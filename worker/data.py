@@ -8,25 +8,35 @@ shape and sample count on every rung (fixed shapes also keep the MPS graph cache
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from trainctl.contract.folders import Folder, epoch_order
 
+from .augment import Augmenter, Patch, erase, is_on  # noqa: F401 (erase: the training step's call, data.erase)
 from .images import BadImage, Recipe, load_eval, load_train, sample_rng
 
 
 @dataclass
 class MicroBatch:
-    """uint8 images (B, 3, H, W), labels, a validity mask and the bad files with reasons."""
+    """uint8 images (B, 3, H, W), labels, a validity mask, the bad files with reasons and the random-erasing patches
+    to lay on the normalised images ([augment] re_prob: augment.erase)."""
     images: torch.Tensor
     labels: torch.Tensor
     valid: torch.Tensor
     bad: list[tuple[str, str]]
+    erased: list[Patch] = field(default_factory=list)
+    # With Mixup/CutMix (MicroBatches.pairing): where the micro-batch sits in its optimizer step, and each sample's
+    # partner (position E-1-i of the step) — its image, label, validity and erasing patches, slot for slot.
+    epoch: int = 0
+    step: int = 0                 # the optimizer step within the epoch
+    first_position: int = 0       # the position of slot 0 in the step's effective batch
+    partner: MicroBatch | None = None
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -36,9 +46,16 @@ class MicroBatches(torch.utils.data.Dataset):
     state, and the result is the same whichever process loads it.
     """
 
-    def __init__(self, folder: Folder, recipe: Recipe, seed: int, batch_size: int, train: bool):
+    def __init__(self, folder: Folder, recipe: Recipe, seed: int, batch_size: int, train: bool, augment=None,
+                 pairing: int | None = None):
         self.folder, self.recipe, self.seed = folder, recipe, seed
         self.batch_size, self.train = batch_size, train
+        self.pairing = pairing   # Mixup/CutMix: the effective batch whose positions i and E-1-i are partners
+        self._step_samples: dict[int, tuple] = {}   # with pairing: this step's decoded samples (each decoded once)
+        self._step_key = None
+        self.decoded = 0   # samples decoded by this process (bench/mixup_cost.py: Mixup's extra decode work)
+        # [augment] (an AugmentSection): training images only, validation is never augmented
+        self.augment = Augmenter(augment, recipe) if train and is_on(augment) else None
         self._order_epoch, self._order = None, None
         size = recipe.size
         # Bad images become this pre-computed tensor: the mean colour, i.e. zero once normalised.
@@ -56,31 +73,65 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> MicroBatch:
         epoch, start = key
-        idx = self.indices(epoch, start, self.batch_size)
+        if not self.pairing:
+            return self._load(epoch, self.indices(epoch, start, self.batch_size))
+        # Mixup/CutMix: the partner of position i is E-1-i of the same step, wherever it lies. The step's samples
+        # are kept while its micro-batches load, so a sample decoded as a partner is not decoded again as its own
+        # micro-batch's (in this process: loader processes each keep their own).
+        E = self.pairing
+        step_start = start - start % E
+        if (epoch, step_start) != self._step_key:
+            self._step_key, self._step_samples = (epoch, step_start), {}
+        mb = self._load(epoch, self.indices(epoch, start, self.batch_size))
+        partners = [step_start + E - 1 - (start % E + slot) for slot in range(self.batch_size)]
+        mb.epoch, mb.step, mb.first_position = epoch, start // E, start % E
+        mb.partner = self._load(epoch, self.order(epoch)[partners])
+        return mb
+
+    def _load(self, epoch: int, idx: np.ndarray) -> MicroBatch:
+        """Samples `idx` (of the epoch's order) as one micro-batch; a short `idx` is padded with invalid slots."""
         size, b = self.recipe.size, self.batch_size
         images = torch.empty((b, 3, size, size), dtype=torch.uint8)
         labels = torch.zeros(b, dtype=torch.long)
         valid = torch.zeros(b, dtype=torch.bool)   # padding (a ragged eval tail) stays invalid
-        bad = []
+        bad, erased = [], []
         for slot in range(b):
             if slot >= len(idx):
                 images[slot].copy_(self.dummy)
                 continue
             i = int(idx[slot])
-            path = self.folder.paths[i]
             labels[slot] = self.folder.labels[i]
-            try:
-                if self.train:
-                    img = load_train(path, self.recipe, sample_rng(self.seed, epoch, i))
-                else:
-                    img = load_eval(path, self.recipe)
-            except BadImage as e:
+            img, patches, failure = self._sample(epoch, i)
+            if failure is not None:
                 images[slot].copy_(self.dummy)
-                bad.append((path, str(e)))
+                bad.append(failure)
                 continue
             images[slot].copy_(img)
+            erased.extend(dataclasses.replace(p, slot=slot) for p in patches)
             valid[slot] = True
-        return MicroBatch(images, labels, valid, bad)
+        return MicroBatch(images, labels, valid, bad, erased)
+
+    def _sample(self, epoch: int, i: int) -> tuple[torch.Tensor | None, list[Patch], tuple[str, str] | None]:
+        """Sample `i` decoded (and augmented) for `epoch`: (pixels, erasing patches, None) or (None, [], (path,
+        why)) for an unreadable file. The same whichever process or micro-batch asks."""
+        if self.pairing and (epoch, i) in self._step_samples:
+            return self._step_samples[(epoch, i)]
+        path = self.folder.paths[i]
+        self.decoded += 1
+        try:
+            if self.train:
+                img = load_train(path, self.recipe, sample_rng(self.seed, epoch, i))
+                patches = []
+                if self.augment is not None:
+                    img, patches = self.augment(img, 0, self.seed, epoch, i)
+            else:
+                img, patches = load_eval(path, self.recipe), []
+            out = (img, patches, None)
+        except BadImage as e:
+            out = (None, [], (path, str(e)))
+        if self.pairing:
+            self._step_samples[(epoch, i)] = out
+        return out
 
     def __len__(self) -> int:  # a DataLoader asks; items are addressed by key, not by this range
         return len(self.folder)

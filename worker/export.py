@@ -1,6 +1,7 @@
 """The finished model, written atomically: ``model/`` in timm's own format (``config.json`` beside
 ``model.safetensors``: ``timm.create_model("local-dir:<run>/model", pretrained=True)`` rebuilds it, at its size,
-with its weights and its preprocessing), and today's ``model.safetensors`` + ``labels.json`` beside it."""
+with its weights and its preprocessing), and today's ``model.safetensors`` + ``labels.json`` beside it; with [ema] on,
+``model_ema.safetensors`` too (the EMA's weights, the same format)."""
 from __future__ import annotations
 
 import contextlib
@@ -21,11 +22,12 @@ from .images import Recipe
 from .report import say
 
 CONFIG_NAME = "config.json"   # timm's (and the Hugging Face Hub's) name; the weights are MODEL_FILE, as timm names them
+EMA_MODEL_FILE = "model_ema.safetensors"   # [ema] enabled: the EMA's weights, beside MODEL_FILE
 OLD_MARK = "old-"             # ".model.tmp-old-<pid>": the export being replaced, for the moment between two renames
 
 
 def write(t) -> None:
-    """Export trainer `t`'s model: the timm folder, then the top-level weights and labels."""
+    """Export trainer `t`'s model: the timm folder, then the top-level weights (the EMA's first) and labels."""
     t.reporter.beat(Phase.EXPORTING, force=True)
     # Training is over and its last checkpoint is committed: free the optimizer's moments (twice the
     # model's size with AdamW) so that the export is not the night's memory peak.
@@ -46,6 +48,8 @@ def write(t) -> None:
         # cannot serialise. The weights and labels below are the result.
         say(f"could not write {MODEL_DIR}/ in timm's format ({type(e).__name__}: {e}); model.safetensors and "
             f"labels.json are written as before")
+    # Before model.safetensors, the run's result: where that file is, so is this one.
+    ema_path = write_ema(t, metadata) if getattr(t, "ema", None) is not None else None
     # Today's layout, for the users and tools that read it: the same bytes as the folder's weights.
     path = t.run_dir / MODEL_FILE
     if folder is not None:
@@ -54,11 +58,23 @@ def write(t) -> None:
         fsio.atomic_write_by_name(path, lambda tmp: save_file(_exportable(state), str(tmp), metadata=metadata))
     fsio.atomic_write_json(t.run_dir / LABELS_FILE, {
         "classes": classes, "index_to_class": {str(i): c for i, c in enumerate(classes)}})
-    final = t.history[-1]["val_acc"] if t.history else None
-    t.reporter.beat(Phase.DONE, force=True, final_model=str(path), val_acc=final)
+    last = t.history[-1] if t.history else {}
+    final, final_ema = last.get("val_acc"), last.get("ema_val_acc")
+    t.reporter.beat(Phase.DONE, force=True, final_model=str(path), val_acc=final, ema_val_acc=final_ema)
     say(f"finished: {path}" + (f" (validation top-1 {final:.3f})" if final is not None else ""))
+    if ema_path is not None:
+        say(f"EMA of the weights: {ema_path}" + (f" (validation top-1 {final_ema:.3f})" if final_ema is not None else ""))
     if folder is not None:
         say(f"timm: timm.create_model(\"local-dir:{folder}\", pretrained=True)")
+
+
+def write_ema(t, metadata: dict) -> Path:
+    """The EMA's weights as EMA_MODEL_FILE beside MODEL_FILE: the same format (a timm state_dict of the same model,
+    the same metadata), written atomically in the same way."""
+    path = t.run_dir / EMA_MODEL_FILE
+    state = t.ema.module.state_dict()
+    fsio.atomic_write_by_name(path, lambda tmp: save_file(_exportable(state), str(tmp), metadata={**metadata, "ema": "1"}))
+    return path
 
 
 def refuse_nonfinite(state: dict, step: int) -> None:

@@ -10,6 +10,7 @@ import timm.models
 import timm.optim
 import timm.scheduler
 import torch
+from timm.utils import ModelEmaV3
 
 from trainctl.contract.config import Config, ConfigError
 
@@ -141,6 +142,26 @@ def build_optimizer(cfg: Config, model: torch.nn.Module):
     except (ValueError, AssertionError, KeyError) as e:
         raise ConfigError(f"[train] opt = {cfg.train.opt!r} is not a timm optimizer ({e}). "
                           f"Fix: use e.g. 'adamw', 'sgd', 'lamb'.") from None
+
+
+def build_ema(cfg: Config, model: torch.nn.Module, device: torch.device) -> ModelEmaV3 | None:
+    """timm's ModelEmaV3 of `model` when [ema] is enabled (else None), kept on the training `device` or, with
+    [ema] device = "cpu", in CPU memory. Call it while `model` is still on the CPU: the copy is made there, so an
+    EMA kept on the CPU never passes through the accelerator's memory."""
+    if not cfg.ema.enabled:
+        return None
+    where = torch.device("cpu") if cfg.ema.device == "cpu" else device
+    # foreach (one fused lerp over all tensors) only where the EMA and the model share a device, as timm decides it;
+    # `device` tells ModelEmaV3 where to bring the model's values for each update.
+    ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup,
+                     device=where if where.type == "cpu" else None, foreach=where == device)
+    ema.module.to(where)
+    return ema
+
+
+def ema_device(ema: ModelEmaV3) -> torch.device:
+    """Where the EMA's weights live."""
+    return next(ema.module.parameters()).device
 
 
 def scheduled_lr(optimizer) -> float:

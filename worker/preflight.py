@@ -25,6 +25,7 @@ def check_config(path: Path) -> int:
         if cfg.model.weights:
             check_weights(cfg.model.weights)
         check_optimizer_and_schedule(cfg)
+        check_augment(cfg)
     except ConfigError as e:
         print(f"[trainctl] config_error: {e}", file=sys.stderr, flush=True)
         return ExitCode.CONFIG_ERROR
@@ -92,6 +93,14 @@ def check_weights(path: str) -> None:
                           f"Fix: give a .safetensors or .pth state dict.") from None
     if not keys:
         raise ConfigError(f"[model] weights = {path!r} holds no weights. Fix: give a .safetensors or .pth state dict.")
+
+
+def check_augment(cfg) -> None:
+    """[augment] as timm's own transforms factory reads it (the config's grammar check is the standard library's)."""
+    from .augment import build, is_on
+    from .images import Recipe
+    if is_on(cfg.augment):
+        build(cfg.augment, Recipe(size=cfg.model.img_size or 224))
 
 
 def check_optimizer_and_schedule(cfg) -> None:

@@ -15,6 +15,7 @@ from trainctl.contract.config import ConfigError
 
 from . import device as devicelib
 from .checkpoint import FORMAT
+from .model import ema_device
 
 
 @dataclasses.dataclass
@@ -40,8 +41,11 @@ def to_cpu(obj):
 
 
 def shares_training_memory(t) -> bool:
-    """True when a captured payload still points into the live training state (training on the CPU)."""
-    return t.device.type == "cpu"
+    """True when a captured payload still points into the live training state: training on the CPU, or an EMA
+    kept in CPU memory ([ema] device = "cpu": its weights are captured as they are, and change only in the update
+    after the optimizer's, which `Checkpointing.before_update` holds until the writer has read them)."""
+    ema = getattr(t, "ema", None)
+    return t.device.type == "cpu" or (ema is not None and ema_device(ema).type == "cpu")
 
 
 def config_hash(identity: dict) -> str:
@@ -80,7 +84,27 @@ def capture(t, background: bool = False) -> dict:
         "identity": t.identity,
         "config_hash": config_hash(t.identity),
         "history": list(t.history),
+        **({"ema": capture_ema(t.ema)} if getattr(t, "ema", None) is not None else {}),
     }
+
+
+def capture_ema(ema) -> dict:
+    """What resumes timm's ModelEmaV3 exactly: its weights (its state_dict: "module." + the model's keys) and the
+    state of its private generator (stochastic rounding of bfloat16 EMA weights). Its update count is the optimizer
+    step (`Progress.step`), which ModelEmaV3.update is given; its settings come from the config (the identity)."""
+    return {"state": to_cpu(ema.state_dict()), "rounding_rng": ema._sr_generator.get_state()}
+
+
+def restore_ema(t, state: dict) -> None:
+    """Put the EMA back from checkpoint `state`, wherever it lives now; a checkpoint without one is refused."""
+    saved = state.get("ema")
+    if saved is None:   # the identity refuses this first ([ema] is in it when on): kept as the last word
+        raise ConfigError("the checkpoint holds no EMA weights but [ema] enabled = true. Fix: set enabled = false "
+                          "in the run's config.toml, or start a new run under another [run] name.")
+    t.ema.load_state_dict(saved["state"])
+    rng = saved.get("rounding_rng")
+    if rng is not None and t.ema._sr_generator.device.type == "cpu":
+        t.ema._sr_generator.set_state(rng)
 
 
 class StepStart:
@@ -139,6 +163,8 @@ def restore(t, state: dict) -> None:
         t.scaler.load_state_dict(state["scaler"])
     t.progress = Progress(**state["progress"])
     t.history = list(state.get("history", []))
+    if getattr(t, "ema", None) is not None:
+        restore_ema(t, state)
     rng = state["rng"]
     random.setstate(_as_tuples(rng["python"]))
     np_rng = rng["numpy"]

@@ -74,9 +74,11 @@ class Board:
         self.scalars(record["step"], values)
 
     def val(self, record: dict) -> None:
-        """A metrics.jsonl 'val' record (top-1 accuracy, top-5 with more than 5 classes, loss) at its step."""
+        """A metrics.jsonl 'val' record (top-1 accuracy, top-5 with more than 5 classes, loss; with [ema] on the
+        EMA's too, under val_ema/) at its step."""
         self.scalars(record["step"], {"val/accuracy": record.get("val_acc"), "val/top5": record.get("val_top5"),
-                                      "val/loss": record.get("val_loss")})
+                                      "val/loss": record.get("val_loss"), "val_ema/accuracy": record.get("ema_val_acc"),
+                                      "val_ema/top5": record.get("ema_val_top5"), "val_ema/loss": record.get("ema_val_loss")})
 
     def scalars(self, step: int, values: dict) -> None:
         """Each value that is a number (None = no value: not drawn), then flush (a SIGKILL after this loses nothing)."""

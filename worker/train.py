@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trainctl.contract import fsio, manifest, split
-from trainctl.contract.config import Config, ConfigError, identity
+from trainctl.contract.config import Config, ConfigError, identity, mixing_on
 from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import CannotContinue, ExitCode, Phase
 from trainctl.contract.runfolder import CHECKPOINT_DIR, SANITY_FILE
@@ -28,7 +28,8 @@ from . import checkpoint, data, export
 from . import device as devicelib
 from .boot import Prebuilt, passed_before, record_pass, sanity_key
 from .checkpointing import Checkpointing
-from .model import build_model, build_optimizer, build_scheduler, recipe_for, scheduled_lr
+from .mixup import Mixing, soft_cross_entropy
+from .model import build_ema, build_model, build_optimizer, build_scheduler, ema_device, recipe_for, scheduled_lr
 from .report import Reporter, StepRate, say
 from .snapshot import Progress, StepStart, check_identity, restore
 from .tensorboard_log import open_board
@@ -73,6 +74,12 @@ def diverged_message(t, limit: int) -> str:
             f"set: a run's lr cannot change on resume" + _fp32_hint(t))
 
 
+def _scores_text(scores: dict, prefix: str) -> str:
+    """'top-1 0.750, top-5 0.950, loss 0.6931' from validate's scores (prefix "ema_": the EMA's)."""
+    top5 = f", top-5 {scores[prefix + 'val_top5']:.3f}" if prefix + "val_top5" in scores else ""
+    return f"top-1 {scores[prefix + 'val_acc']:.3f}{top5}, loss {scores[prefix + 'val_loss']:.4f}"
+
+
 def _names(classes, shown: int = 5) -> str:
     return ", ".join(classes[:shown]) + (f", ... +{len(classes) - shown}" if len(classes) > shown else "")
 
@@ -114,6 +121,8 @@ class Trainer:
         self.last_finite: tuple[int, float] | None = None   # (step, mean loss) of this process's last finite step
         self.stage, self.step_start = BETWEEN_STEPS, None
         self.batches = None   # the loader's micro-batches (start_loading .. stop_loading)
+        self.mixing: Mixing | None = None   # [augment] Mixup/CutMix over the effective batch (setup)
+        self.ema = None       # [ema] enabled: timm's ModelEmaV3 of the model (setup)
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -158,6 +167,7 @@ class Trainer:
         self.model = (model if model is not None
                       else build_model(cfg, len(self.train_set.classes), load_weights=state is None))
         self.recipe = recipe_for(cfg, self.model)
+        self.ema = build_ema(cfg, self.model, self.device)   # copied while the model is on the CPU
         self.model.to(self.device)
         self._timing("model_built")
         self.optimizer = build_optimizer(cfg, self.model)
@@ -171,7 +181,10 @@ class Trainer:
         self.ckpt = Checkpointing(self, background=cfg.checkpoint.async_write)
         self.board = open_board(self, resumed=state is not None)   # [logging] tensorboard; a no-op when off
         self.mean, self.std = pixel_stats(self.recipe, self.device)
-        self.train_data = data.MicroBatches(self.train_set, self.recipe, cfg.run.seed, profile.batch_size, True)
+        self.mixing = (Mixing(cfg.augment, cfg.run.seed, E, self.recipe.size, len(self.train_set.classes),
+                              cfg.train.label_smoothing) if mixing_on(cfg.augment) else None)
+        self.train_data = data.MicroBatches(self.train_set, self.recipe, cfg.run.seed, profile.batch_size, True,
+                                            cfg.augment, pairing=E if self.mixing else None)
         self.bad_share = data.BadShare(cfg.data.max_bad_share_step, cfg.data.max_bad_share_epoch,
                                        cfg.train.effective_batch_size)
         self.workers = devicelib.loader_workers(profile, self.device)
@@ -189,14 +202,14 @@ class Trainer:
     def _checkpoint_bound(self) -> int | None:
         """The most a checkpoint of this run can weigh (checkpoint.size_bound), from the model built on the meta
         device (no memory, nothing read; before any checkpoint is); None if a model cannot be built there."""
-        if (model := self._prebuilt_model()) is not None:   # the same shapes, already built
-            return checkpoint.size_bound(model.state_dict())
-        try:
-            with torch.device("meta"):
-                model = build_model(self.cfg, len(self.train_set.classes), load_weights=False)
-        except Exception:   # noqa: BLE001 — the real build below reports real errors; sizes are then checked unbounded
-            return None
-        return checkpoint.size_bound(model.state_dict())
+        if (model := self._prebuilt_model()) is None:   # else the same shapes, already built
+            try:
+                with torch.device("meta"):
+                    model = build_model(self.cfg, len(self.train_set.classes), load_weights=False)
+            except Exception:   # noqa: BLE001 — the real build below reports real errors; sizes are then checked unbounded
+                return None
+        state = model.state_dict()
+        return checkpoint.size_bound(state, extra=state if self.cfg.ema.enabled else None)   # the EMA's copy of it
 
     def _timing(self, event: str) -> None:
         """Wall-clock moments of this process's start-up (bench/recovery.py splits recovery time with them)."""
@@ -208,20 +221,29 @@ class Trainer:
 
     # ---- the parts of a step ------------------------------------------------------------------
     def _inputs(self, mb: data.MicroBatch) -> torch.Tensor:
-        """uint8 → float on the device, normalised."""
-        return normalize(mb.images.to(self.device, non_blocking=True), self.mean, self.std)
+        """uint8 → float on the device, normalised; then timm's random erasing of a training micro-batch ([augment])."""
+        return data.erase(normalize(mb.images.to(self.device, non_blocking=True), self.mean, self.std), mb.erased)
 
     def _forward(self, mb: data.MicroBatch):
         """Summed loss over the valid samples, and the count of correct predictions."""
         x = self._inputs(mb)
         y = mb.labels.to(self.device)
         valid = mb.valid.to(self.device)
+        targets = self._mix(mb, x, y) if self.mixing is not None else None   # mixes x in place
         with devicelib.autocast(self.profile, self.device):
             logits = self.model(x)
-        losses = F.cross_entropy(logits.float(), y, reduction="none",
-                                 label_smoothing=self.cfg.train.label_smoothing)
+        losses = (F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=self.cfg.train.label_smoothing)
+                  if targets is None else soft_cross_entropy(logits.float(), targets))
         # Masking keeps shapes fixed (MPS caches a graph per shape) and drops bad images exactly.
         return (losses * valid).sum(), ((logits.argmax(1) == y) & valid).sum()
+
+    def _mix(self, mb: data.MicroBatch, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mixup/CutMix of the micro-batch with its partners (mixup.py): `x` mixed in place; the soft targets."""
+        partner = mb.partner
+        plan = self.mixing.plan(mb.epoch, mb.step)
+        positions = list(range(mb.first_position, mb.first_position + len(y)))
+        lam = self.mixing.mix(plan, positions, x, self._inputs(partner), partner.valid)
+        return self.mixing.targets(y, partner.labels.to(self.device), lam)
 
     def sanity_check(self) -> None:
         """One forward/backward on a real batch before training: finite loss and gradients. Once per run and rung:
@@ -381,6 +403,8 @@ class Trainer:
                 self.scaler.step(self.optimizer)
             elif finite:
                 self.optimizer.step()
+            if finite and self.ema is not None:   # once per optimizer step, never per micro-batch: the same on every rung
+                self.ema.update(self.model, step=self.progress.step + 1)   # the run's step count: exact warmup on resume
         if self.scaler:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -467,49 +491,60 @@ class Trainer:
         finished = p.epoch + 1
         if self.val_set is not None:
             scores = self.validate()
-            loss = scores["val_loss"]
             self.history.append({"epoch": finished, "step": p.step, **scores})
-            record = {"kind": "val", "epoch": finished, "step": p.step, **scores,
-                      "val_loss": loss if math.isfinite(loss) else None}   # JSON has no NaN
+            record = {"kind": "val", "epoch": finished, "step": p.step,
+                      **{k: v if math.isfinite(v) else None for k, v in scores.items()}}   # JSON has no NaN
             self.reporter.metric(record)
             self.board.val(record)
-            self.reporter.beat(val_acc=scores["val_acc"], val_top5=scores.get("val_top5"))
-            top5 = f", top-5 {scores['val_top5']:.3f}" if "val_top5" in scores else ""
-            say(f"epoch {finished}/{self.cfg.train.epochs} validation: top-1 {scores['val_acc']:.3f}{top5}, "
-                f"loss {loss:.4f}")
+            self.reporter.beat(val_acc=scores["val_acc"], val_top5=scores.get("val_top5"),
+                               ema_val_acc=scores.get("ema_val_acc"))
+            say(f"epoch {finished}/{self.cfg.train.epochs} validation: {_scores_text(scores, '')}"
+                + (f"; EMA: {_scores_text(scores, 'ema_')}" if "ema_val_acc" in scores else ""))
         p.epoch, p.cursor = finished, 0
         self.stage = BETWEEN_STEPS
         self.ckpt.snapshot("epoch")
 
     def validate(self) -> dict:
         """Top-1 accuracy, mean loss and, past TOP5_MIN_CLASSES classes, top-5 accuracy on the validation images
-        (bad images excluded): {"val_acc", "val_loss"[, "val_top5"]}."""
+        (bad images excluded): {"val_acc", "val_loss"[, "val_top5"]}. With [ema] on, the EMA's too, on the same
+        micro-batches (decoded once) where it lives: the same keys prefixed "ema_"."""
         self.reporter.beat(Phase.VALIDATING, force=True)
         dataset = data.MicroBatches(self.val_set, self.recipe, self.cfg.run.seed, self.profile.batch_size, False)
         batches = data.iterate(dataset, data.eval_keys(len(self.val_set), self.profile.batch_size),
                                self.workers, self.cfg.run.seed, self.device.type != "cpu")
         top5 = len(self.train_set.classes) > TOP5_MIN_CLASSES   # with 5 classes or fewer every label is in the top 5
-        correct = correct5 = valid = 0
-        loss_sum = 0.0
+        models = {"": (self.model, self.device)}
+        if self.ema is not None:   # always in eval mode (ModelEmaV3 keeps it so)
+            models["ema_"] = (self.ema.module, ema_device(self.ema))
+        sums = {prefix: (0.0, 0, 0) for prefix in models}   # summed loss, top-1 hits, top-5 hits
+        valid = 0
         self.model.eval()
         with torch.no_grad():
             for mb in batches:
                 self.reporter.bad_images(mb.bad)
-                loss, right, right5 = self._evaluate(mb, 5 if top5 else 0)
-                loss_sum, correct, correct5 = loss_sum + loss, correct + right, correct5 + right5
+                for prefix, (model, device) in models.items():
+                    scores = self._evaluate(mb, 5 if top5 else 0, model, device)
+                    sums[prefix] = tuple(a + b for a, b in zip(sums[prefix], scores))
                 valid += int(mb.valid.sum())
                 self.reporter.beat()
         self.model.train()
         self.reporter.beat(Phase.TRAINING, force=True)
         n = max(valid, 1)
-        return {"val_acc": correct / n, "val_loss": loss_sum / n, **({"val_top5": correct5 / n} if top5 else {})}
+        out = {}
+        for prefix, (loss_sum, correct, correct5) in sums.items():
+            out.update({f"{prefix}val_acc": correct / n, f"{prefix}val_loss": loss_sum / n,
+                        **({f"{prefix}val_top5": correct5 / n} if top5 else {})})
+        return out
 
-    def _evaluate(self, mb: data.MicroBatch, k: int) -> tuple[float, int, int]:
-        """A validation micro-batch: summed loss, top-1 and top-k hits (0 when k = 0) over its valid samples.
-        Plain labels whatever the training recipe: validation is never augmented nor mixed."""
-        y, valid = mb.labels.to(self.device), mb.valid.to(self.device)
-        with devicelib.autocast(self.profile, self.device):
-            logits = self.model(self._inputs(mb))
+    def _evaluate(self, mb: data.MicroBatch, k: int, model: torch.nn.Module, device: torch.device
+                  ) -> tuple[float, int, int]:
+        """A validation micro-batch through `model` on `device`: summed loss, top-1 and top-k hits (0 when k = 0)
+        over its valid samples. Plain labels whatever the training recipe: validation is never augmented nor mixed."""
+        y, valid = mb.labels.to(device), mb.valid.to(device)
+        x = (self._inputs(mb) if device == self.device   # an EMA kept on the CPU is evaluated there
+             else normalize(mb.images.to(device), *pixel_stats(self.recipe, device)))
+        with devicelib.autocast(self.profile, device):
+            logits = model(x)
         losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=self.cfg.train.label_smoothing)
         return float((losses * valid).sum()), hits(logits, y, valid, 1), hits(logits, y, valid, k) if k else 0
 
