@@ -111,6 +111,27 @@ def test_the_checkpoint_bound_counts_the_ema_weights():
     assert checkpoint.size_bound(state, extra=state) == checkpoint.size_bound(state) + 4000
 
 
+def test_the_rounding_generator_is_restored_only_into_one_of_its_kind():
+    """ModelEmaV3's stochastic-rounding generator: its state comes back on the same device type; a checkpoint from
+    another one (a CUDA generator's state does not fit a CPU one) leaves it as built; timm without one is fine."""
+    from timm.utils import ModelEmaV3
+
+    from trainctl.worker.snapshot import capture_ema
+    source = ModelEmaV3(torch.nn.Linear(3, 2))
+    source._sr_generator.manual_seed(11)
+    saved = capture_ema(source)
+    assert saved["rounding_device"] == "cpu"
+    target = types.SimpleNamespace(ema=ModelEmaV3(torch.nn.Linear(3, 2)))
+    restore_ema(target, {"ema": saved})
+    assert torch.equal(target.ema._sr_generator.get_state(), source._sr_generator.get_state())
+    built = target.ema._sr_generator.manual_seed(5).get_state()
+    restore_ema(target, {"ema": {**saved, "rounding_device": "cuda"}})
+    assert torch.equal(target.ema._sr_generator.get_state(), built)
+    del target.ema._sr_generator   # an older timm's ModelEmaV3
+    restore_ema(target, {"ema": saved})
+    assert capture_ema(target.ema)["rounding_rng"] is None
+
+
 def test_tensorboard_shows_the_ema_beside_the_raw_model():
     written = {}
     writer = types.SimpleNamespace(add_scalar=lambda tag, value, step: written.update({tag: (value, step)}),

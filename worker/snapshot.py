@@ -92,7 +92,9 @@ def capture_ema(ema) -> dict:
     """What resumes timm's ModelEmaV3 exactly: its weights (its state_dict: "module." + the model's keys) and the
     state of its private generator (stochastic rounding of bfloat16 EMA weights). Its update count is the optimizer
     step (`Progress.step`), which ModelEmaV3.update is given; its settings come from the config (the identity)."""
-    return {"state": to_cpu(ema.state_dict()), "rounding_rng": ema._sr_generator.get_state()}
+    rounding = getattr(ema, "_sr_generator", None)   # timm versions before stochastic rounding have none
+    return {"state": to_cpu(ema.state_dict()), "rounding_rng": rounding.get_state() if rounding is not None else None,
+            "rounding_device": rounding.device.type if rounding is not None else None}
 
 
 def restore_ema(t, state: dict) -> None:
@@ -102,9 +104,11 @@ def restore_ema(t, state: dict) -> None:
         raise ConfigError("the checkpoint holds no EMA weights but [ema] enabled = true. Fix: set enabled = false "
                           "in the run's config.toml, or start a new run under another [run] name.")
     t.ema.load_state_dict(saved["state"])
-    rng = saved.get("rounding_rng")
-    if rng is not None and t.ema._sr_generator.device.type == "cpu":
-        t.ema._sr_generator.set_state(rng)
+    rng, rounding = saved.get("rounding_rng"), getattr(t.ema, "_sr_generator", None)
+    # A generator's state only fits one of its kind: an EMA now on another device type starts its rounding afresh
+    # (a rung change is exact up to summation order anyway).
+    if rng is not None and rounding is not None and rounding.device.type == saved.get("rounding_device", "cpu"):
+        rounding.set_state(rng)
 
 
 class StepStart:
