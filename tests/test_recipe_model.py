@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_weights, config_text, make_run, run_worker
+from conftest import assert_same_weights, config_text, make_run, run_worker, weights
 from rich.console import Console
 
 from trainctl.contract import config as configlib
@@ -209,3 +210,41 @@ def test_top5_beside_top1_in_metrics_status_and_report_past_5_classes(tmp_path, 
     report = (run_dir / REPORT_FILE).read_text()
     assert f"- final validation accuracy: {lines[-1]['val_acc']:.1%} (top-5: {top5:.1%})" in report
     assert json.loads((run_dir / REPORT_JSON).read_text())["val_top5"] == top5
+
+
+# The issue's EVA02 recipe, all at once, on the tests' tiny model: timm train.py's --layer-decay 0.65 --drop-path 0.1
+# --model-ema --aa rand-m9-mstd0.5-inc1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --smoothing 0.1, and a held-out split.
+WHOLE_RECIPE = {
+    "model": {"drop_path_rate": 0.1, "drop_rate": 0.1},
+    "train": {"layer_decay": 0.65, "label_smoothing": 0.1},
+    "ema": {"enabled": True, "decay": 0.99, "warmup": True, "device": "cpu"},
+    "augment": {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "mixup_alpha": 0.8, "cutmix_alpha": 1.0},
+    "data": {"val_dir": None, "val_split": 0.25},
+}
+
+
+def test_the_whole_recipe_killed_again_and_again_with_and_without_loader_processes_ends_bit_identical(tmp_path,
+                                                                                                     dataset):
+    """Every part of the recipe on at once: SIGKILLed mid-step twice, the attempts alternating 2 loader processes and
+    none; the model and its EMA end bit-identical to an uninterrupted in-process run's."""
+    whole = make_run(tmp_path, "whole", config_text("whole", dataset, **WHOLE_RECIPE))
+    result = run_worker(whole)
+    assert result.returncode == ExitCode.OK, result.stdout + result.stderr
+    assert "training on the other 72" in result.stdout, result.stdout   # val_split held 24 of 96 out
+
+    killed = make_run(tmp_path, "killed", config_text("killed", dataset, **WHOLE_RECIPE))
+    frozen = killed / "config.toml"
+    kills = 0
+    for attempt in range(1, 6):
+        workers = 2 if attempt % 2 else 0
+        frozen.write_text(re.sub(r"num_workers = \d+", f"num_workers = {workers}", frozen.read_text(), count=1))
+        result = run_worker(killed, attempt=attempt, faults="train_step:sigkill@5:once,train_step:sigkill@9:once")
+        if result.returncode == ExitCode.OK:
+            break
+        assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
+        kills += 1
+    assert kills == 2 and result.returncode == ExitCode.OK
+    assert_same_weights(whole, killed)
+    ema_whole, ema_killed = weights(whole / "model_ema.safetensors"), weights(killed / "model_ema.safetensors")
+    assert all(torch.equal(ema_whole[k], ema_killed[k]) for k in ema_whole)
+    assert [r["epoch"] for r in val_lines(killed)][-1] == 3 and "ema_val_acc" in val_lines(killed)[-1]
