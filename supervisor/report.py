@@ -25,13 +25,12 @@ from pathlib import Path
 from trainctl.contract import fsio
 from trainctl.contract.lifecycle import Event, State, is_final
 from trainctl.contract.names import shell_run
-from trainctl.contract.runfolder import (BAD_IMAGES_FILE, MODEL_FILE, REPORT_FILE, REPORT_JSON, is_finite_number,
-                                         read_json, read_metrics)
+from trainctl.contract.runfolder import (BAD_IMAGES_FILE, MODEL_FILE, REPORT_FILE, REPORT_JSON, read_json, read_metrics)
 
 from . import plot
 from .journal import read_events
 from .policy import CLEAN
-from .text import duration, percent
+from .text import duration, finite, percent
 
 
 def summarize(events: list[dict]) -> dict:
@@ -139,7 +138,8 @@ def write(run_dir: Path, state: str, reason: str | None, val_acc: float | None) 
     s = summarize(read_events(run_dir))
     s.update(state=state, reason=reason, val_acc=val_acc,
              bad_images=(read_json(run_dir / BAD_IMAGES_FILE) or {}).get("count", 0))
-    top5, ema = final_val(run_dir, "val_top5"), final_val(run_dir, "ema_val_acc")
+    last = last_validation(run_dir)   # one read of metrics.jsonl for both
+    top5, ema = finite(last.get("val_top5")), finite(last.get("ema_val_acc"))
     if top5 is not None:   # measured only past 5 classes: otherwise absent, never shown as 100%
         s["val_top5"] = top5
     if ema is not None:    # [ema] enabled
@@ -223,12 +223,11 @@ def read_summary(run_dir: Path) -> dict | None:
     return read_json(Path(run_dir) / REPORT_JSON)
 
 
-def final_val(run_dir: Path, key: str) -> float | None:
-    """`key` of the last validated epoch's line (its newest: an epoch re-done after a crash writes it again), or None
-    when the run measured none ("val_top5": 5 classes or fewer; "ema_val_acc": [ema] off; no validation)."""
+def last_validation(run_dir: Path) -> dict:
+    """The last validated epoch's metrics line (its newest: an epoch re-done after a crash writes it again), or {}
+    without validation. "val_top5" is in it past 5 classes only, "ema_val_acc" with [ema] on."""
     last: dict[int, dict] = {}
     for rec in read_metrics(run_dir):
         if rec.get("kind") == "val" and isinstance(rec.get("epoch"), int):
             last[rec["epoch"]] = rec
-    value = last[max(last)].get(key) if last else None
-    return value if is_finite_number(value) else None
+    return last[max(last)] if last else {}

@@ -12,14 +12,14 @@ from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import ORPHAN_GRACE_SECONDS, read_heartbeat
 from trainctl.contract.records import CheckpointStatus, Crash, RungStatus, Status, finite_only
 from trainctl.contract.runfolder import (BAD_IMAGES_FILE, CHECKPOINT_DIR, CONFIG_FILE, EVIDENCE_DIR, MODEL_FILE,
-                                         REPORT_FILE, WORKER_LOCK, is_finite_number, newest_checkpoint, read_json,
+                                         REPORT_FILE, WORKER_LOCK, newest_checkpoint, read_json,
                                          read_metrics, set_aside_checkpoints)
 
 from . import runstate
 from .journal import read_events
 from .policy import CLEAN
 from .report import read_summary
-from .text import ago
+from .text import ago, finite
 
 
 def is_run_dir(path: Path) -> bool:
@@ -156,11 +156,6 @@ def _eta(state: str, hb) -> float | None:
     if not finite(hb.images_per_sec) or not hb.total_steps or not per_step:
         return None
     return finite(round((hb.total_steps - hb.step) * per_step / hb.images_per_sec, 1))
-
-
-def finite(value) -> float | None:
-    """A number as status shows it: None for NaN, infinity and anything else that is no number (JSON has no NaN)."""
-    return value if is_finite_number(value) else None
 
 
 def of_an_earlier_attempt(hb, saved) -> bool:

@@ -1,6 +1,8 @@
 """How numbers read to people: durations, ages, sizes, shares. One formatter each, for every view."""
 from __future__ import annotations
 
+from trainctl.contract.runfolder import is_finite_number
+
 
 def duration(seconds) -> str:
     """'42s', '3m07s', '2h05m'; '—' when unknown."""
@@ -32,3 +34,9 @@ def percent(value) -> str:
 def plural(count: int, word: str) -> str:
     """'1 checkpoint', '3 checkpoints', '0 checkpoints'."""
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def finite(value) -> float | None:
+    """A number as status and the report show it: None for NaN, infinity and anything else that is no number (JSON
+    has no NaN)."""
+    return value if is_finite_number(value) else None

@@ -133,6 +133,12 @@ def long_reference(tmp_path_factory, dataset) -> Path:
     return run_dir
 
 
+def max_weight_difference(a: Path, b: Path) -> float:
+    """The largest |a - b| over every tensor of two safetensors files of the same model (a rung switch's drift)."""
+    wa, wb = weights(a), weights(b)
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
 def assert_same_weights(a: Path, b: Path) -> None:
     """Bit-identical model.safetensors in two run folders (torch.equal on every tensor)."""
     import torch
