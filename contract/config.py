@@ -92,6 +92,7 @@ class Profile:
     precision: str = "fp32"
     memory_fraction: float = 0.0      # CUDA/MPS per-process memory cap; 0 = backend default
     empty_cache_every: int = 100      # MPS: torch.mps.empty_cache() every N micro-batches
+    nproc_per_node: int = 1           # data-parallel processes (torchrun's name); > 1: a DDP group (worker/dist.py)
 
 
 @dataclass(frozen=True)
@@ -172,13 +173,16 @@ class Config:
         return self.run.runs_dir / self.run.name
 
     def grad_accum(self, rung_index: int) -> int:
-        """Micro-batches per optimizer step on a rung: the effective batch is the same on every rung."""
-        return self.train.effective_batch_size // self.profiles[rung_index].batch_size
+        """Micro-batches per optimizer step (in each process) on a rung: the effective batch, batch_size x
+        nproc_per_node x this, is the same on every rung."""
+        p = self.profiles[rung_index]
+        return self.train.effective_batch_size // (p.batch_size * p.nproc_per_node)
 
     def rung_text(self, rung_index: int) -> str:
-        """'cpu batch 4 x accum 4': how a rung is shown to people."""
+        """'cpu batch 4 x accum 4' (a group: 'cuda x4 batch 16 x accum 1'): how a rung is shown to people."""
         p = self.profiles[rung_index]
-        return f"{p.device} batch {p.batch_size} x accum {self.grad_accum(rung_index)}"
+        group = f" x{p.nproc_per_node}" if p.nproc_per_node > 1 else ""
+        return f"{p.device}{group} batch {p.batch_size} x accum {self.grad_accum(rung_index)}"
 
 
 SECTIONS = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
@@ -226,7 +230,9 @@ def from_dict(raw: dict, base_dir: Path, source: Path | None = None) -> Config:
     if model.weights:
         parts["model"] = dataclasses.replace(model, weights=str(_absolute(Path(model.weights), base_dir)))
     if not profiles:
-        profiles = default_ladder(detect_accelerator(), parts["train"].effective_batch_size)
+        accelerator = detect_accelerator()
+        profiles = default_ladder(accelerator, parts["train"].effective_batch_size,
+                                  gpu_count() if accelerator == "cuda" else 1)
     config = Config(profiles=profiles, source=source, **parts)
     validate(config, where)
     return config
@@ -312,20 +318,36 @@ def detect_accelerator() -> str | None:
     return None
 
 
-def default_ladder(accelerator: str | None, effective_batch_size: int) -> tuple[Profile, ...]:
-    """The ladder used when the config lists no [[profiles]]: MPS 2 → 1 → CPU; CUDA halving → CPU; CPU."""
-    def fits(b: int) -> int:  # the largest divisor of the effective batch not above b (1 for a bad one: validate says)
-        return next((d for d in range(min(b, effective_batch_size), 0, -1) if effective_batch_size % d == 0), 1)
+def gpu_count() -> int:
+    """NVIDIA GPUs this process may use, without importing torch: the driver's list (/proc/driver/nvidia/gpus),
+    cut to CUDA_VISIBLE_DEVICES when that is set; 1 when the driver does not list them (nvidia-smi only)."""
+    try:
+        found = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 1
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        found = min(found, len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")]))
+    return max(found, 1)
+
+
+def default_ladder(accelerator: str | None, effective_batch_size: int, gpus: int = 1) -> tuple[Profile, ...]:
+    """The ladder used when the config lists no [[profiles]]: MPS 2 → 1 → CPU; CUDA halving → CPU; CPU. With
+    `gpus` > 1 it starts with a group on all of them, then half as many, ..., down to the one-GPU ladder."""
+    def fits(b: int, k: int = 1) -> int:   # the largest batch d <= b with d x k dividing the effective batch
+        return next((d for d in range(min(b, effective_batch_size), 0, -1) if effective_batch_size % (d * k) == 0), 1)
     if accelerator == "mps":
-        sizes = [("mps", fits(2)), ("mps", 1), ("cpu", 1)]
+        sizes = [("mps", fits(2), 1), ("mps", 1, 1), ("cpu", 1, 1)]
     elif accelerator == "cuda":
         top = fits(32)
-        sizes = [("cuda", top), ("cuda", fits(top // 2 or 1)), ("cuda", fits(top // 4 or 1)), ("cpu", fits(4))]
+        groups = [k for k in (gpus >> i for i in range(gpus.bit_length())) if k > 1 and effective_batch_size % k == 0]
+        sizes = ([("cuda", fits(32, k), k) for k in groups]
+                 + [("cuda", top, 1), ("cuda", fits(top // 2 or 1), 1), ("cuda", fits(top // 4 or 1), 1), ("cpu", fits(4), 1)])
     else:
-        sizes = [("cpu", fits(8))]
+        sizes = [("cpu", fits(8), 1)]
     ladder: list[Profile] = []
-    for device, batch in sizes:
-        rung = Profile(device=device, batch_size=batch)
+    for device, batch, k in sizes:
+        rung = Profile(device=device, batch_size=batch, nproc_per_node=k)
         if rung not in ladder:
             ladder.append(rung)
     return tuple(ladder)

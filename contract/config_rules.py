@@ -76,6 +76,7 @@ RANGES = {
     ("checkpoint", "every_seconds"): Range(0, SECONDS_MAX, unit="seconds"),
     ("checkpoint", "keep_last"): Range(1, 1_000_000),
     ("profiles", "batch_size"): Range(1, 1_000_000),
+    ("profiles", "nproc_per_node"): Range(1, 1024),
     ("profiles", "num_workers"): Range(0, 1024),
     ("profiles", "memory_fraction"): Range(0, 2),
     ("profiles", "empty_cache_every"): Range(0, COUNT_MAX),
@@ -151,6 +152,23 @@ def _some(values: list, most: int = 24) -> str:
     return f"[{', '.join(map(str, values[:most // 2]))}, ..., {', '.join(map(str, values[-most // 2:]))}]"
 
 
+def _check_group(where: str, key: str, p, effective: int) -> None:
+    """A rung of K data-parallel processes: each takes batch_size images per micro-batch, so batch_size x K must
+    divide the effective batch; MPS has no multi-process backend."""
+    k = p.nproc_per_node
+    if k == 1:
+        return
+    if p.device == "mps":
+        _fail(where, f"{key} nproc_per_node", k, "is above 1 on device \"mps\" (MPS has no multi-process backend)",
+              "use nproc_per_node = 1 on the Mac")
+    if effective % (p.batch_size * k):
+        _fail(where, f"{key} nproc_per_node", k,
+              f"x batch_size {p.batch_size} = {p.batch_size * k} images per micro-batch does not divide [train] "
+              f"effective_batch_size = {effective}",
+              f"use a batch_size in {_some([d for d in divisors(effective) if (effective // d) % k == 0])} "
+              f"with {k} processes, or an effective_batch_size that is a multiple of {p.batch_size * k}")
+
+
 def divisors(n: int) -> list[int]:
     """The divisors of `n` in increasing order, by trial division up to its square root ([] for n < 1)."""
     if n < 1:
@@ -202,6 +220,7 @@ def validate(c, where: str = "config") -> None:
                   f"does not divide [train] effective_batch_size = {t.effective_batch_size}",
                   f"use a batch_size in {_some(divisors(t.effective_batch_size))}, or an effective_batch_size "
                   f"that is a multiple of {p.batch_size}")
+        _check_group(where, key, p, t.effective_batch_size)
     s = c.supervisor
     if not s.backoff_seconds:
         _fail(where, "[supervisor] backoff_seconds", [], "must be a non-empty list of seconds", "use e.g. [2, 10, 60]")

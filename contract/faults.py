@@ -1,8 +1,9 @@
 """Test-only fault injection: the spec both processes read, inert unless ``TRAINCTL_FAULTS`` is set.
 
-Spec: comma-separated ``point:action[@step][:once|:rungN|:armed]``, e.g. ``train_step:sigkill@5:once``.
+Spec: comma-separated ``point:action[@step][:once|:rungN|:rankN|:armed]...``, e.g. ``train_step:sigkill@5:once``.
 ``once`` fires in the first process that reaches it only (a marker file in the run folder remembers
-it), so the next attempt recovers; ``rungN`` fires only on rung N of the ladder (1 = first);
+it), so the next attempt recovers; ``rungN`` fires only on rung N of the ladder (1 = first); ``rankN``
+only in rank N of a group (nproc_per_node > 1; 0 = the first);
 ``armed`` fires once each time a bench arms it by creating ``faults-fired/arm-<action>`` (`arm`), so a
 fault can come at a chosen moment rather than a chosen step.
 The worker's points and actions are in `trainctl.worker.faults`. The supervisor has one point,
@@ -29,20 +30,21 @@ class Rule:
     armed: bool = False   # fires only while its arm file exists (and removes it)
 
 
-def parse(spec: str, rung_index: int | None = None) -> list[Rule]:
-    """The rules of `spec` that apply on this rung (all of them when `rung_index` is None)."""
+def parse(spec: str, rung_index: int | None = None, rank: int = 0) -> list[Rule]:
+    """The rules of `spec` that apply on this rung (all of them when `rung_index` is None) and rank."""
     rules = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
-        point, action = parts[0], parts[1]
-        flag = parts[2] if len(parts) > 2 else ""
-        if flag.startswith("rung") and rung_index is not None and int(flag[4:]) != rung_index + 1:
+        point, action, flags = parts[0], parts[1], parts[2:]
+        if any(f.startswith("rung") and rung_index is not None and int(f[4:]) != rung_index + 1 for f in flags):
+            continue
+        if any(f.startswith("rank") and int(f[4:]) != rank for f in flags):
             continue
         step = None
         if "@" in action:
             action, at = action.split("@")
             step = int(at)
-        rules.append(Rule(point, action, step, flag == "once", item, flag == "armed"))
+        rules.append(Rule(point, action, step, "once" in flags, item, "armed" in flags))
     return rules
 
 
@@ -87,6 +89,6 @@ def arm(run_dir: Path, action: str) -> None:
     path.touch()
 
 
-def from_env(run_dir: Path, rung_index: int | None = None) -> Injector:
+def from_env(run_dir: Path, rung_index: int | None = None, rank: int = 0) -> Injector:
     """This process's injector: no rules unless TRAINCTL_FAULTS is set."""
-    return Injector(parse(os.environ.get(ENV_FAULTS, ""), rung_index), run_dir)
+    return Injector(parse(os.environ.get(ENV_FAULTS, ""), rung_index, rank), run_dir)

@@ -116,6 +116,7 @@ class Heartbeat:
     final_model: str | None = None
     timings: dict = field(default_factory=dict)   # wall-clock moments of the start-up (bench/recovery.py)
     memory: dict = field(default_factory=dict)    # device memory the worker reports: mps_driver_allocated, ...
+    ranks: list = field(default_factory=list)     # a group (nproc_per_node > 1): [{"rank", "pid", "device"}], by rank 0
 
     @classmethod
     def from_json(cls, d: dict) -> Heartbeat | None:
@@ -133,6 +134,24 @@ class Heartbeat:
 
 
 HEARTBEAT_FIELDS = frozenset(f.name for f in dataclasses.fields(Heartbeat))
+
+
+def ranks_of(pid: int) -> list:
+    """The worker processes (ranks) that torchrun's agent `pid` started, each in a session of its own
+    (worker/group.py); the supervisor signals and kills them (supervisor/process.GroupProcess)."""
+    import psutil   # here, not at the top: the contract's other readers need no process table
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.Error:
+        return []
+    found = []
+    for p in children:
+        try:
+            if "trainctl.worker" in p.cmdline():
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
 
 
 def read_heartbeat(run_dir: Path) -> Heartbeat | None:

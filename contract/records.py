@@ -54,6 +54,7 @@ class RungStatus:
     device: str | None = None
     batch_size: int | None = None
     grad_accum: int | None = None
+    nproc_per_node: int | None = None   # a group's processes (nproc_per_node > 1)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Crash:
     step: int | None
     detail: str | None = None
     evidence: str | None = None     # the file with the traceback or faulthandler output
+    rank: int | None = None         # a group's attempt: the rank that failed first (worker/group.py)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class Status:
     startup_timeout: dict | None = None   # the start-up allowance, the same way
     val_top5: float | None = None         # the latest validation's top-5 (more than 5 classes only)
     ema_val_acc: float | None = None      # [ema] enabled: the EMA's top-1 of the latest validation
+    ranks: list = field(default_factory=list)   # a group's processes while they run: [{"rank", "pid", "device", "port"}]
 
     def to_json(self) -> dict:
         """The `trainctl status --json` object (without the recent metrics); strict JSON: NaN and inf are null."""

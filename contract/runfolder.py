@@ -40,14 +40,23 @@ SERVICE_LOG = "service.log"          # launchd's stdout/stderr of the service
 LOGS = (WORKER_LOG, SUPERVISOR_LOG, SERVICE_LOG)
 
 
-def fault_log_path(run_dir: Path, attempt: int) -> Path:
-    """Where attempt K's faulthandler output goes."""
-    return Path(run_dir) / EVIDENCE_DIR / f"attempt-{attempt:03d}.fault.log"
+def _rank(rank: int | None) -> str:
+    return "" if rank is None else f".rank-{rank}"
 
 
-def error_json_path(run_dir: Path, attempt: int) -> Path:
-    """Where attempt K's Python exception report goes."""
-    return Path(run_dir) / EVIDENCE_DIR / f"attempt-{attempt:03d}.error.json"
+def fault_log_path(run_dir: Path, attempt: int, rank: int | None = None) -> Path:
+    """Where attempt K's faulthandler output goes (`rank`: one process of a group's, worker/group.py gathers them)."""
+    return Path(run_dir) / EVIDENCE_DIR / f"attempt-{attempt:03d}{_rank(rank)}.fault.log"
+
+
+def error_json_path(run_dir: Path, attempt: int, rank: int | None = None) -> Path:
+    """Where attempt K's Python exception report goes (`rank`: as for fault_log_path)."""
+    return Path(run_dir) / EVIDENCE_DIR / f"attempt-{attempt:03d}{_rank(rank)}.error.json"
+
+
+def group_record_path(run_dir: Path, attempt: int) -> Path:
+    """A group's attempt (nproc_per_node > 1): how each rank ended and which failed first (worker/group.py)."""
+    return Path(run_dir) / EVIDENCE_DIR / f"attempt-{attempt:03d}.group.json"
 
 
 def read_json(path: Path) -> dict | None:

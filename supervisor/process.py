@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from trainctl.contract.protocol import ENV_SUPERVISOR_PID, WORKER_ENV
+from trainctl.contract.protocol import ENV_SUPERVISOR_PID, WORKER_ENV, ranks_of
 from trainctl.contract.runfolder import LOG_DIR, WORKER_LOG
 
 
@@ -24,11 +24,14 @@ class WorkerProcess:
         self.run_dir = run_dir or Path(popen.args[popen.args.index("--run-dir") + 1])
 
     @classmethod
-    def spawn(cls, run_dir: Path, rung_index: int, attempt: int, describe: str) -> WorkerProcess:
-        """Start ``python -m trainctl.worker`` in a new session, its output appended to logs/worker.log."""
+    def spawn(cls, run_dir: Path, rung_index: int, attempt: int, describe: str, nproc: int = 1) -> WorkerProcess:
+        """Start ``python -m trainctl.worker`` in a new session, its output appended to logs/worker.log; a rung of
+        `nproc` > 1 processes: torchrun's agent for them (``trainctl.worker.group``, a GroupProcess)."""
         _log_header(run_dir, f"attempt {attempt}, rung {rung_index + 1} ({describe})")
-        return cls(_popen(run_dir, ["--rung", str(rung_index + 1), "--attempt", str(attempt)],
-                          subprocess.DEVNULL))
+        args = ["--rung", str(rung_index + 1), "--attempt", str(attempt)]
+        if nproc > 1:
+            return GroupProcess(_popen(run_dir, [*args, "--nproc", str(nproc)], subprocess.DEVNULL, "trainctl.worker.group"))
+        return cls(_popen(run_dir, args, subprocess.DEVNULL))
 
     @classmethod
     def spawn_standby(cls, run_dir: Path) -> WorkerProcess:
@@ -91,6 +94,46 @@ class WorkerProcess:
         return rc
 
 
+class GroupProcess(WorkerProcess):
+    """A rung's group: torchrun's agent (worker/group.py), whose pid this is, and its K ranks, each in a session
+    of its own. Signals go to the ranks (a stop, a checkpoint request, the hang watchdog's SIGABRT for every rank's
+    stacks); a kill reaches the agent's group and every rank's."""
+
+    def __init__(self, popen: subprocess.Popen, run_dir: Path | None = None):
+        super().__init__(popen, run_dir)
+        self.rank_pids: set[int] = set()   # remembered: a rank outlives a SIGKILLed agent by a moment
+
+    def ranks(self) -> list[psutil.Process]:
+        self.rank_pids.update(p.pid for p in ranks_of(self.pid))
+        alive = []
+        for pid in sorted(self.rank_pids):
+            with contextlib.suppress(psutil.Error):
+                alive.append(psutil.Process(pid))
+        return alive
+
+    def poll(self) -> int | None:
+        if self.popen.returncode is None:
+            self.ranks()
+        return super().poll()
+
+    def signal(self, sig: int) -> None:
+        ranks = self.ranks()
+        if not ranks or sig == signal.SIGCONT:   # booting (no rank yet): torchrun's agent takes a stop itself
+            super().signal(sig)
+        for p in ranks:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if sig == signal.SIGCONT:
+                    os.killpg(p.pid, sig)
+                else:
+                    os.kill(p.pid, sig)
+
+    def kill_group(self) -> None:
+        super().kill_group()
+        for pid in self.rank_pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
 def _log_header(run_dir: Path, what: str) -> None:
     """A line in worker.log before each attempt's output; best effort (a full disk must not stop the spawn)."""
     log_dir = Path(run_dir) / LOG_DIR
@@ -100,12 +143,12 @@ def _log_header(run_dir: Path, what: str) -> None:
             log.write(f"\n=== {what}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
 
 
-def _popen(run_dir: Path, args: list[str], stdin) -> subprocess.Popen:
+def _popen(run_dir: Path, args: list[str], stdin, module: str = "trainctl.worker") -> subprocess.Popen:
     env = {**os.environ, **WORKER_ENV, ENV_SUPERVISOR_PID: str(os.getpid())}
     (Path(run_dir) / LOG_DIR).mkdir(exist_ok=True)
     with open(Path(run_dir) / LOG_DIR / WORKER_LOG, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir), *args],
+            [sys.executable, "-m", module, "--run-dir", str(run_dir), *args],
             stdin=stdin, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,   # its own group: one signal reaches DataLoader workers too
             env=env, close_fds=True)

@@ -55,7 +55,7 @@ def gather(run_dir: Path) -> Status:
                       f" it checkpoints and exits by itself within about {ORPHAN_GRACE_SECONDS:.0f} s. Then resume with:"
                       f" trainctl resume {shell_run(run_dir)}")
     rung = (RungStatus(saved.rung_index + 1, saved.ladder_size, saved.rung.get("device"), saved.rung.get("batch_size"),
-                       saved.grad_accum) if saved else RungStatus())
+                       saved.grad_accum, saved.rung.get("nproc_per_node")) if saved else RungStatus())
     crashes, restarts, last_step = _history(run_dir)
     newest = newest_checkpoint(run_dir)
     # A booting worker's heartbeats say step 0 until it has loaded its checkpoint (they carry no total yet):
@@ -88,7 +88,8 @@ def gather(run_dir: Path) -> Status:
         summary=finite_only(read_summary(run_dir)) if ended and report.exists() else None,
         recorded_state=stale, metrics=recent_metrics(run_dir),
         set_aside_checkpoints=set_aside_checkpoints(run_dir / CHECKPOINT_DIR),
-        hang_timeout=saved.hang_timeout if saved else None, startup_timeout=saved.startup_timeout if saved else None)
+        hang_timeout=saved.hang_timeout if saved else None, startup_timeout=saved.startup_timeout if saved else None,
+        ranks=list(live.ranks) if live and worker_alive else [])
 
 
 def at_failure(marker: dict) -> str | None:
@@ -110,7 +111,8 @@ def _history(run_dir: Path) -> tuple[list[Crash], int, int | None]:
             continue
         crashes.append(Crash(at=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(e["time"])), kind=d.get("failure"),
                              signal=d.get("signal"), exit_code=d.get("exit_code"), rung=(e["rung"] or 0) + 1,
-                             step=e["step"], detail=d.get("detail"), evidence=_evidence(run_dir, d.get("evidence"))))
+                             step=e["step"], detail=d.get("detail"), evidence=_evidence(run_dir, d.get("evidence")),
+                             rank=d.get("rank")))
     return crashes, restarts, last_step
 
 

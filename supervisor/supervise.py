@@ -30,7 +30,8 @@ from trainctl.contract.lifecycle import Event, Kill, State
 from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import ExitCode, read_heartbeat
 from trainctl.contract.runfolder import (CONFIG_FILE, LOG_DIR, MODEL_FILE, REPORT_FILE, WORKER_LOG,
-                                         error_json_path, fault_log_path, newest_checkpoint, read_error)
+                                         error_json_path, fault_log_path, group_record_path, newest_checkpoint,
+                                         read_error, read_json)
 
 from . import logfiles, report, rung_memory, runstate, takeover
 from .classify import Exit, Failure, Kind, MemorySample, classify
@@ -168,12 +169,14 @@ class Supervisor:
         newest = newest_checkpoint(self.run_dir)
         start_step = newest.step if newest else None
         standby, self.standby = self.standby, None
-        if standby is not None and standby.go(self.rung_index, self.attempt, text):
+        nproc = self.cfg.profiles[self.rung_index].nproc_per_node
+        if standby is not None and nproc == 1 and standby.go(self.rung_index, self.attempt, text):
             self.worker = standby          # warm: torch and timm are already imported
         else:
             if standby is not None:
-                standby.release()
-            self.worker = self.host.spawn(self.run_dir, self.rung_index, self.attempt, text)
+                standby.release()          # a group's ranks are torchrun's to start: they boot cold
+            self.worker = self.host.spawn(self.run_dir, self.rung_index, self.attempt, text,
+                                          **({"nproc": nproc} if nproc > 1 else {}))
         self.oom_baseline = self.host.oom_baseline(self.worker.pid)
         self.memory.clear()
         self.notes.spawned()
@@ -275,7 +278,9 @@ class Supervisor:
         clean = failure.kind in CLEAN
         evidence = (error_json_path(self.run_dir, w.attempt) if failure.kind in ERROR_JSON_KINDS
                     else fault_log_path(self.run_dir, w.attempt))
+        group = read_json(group_record_path(self.run_dir, w.attempt)) or {}   # a group's: which rank failed first
         self.diary.record(Event.EXIT, w.attempt, w.rung_index, step, failure=failure.kind.value,
+                          rank=group.get("first_failure"), ranks=group.get("ranks"),
                           signal=failure.signal, exit_code=failure.exit_code, detail=failure.detail, epoch=epoch,
                           cursor=cursor, memory=failure.memory, evidence=None if clean else str(evidence),
                           decided_by=failure.decided_by or None,
@@ -283,7 +288,8 @@ class Supervisor:
                           checkpoint_blocked_seconds=hb.checkpoint_blocked_seconds if hb else 0.0,
                           pace=w.pace.to_json())
         if not clean:
-            self.echo(f"attempt {w.attempt} ended: {failure.kind.value} — {failure.detail}")
+            rank = f" in rank {group['first_failure']}" if "first_failure" in group else ""
+            self.echo(f"attempt {w.attempt} ended: {failure.kind.value}{rank} — {failure.detail}")
 
     def _apply(self, action: Action, failure: Failure) -> int | None:
         """Carry out the policy's action; return the exit code when supervision is over."""

@@ -52,7 +52,10 @@ def render_status(st: Status):
         row("reason", Text(st.reason, style="red" if state == State.FAILED else "yellow"))
     r = st.rung
     if r.device:
-        row("rung", f"{r.number}/{r.of or '?'}: {r.device} batch {r.batch_size} x accum {r.grad_accum}")
+        group = f" x{r.nproc_per_node} processes," if (r.nproc_per_node or 1) > 1 else ""
+        row("rung", f"{r.number}/{r.of or '?'}: {r.device}{group} batch {r.batch_size} x accum {r.grad_accum}")
+    if st.ranks:
+        row("ranks", ", ".join(f"{k.get('rank')}: pid {k.get('pid')} {k.get('device')}" for k in st.ranks))
     total, step = st.total_steps, st.step
     if total:
         bar = Table.grid(padding=(0, 1))

@@ -78,7 +78,7 @@ def test_start_status_crash_stop_resume_succeed(tmp_path, dataset, env):
                       120, what="running")
         check_schema(st)
         assert st["supervisor_pid"] and st["worker_pid"] and st["rung"] == {
-            "number": 1, "of": 2, "device": "cpu", "batch_size": 8, "grad_accum": 2}
+            "number": 1, "of": 2, "device": "cpu", "batch_size": 8, "grad_accum": 2, "nproc_per_node": 1}
         started.update({st["supervisor_pid"], st["worker_pid"]})
         os.kill(st["worker_pid"], signal.SIGKILL)
         st = wait_for(lambda: (s := status("e2e", env, tmp_path))["crashes"] and s["state"] == "running" and s,

@@ -155,3 +155,26 @@ class Checkpointing:
         if found:
             skipped = list(self.t.reporter.fields.get("skipped_checkpoints") or [])
             self.t.reporter.beat(force=True, skipped_checkpoints=skipped + [list(f) for f in found])
+
+
+class Bystander:
+    """Checkpointing on a rank other than 0 of a data-parallel group: rank 0 writes the group's checkpoints (its
+    state is this rank's, step for step), so every call here is answered by doing nothing."""
+
+    def __init__(self, trainer):
+        self.committed_step = trainer.progress.step
+        self.blocked_seconds = 0.0
+        self.writer = _NoWriter()
+
+    def after_step(self) -> None: ...
+    def before_update(self) -> None: ...
+    def snapshot(self, reason: str, failure: str | None = None, taken: float | None = None) -> None: ...
+    def finish(self) -> None: ...
+    def stop(self) -> None: ...
+    def at_failure(self, failure: str, taken: float | None) -> None: ...
+
+
+class _NoWriter:
+    write_seconds = 0.0
+
+    def drain(self) -> None: ...

@@ -149,12 +149,15 @@ class _Keys(torch.utils.data.Sampler):
         return iter(self.keys())
 
 
-def train_keys(epoch: int, cursor: int, epochs: int, steps_per_epoch: int, effective: int, batch: int):
-    """Micro-batch keys from (epoch, cursor) to the end of training, lazily."""
+def train_keys(epoch: int, cursor: int, epochs: int, steps_per_epoch: int, effective: int, batch: int,
+               share: tuple[int, int] | None = None):
+    """Micro-batch keys from (epoch, cursor) to the end of training, lazily. `share` = (offset, stride): a rank of a
+    data-parallel group takes the micro-batches starting at offset, offset + stride, ... past each cursor."""
+    offset, stride = share or (0, batch)
     def generate():
         e, c = epoch, cursor
         while e < epochs:
-            for start in range(c, steps_per_epoch * effective, batch):
+            for start in range(c + offset, steps_per_epoch * effective, stride):
                 yield (e, start)
             e, c = e + 1, 0
     return generate
@@ -174,9 +177,11 @@ def iterate(dataset: MicroBatches, keys, num_workers: int, seed: int, spawn: boo
     return iter(loader)
 
 
-def eval_keys(n: int, batch: int):
-    """Micro-batch keys covering a validation folder once (the tail is padded, not dropped)."""
-    return lambda: ((0, start) for start in range(0, n, batch))
+def eval_keys(n: int, batch: int, share: tuple[int, int] | None = None):
+    """Micro-batch keys covering a validation folder once (the tail is padded, not dropped); with `share`, this
+    rank's part of them."""
+    offset, stride = share or (0, batch)
+    return lambda: ((0, start) for start in range(offset, n, stride))
 
 
 # An epoch's share of unreadable images is judged only once this many have been seen in it: over fewer, a few

@@ -6,7 +6,8 @@ checkpoint-write phases ``ckpt_begin``, ``ckpt_bytes`` (mid-write), ``ckpt_writt
 ``ckpt_synced`` (fsynced, not renamed), ``ckpt_renamed`` (renamed, directory not fsynced),
 ``ckpt_committed`` (durable, no marker yet), ``ckpt_marked``, and ``export_written`` (the model folder
 complete under its temporary name, not yet renamed).
-Actions: sigkill, sigsegv, sigbus, sigabrt, sigusr1 (a checkpoint request), exception, mps_oom, cuda_oom, cpu_oom, hang, spin,
+Actions: sigkill, sigsegv, sigbus, sigabrt, sigusr1 (a checkpoint request), sigkill_parent (a group's rank SIGKILLs
+torchrun's agent, its parent), exception, mps_oom, cuda_oom, cpu_oom, hang, spin,
 grow_memory (fast, until killed), leak (keeps 40 MB more at every hit), slow (sleeps SLOW_SECONDS: a step that
 takes that long), enospc,
 nan_loss (at ``train_step``: that step's loss comes out NaN, as a diverging run's does).
@@ -37,8 +38,8 @@ _SIGNALS = {"sigkill": signal.SIGKILL, "sigsegv": signal.SIGSEGV, "sigbus": sign
 class Faults:
     """The worker's fault injector: `hit` a point, and the actions due there are carried out."""
 
-    def __init__(self, run_dir: Path, rung_index: int):
-        self.injector = from_env(run_dir, rung_index)
+    def __init__(self, run_dir: Path, rung_index: int, rank: int = 0):
+        self.injector = from_env(run_dir, rung_index, rank)
         self._ballast = []
         self.nan_loss = False   # the training step reads it (train.Trainer._step) and clears it
 
@@ -54,6 +55,9 @@ class Faults:
             time.sleep(5)  # a handled SIGABRT/SEGV returns here only if the signal was blocked
         elif action == "sigusr1":   # a checkpoint request arriving at that very moment
             os.kill(os.getpid(), signal.SIGUSR1)
+        elif action == "sigkill_parent":
+            os.kill(os.getppid(), signal.SIGKILL)
+            time.sleep(5)   # the kernel's word (PR_SET_PDEATHSIG) that the parent is gone comes meanwhile
         elif action == "exception":
             raise RuntimeError("injected fault: a Python exception in the training step")
         elif action == "mps_oom":

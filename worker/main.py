@@ -8,6 +8,7 @@ folder exists (`preflight.py`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import faulthandler
 import os
@@ -50,8 +51,9 @@ def main(argv=None) -> int:
     for key, value in WORKER_ENV.items():   # when run by hand, not by the supervisor
         os.environ.setdefault(key, value)
     (run_dir / EVIDENCE_DIR).mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None   # a group's (group.py)
     if not args.standby:
-        faulthandler.enable(file=open(fault_log_path(run_dir, args.attempt), "a"), all_threads=True)
+        faulthandler.enable(file=open(fault_log_path(run_dir, args.attempt, rank), "a"), all_threads=True)
 
     import filelock
 
@@ -59,8 +61,9 @@ def main(argv=None) -> int:
 
     from .checkpoint import DiskFull
     from .device import is_oom
+    from .dist import Group
     from .faults import Faults
-    from .report import Reporter, say
+    from .report import RankReporter, Reporter, say
     from .signals import Flags, watch_parent
     from .train import Trainer  # imports torch and timm: the slow part of booting
     timings["imported"] = time.time()
@@ -78,17 +81,19 @@ def main(argv=None) -> int:
         timings["go"] = time.time()
         faulthandler.enable(file=open(fault_log_path(run_dir, args.attempt), "a"), all_threads=True)
     rung_index = args.rung - 1
-    reporter = Reporter(run_dir, args.attempt, rung_index)
+    group = Group.from_env()
+    reporter = (Reporter if group.main else RankReporter)(run_dir, args.attempt, rung_index)
     reporter.beat(Phase.BOOTING, force=True, timings=timings)   # the first heartbeat: "the worker came up"
     flags = Flags()
     flags.install()
     if os.environ.get(ENV_SUPERVISOR_PID):
         watch_parent(int(os.environ[ENV_SUPERVISOR_PID]), flags)
-    faults = Faults(run_dir, rung_index)
+    faults = Faults(run_dir, rung_index, group.rank)
     faults.hit("boot")
-    lock = filelock.FileLock(run_dir / WORKER_LOCK)
+    # Rank 0 holds it for a group: the others load only the checkpoint it chooses (Trainer._load_checkpoint).
+    lock = filelock.FileLock(run_dir / WORKER_LOCK) if group.main else contextlib.nullcontext()
     try:   # an orphaned worker of a dead supervisor may still be checkpointing: give it time
-        lock.acquire(timeout=ORPHAN_GRACE_SECONDS + 15)
+        lock.acquire(timeout=ORPHAN_GRACE_SECONDS + 15) if group.main else None
     except filelock.Timeout:
         say(f"another worker holds {run_dir / WORKER_LOCK}: not starting a second one on this run")
         return ExitCode.LOCKED
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
         cfg = load(run_dir / CONFIG_FILE)
         if not 0 <= rung_index < len(cfg.profiles):
             raise ConfigError(f"--rung {args.rung} is not a rung of the ladder (1..{len(cfg.profiles)})")
-        trainer = Trainer(cfg, run_dir, rung_index, flags, reporter, faults, prebuilt)
+        trainer = Trainer(cfg, run_dir, rung_index, flags, reporter, faults, prebuilt, group)
         prebuilt = None   # the trainer holds it now, and lets it go once built (an unused model is not kept)
         trainer.setup()
         if trainer.progress.epoch < cfg.train.epochs:
@@ -105,20 +110,20 @@ def main(argv=None) -> int:
             trainer.sanity_check()
         return trainer.fit()
     except ConfigError as e:
-        return report_error(run_dir, args.attempt, "config_error", e, ExitCode.CONFIG_ERROR, trainer)
+        return report_error(run_dir, args.attempt, "config_error", e, ExitCode.CONFIG_ERROR, trainer, rank)
     except DiskFull as e:
-        return report_error(run_dir, args.attempt, "disk_full", e, ExitCode.DISK_FULL, trainer)
+        return report_error(run_dir, args.attempt, "disk_full", e, ExitCode.DISK_FULL, trainer, rank)
     except CannotContinue as e:
-        return report_error(run_dir, args.attempt, e.kind, e, ExitCode.CANNOT_CONTINUE, trainer)
+        return report_error(run_dir, args.attempt, e.kind, e, ExitCode.CANNOT_CONTINUE, trainer, rank)
     except BaseException as e:   # noqa: BLE001 — every exception must leave evidence
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):   # the disk filled up under us
-            return report_error(run_dir, args.attempt, "disk_full", e, ExitCode.DISK_FULL, trainer)
+            return report_error(run_dir, args.attempt, "disk_full", e, ExitCode.DISK_FULL, trainer, rank)
         if is_oom(e):
             checkpoint_at_failure(trainer, "out of memory", e)
-            return report_error(run_dir, args.attempt, "oom", e, ExitCode.OUT_OF_MEMORY, trainer)
+            return report_error(run_dir, args.attempt, "oom", e, ExitCode.OUT_OF_MEMORY, trainer, rank)
         if isinstance(e, Exception):
             checkpoint_at_failure(trainer, "exception", e)
-        return report_error(run_dir, args.attempt, "exception", e, ExitCode.INTERNAL_ERROR, trainer)
+        return report_error(run_dir, args.attempt, "exception", e, ExitCode.INTERNAL_ERROR, trainer, rank)
     finally:
         if trainer is not None:
             trainer.stop_loading()
@@ -126,7 +131,8 @@ def main(argv=None) -> int:
             trainer.ckpt.writer.drain()
         if getattr(trainer, "board", None) is not None:
             trainer.board.close()   # its last events, before __main__ leaves by os._exit
-        lock.release()
+        if group.main:
+            lock.release()
         timings["returned"] = time.time()
         reporter.beat(force=True)
 
@@ -147,19 +153,25 @@ def checkpoint_at_failure(trainer, what: str, exc: BaseException) -> None:
               file=sys.stderr, flush=True)
 
 
-def report_error(run_dir: Path, attempt: int, kind: str, exc: BaseException, code: int, trainer) -> int:
-    """Write the error JSON the supervisor classifies, print one clear line, return the exit code."""
+def report_error(run_dir: Path, attempt: int, kind: str, exc: BaseException, code: int, trainer,
+                 rank: int | None = None) -> int:
+    """Write the error JSON the supervisor classifies, print one clear line, return the exit code. A rank of a
+    group writes its own (`rank`), saying whether the error only says that a peer went away (`collective`)."""
     progress = getattr(trainer, "progress", None)
     record = {"kind": kind, "type": type(exc).__name__, "message": str(exc), "exit_code": code,
               "traceback": traceback.format_exc(), "time": time.time(),
               "step": progress.step if progress else None,
               "epoch": progress.epoch if progress else None,
               "cursor": progress.cursor if progress else None}
+    if rank is not None:
+        from .dist import broken_collective
+        record.update(rank=rank, collective=broken_collective(exc))
+    path = error_json_path(run_dir, attempt, rank)
     try:
-        fsio.atomic_write_json(error_json_path(run_dir, attempt), record)
+        fsio.atomic_write_json(path, record)
     except OSError as e:   # a full disk: the exit code and the line below still say it
-        print(f"[trainctl] could not write {error_json_path(run_dir, attempt).name}: {e}", file=sys.stderr, flush=True)
-    print(f"[trainctl] {kind}: {exc}", file=sys.stderr, flush=True)
+        print(f"[trainctl] could not write {path.name}: {e}", file=sys.stderr, flush=True)
+    print(f"[trainctl] {kind}{'' if rank is None else f' (rank {rank})'}: {exc}", file=sys.stderr, flush=True)
     if kind == "exception":
         traceback.print_exc()
     return code

@@ -67,9 +67,10 @@ def check_model_name(name: str) -> None:
 def check_devices(cfg) -> None:
     """Every rung's device exists on this machine (the worker would find out only when it reaches that rung)."""
     from .device import resolve
+    from .dist import check_group
     for i, profile in enumerate(cfg.profiles):
         try:
-            resolve(profile)
+            check_group(profile, resolve(profile))
         except ConfigError as e:
             raise ConfigError(f"[[profiles]] #{i + 1} (rung {i + 1}): {e}") from None
 

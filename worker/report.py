@@ -85,6 +85,18 @@ class Reporter:
                                                                      {"count": len(self.bad), "files": self.bad}))
 
 
+class RankReporter(Reporter):
+    """The reporter of a rank other than 0 of a group: rank 0 writes the heartbeat, the metrics and the bad-image
+    list for all of them (the numbers it reports are the group's), so this one writes nothing."""
+
+    def beat(self, phase: Phase | None = None, force: bool = False, **fields) -> None:
+        self.fields.update(fields)
+
+    def metric(self, record: dict) -> None: ...
+
+    def bad_images(self, found: list[tuple[str, str]]) -> None: ...
+
+
 def say(message: str) -> None:
     """One line on the worker's console (which the supervisor sends to logs/worker.log)."""
     print(f"[trainctl] {message}", flush=True)

@@ -203,10 +203,11 @@ def _first_line(path: Path) -> str | None:
     return None
 
 
-def open_board(t, resumed: bool) -> Board:
+def open_board(t, resumed: bool, on: bool = True) -> Board:
     """Trainer `t`'s board (after its checkpoint is loaded): on a resumed or restarted attempt, the note of
-    what happened before goes in as a text event at the step training continues from."""
-    board = Board.open(t.cfg.logging.tensorboard, t.run_dir, t.progress.step)
+    what happened before goes in as a text event at the step training continues from. `on` False (a rank other
+    than 0 of a group): a board that writes nothing."""
+    board = Board.open(t.cfg.logging.tensorboard and on, t.run_dir, t.progress.step)
     if board.on:
         note = resume_note(t.run_dir, t.reporter.fields["attempt"], t.progress.step, resumed, t.rung_index)
         if note:

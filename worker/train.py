@@ -8,9 +8,11 @@ do not depend on where a restart happened.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import math
+import os
 import time
 from pathlib import Path
 
@@ -22,12 +24,13 @@ from trainctl.contract import fsio, manifest, split
 from trainctl.contract.config import Config, ConfigError, identity, mixing_on
 from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import CannotContinue, ExitCode, Phase
-from trainctl.contract.runfolder import CHECKPOINT_DIR, SANITY_FILE
+from trainctl.contract.runfolder import CHECKPOINT_DIR, SANITY_FILE, Committed
 
 from . import checkpoint, data, export
 from . import device as devicelib
 from .boot import Prebuilt, passed_before, record_pass, sanity_key
-from .checkpointing import Checkpointing
+from .checkpointing import Bystander, Checkpointing
+from .dist import Group
 from .mixup import Mixing, soft_cross_entropy
 from .model import build_ema, build_model, build_optimizer, build_scheduler, ema_device, recipe_for, scheduled_lr
 from .report import Reporter, StepRate, say
@@ -84,8 +87,10 @@ def _names(classes, shown: int = 5) -> str:
     return ", ".join(classes[:shown]) + (f", ... +{len(classes) - shown}" if len(classes) > shown else "")
 
 
-def step_seed(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, step, 0x57E9]).generate_state(1)[0])
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The global torch generator's seed for a step (dropout, drop path); each rank of a group its own."""
+    words = [seed, step, 0x57E9] + ([rank] if rank else [])   # rank 0: the seed a single worker has always used
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 def pixel_stats(recipe, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +115,10 @@ def hits(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, k: int
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, rung_index: int, flags, reporter: Reporter, faults,
-                 prebuilt: Prebuilt | None = None):
+                 prebuilt: Prebuilt | None = None, group: Group | None = None):
         self.cfg, self.run_dir, self.flags, self.reporter, self.faults = cfg, Path(run_dir), flags, reporter, faults
+        self.group = group or Group()   # a rung of nproc_per_node > 1: this process's rank (dist.py)
+        self.agreed_stop = False        # a group: a stop every rank has heard of (in the step's all-reduce)
         self.prebuilt = prebuilt   # a warm standby's model (prebuild), used by a resume if it fits
         self.rung_index, self.profile = rung_index, cfg.profiles[rung_index]
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
@@ -128,9 +135,16 @@ class Trainer:
     def setup(self) -> None:
         cfg, profile = self.cfg, self.profile
         self.device = devicelib.resolve(profile)
+        g = self.group
+        if g.world > 1 and self.device.type == "cuda":   # one GPU per rank
+            self.device = torch.device("cuda", g.local_rank)
+            torch.cuda.set_device(self.device)
         devicelib.prepare(profile, self.device)
+        g.start(profile, self.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        elif g.world > 1 and self.device.type == "cpu":   # K processes share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // g.world))
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.reporter.beat(Phase.LOADING, force=True)
@@ -144,12 +158,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.manifest = manifest.build(self.train_set)   # each file's path, class, size, mtime
         self.identity = {**identity(cfg), **manifest.identity(self.train_set, self.manifest)}
-        for name in fsio.remove_stale_temps(self.ckpt_dir):   # we hold the worker lock: nobody writes these
-            say(f"removed {name}, the remains of a checkpoint write that was interrupted")
-        # Only what verifies is trusted: failures are set aside (checkpoints/corrupt/); when checkpoints existed
-        # and none verifies, load_latest raises CannotContinue instead of starting over from step 0.
         self.verified = checkpoint.Verified(max_bytes=self._checkpoint_bound())
-        state, found, skipped = checkpoint.load_latest(self.ckpt_dir, self.verified)
+        state, found, skipped = self._load_checkpoint()
         self._timing("checkpoint_loaded")
         for name, why in skipped:
             say(f"skipping checkpoint {name}: {why}")
@@ -157,7 +167,7 @@ class Trainer:
             check_identity(manifest.settings_only(state["identity"]), manifest.settings_only(self.identity),
                            self.run_dir)
             manifest.check(state["identity"], self.manifest, self.train_set, self.run_dir)   # changed data: refused
-        if problem := manifest.keep(self.run_dir, self.manifest, self.train_set.root):
+        if g.main and (problem := manifest.keep(self.run_dir, self.manifest, self.train_set.root)):
             say(problem)
         torch.manual_seed(cfg.run.seed)   # the same initial weights on every fresh start
         # A resume may take the standby's model: built the same way, and the checkpoint replaces its weights and the
@@ -169,6 +179,7 @@ class Trainer:
         self.recipe = recipe_for(cfg, self.model)
         self.ema = build_ema(cfg, self.model, self.device)   # copied while the model is on the CPU
         self.model.to(self.device)
+        self.net = g.wrap(self.model, self.device)   # what a training step calls: DDP in a group, else the model
         self._timing("model_built")
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps,
@@ -176,10 +187,11 @@ class Trainer:
         self.scaler = devicelib.grad_scaler(profile, self.device)
         if state is not None:
             restore(self, state)
-            say(f"resumed from {found.path.name}: epoch {self.progress.epoch + 1}, step {self.progress.step}, "
-                f"sample {self.progress.cursor} of the epoch")
-        self.ckpt = Checkpointing(self, background=cfg.checkpoint.async_write)
-        self.board = open_board(self, resumed=state is not None)   # [logging] tensorboard; a no-op when off
+            if g.main:
+                say(f"resumed from {found.path.name}: epoch {self.progress.epoch + 1}, step {self.progress.step}, "
+                    f"sample {self.progress.cursor} of the epoch")
+        self.ckpt = Checkpointing(self, background=cfg.checkpoint.async_write) if g.main else Bystander(self)
+        self.board = open_board(self, resumed=state is not None, on=g.main)   # [logging] tensorboard; a no-op when off
         self.mean, self.std = pixel_stats(self.recipe, self.device)
         self.mixing = (Mixing(cfg.augment, cfg.run.seed, E, self.recipe.size, len(self.train_set.classes),
                               cfg.train.label_smoothing) if mixing_on(cfg.augment) else None)
@@ -188,11 +200,34 @@ class Trainer:
         self.bad_share = data.BadShare(cfg.data.max_bad_share_step, cfg.data.max_bad_share_epoch,
                                        cfg.train.effective_batch_size)
         self.workers = devicelib.loader_workers(profile, self.device)
+        ranks = g.gather({"rank": g.rank, "pid": os.getpid(), "device": str(self.device),
+                          "port": int(os.environ.get("MASTER_PORT", 0))}) if g.world > 1 else []   # the rendezvous
         self.reporter.beat(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                            epochs=cfg.train.epochs, device=str(self.device), batch_size=profile.batch_size,
                            grad_accum=self.accum, effective_batch_size=cfg.train.effective_batch_size,
-                           skipped_checkpoints=skipped, force=True,
+                           skipped_checkpoints=skipped, ranks=ranks, force=True,
                            **self._position())
+
+    def _load_checkpoint(self):
+        """The newest checkpoint that verifies: (state, its Committed, skipped). In a group rank 0 chooses (and sets
+        failures aside) and every other rank loads the very file it chose."""
+        if not self.group.main:
+            name = self.group.broadcast(None)
+            if name is None:
+                return None, None, []
+            path = self.ckpt_dir / name
+            return torch.load(path, map_location="cpu", weights_only=True), Committed(-1, path, {}), []
+        for name in fsio.remove_stale_temps(self.ckpt_dir):   # we hold the worker lock: nobody writes these
+            say(f"removed {name}, the remains of a checkpoint write that was interrupted")
+        # Only what verifies is trusted: failures are set aside (checkpoints/corrupt/); when checkpoints existed
+        # and none verifies, load_latest raises CannotContinue instead of starting over from step 0.
+        try:
+            state, found, skipped = checkpoint.load_latest(self.ckpt_dir, self.verified)
+        except BaseException:
+            self.group.broadcast(None)   # the others must not wait for a choice that will not come
+            raise
+        self.group.broadcast(found.path.name if found else None)
+        return state, found, skipped
 
     def _prebuilt_model(self) -> torch.nn.Module | None:
         """The standby's model if it is what this boot would build, else None."""
@@ -224,14 +259,15 @@ class Trainer:
         """uint8 → float on the device, normalised; then timm's random erasing of a training micro-batch ([augment])."""
         return data.erase(normalize(mb.images.to(self.device, non_blocking=True), self.mean, self.std), mb.erased)
 
-    def _forward(self, mb: data.MicroBatch):
-        """Summed loss over the valid samples, and the count of correct predictions."""
+    def _forward(self, mb: data.MicroBatch, net: torch.nn.Module):
+        """Summed loss over the valid samples, and the count of correct predictions, through `net` (the model, or
+        its DDP wrapper in a training step of a group)."""
         x = self._inputs(mb)
         y = mb.labels.to(self.device)
         valid = mb.valid.to(self.device)
         targets = self._mix(mb, x, y) if self.mixing is not None else None   # mixes x in place
         with devicelib.autocast(self.profile, self.device):
-            logits = self.model(x)
+            logits = net(x)
         losses = (F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=self.cfg.train.label_smoothing)
                   if targets is None else soft_cross_entropy(logits.float(), targets))
         # Masking keeps shapes fixed (MPS caches a graph per shape) and drops bad images exactly.
@@ -249,7 +285,7 @@ class Trainer:
         """One forward/backward on a real batch before training: finite loss and gradients. Once per run and rung:
         a later boot of the rung with the same config, device and software skips it (SANITY_FILE)."""
         key = sanity_key(self.cfg, self.rung_index, self.device)
-        if (before := passed_before(self.run_dir, key)) is not None:
+        if (before := self.group.broadcast(passed_before(self.run_dir, key))) is not None:   # rank 0's word for all
             self._timing("sanity_done")
             say(f"sanity check skipped: it passed on rung {self.rung_index + 1} ({self.device}) with this config "
                 f"at step {before.get('step')} ({SANITY_FILE}); another rung or a resume --config runs it again")
@@ -261,7 +297,7 @@ class Trainer:
         n_valid = int(mb.valid.sum())
         self.model.eval()   # eval: no running-stat updates, no RNG draws — training state stays untouched
         try:
-            loss, _ = self._forward(mb)
+            loss, _ = self._forward(mb, self.model)   # each rank its own batch: no collective
             loss.backward()
             grads_ok = all(torch.isfinite(q.grad).all() for q in self.model.parameters() if q.grad is not None)
         finally:
@@ -276,16 +312,19 @@ class Trainer:
             raise SanityCheckFailed(f"pre-training sanity check failed at step {p.step}: loss {value}, "
                                     f"gradients {'finite' if grads_ok else 'not finite'}")
         try:
-            record_pass(self.run_dir, key, p.step)
+            if self.group.main:
+                record_pass(self.run_dir, key, p.step)
         except OSError as e:   # a full disk: nothing lost but the skip, the next boot checks again
             say(f"could not record the sanity check in {SANITY_FILE} ({e.strerror or e}); the next boot runs it again")
         self._timing("sanity_done")
         params = sum(q.numel() for q in self.model.parameters())
-        say(f"sanity check passed: loss {value:.4f} | seed {self.cfg.run.seed} | device {self.device} | "
-            f"model {self.cfg.model.name} ({params / 1e6:.2f}M params) | {len(self.train_set)} images, "
-            f"{len(self.train_set.classes)} classes ({_names(self.train_set.classes)}) | "
-            f"batch {self.profile.batch_size} x accum {self.accum} "
-            f"= {self.cfg.train.effective_batch_size} | {self.total_steps} steps")
+        if self.group.main:
+            group = f" x {self.group.world} processes" if self.group.world > 1 else ""
+            say(f"sanity check passed: loss {value:.4f} | seed {self.cfg.run.seed} | device {self.device} | "
+                f"model {self.cfg.model.name} ({params / 1e6:.2f}M params) | {len(self.train_set)} images, "
+                f"{len(self.train_set.classes)} classes ({_names(self.train_set.classes)}) | "
+                f"batch {self.profile.batch_size}{group} x accum {self.accum} "
+                f"= {self.cfg.train.effective_batch_size} | {self.total_steps} steps")
 
     # ---- the loop --------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -293,7 +332,8 @@ class Trainer:
         while the check runs, and the check takes the loader's first micro-batch (decoded once, not twice)."""
         cfg, p, E = self.cfg, self.progress, self.cfg.train.effective_batch_size
         self._timing("fit_start")
-        keys = data.train_keys(p.epoch, p.cursor, cfg.train.epochs, self.steps_per_epoch, E, self.profile.batch_size)
+        keys = data.train_keys(p.epoch, p.cursor, cfg.train.epochs, self.steps_per_epoch, E, self.profile.batch_size,
+                               self.group.share(self.profile.batch_size))
         self.batches = data.iterate(self.train_data, keys, self.workers, cfg.run.seed, self.device.type != "cpu")
 
     def _first_batch(self) -> data.MicroBatch:
@@ -320,7 +360,7 @@ class Trainer:
         self.step_start = StepStart(self.model, self.device)
         window = {"loss": 0.0, "correct": 0, "valid": 0}
         while p.epoch < cfg.train.epochs:
-            if self.flags.stop:
+            if self._stopping():
                 return self._stop()
             self.faults.hit("train_step", p.step)
             started, blocked = time.monotonic(), self.ckpt.blocked_seconds
@@ -347,15 +387,20 @@ class Trainer:
                 window = {"loss": 0.0, "correct": 0, "valid": 0}
             if p.cursor >= self.steps_per_epoch * E:
                 self._end_epoch()
-            elif self.flags.stop:
+            elif self._stopping():
                 return self._stop()
             else:
                 self.ckpt.after_step()
         self.ckpt.finish()
         self._timing("export_start")
-        export.write(self)
+        if self.group.main:
+            export.write(self)
         self._timing("exported")
         return ExitCode.OK
+
+    def _stopping(self) -> bool:
+        """A stop was asked for; in a group, one every rank knows of by now (agreed in the step's all-reduce)."""
+        return self.flags.stop if self.group.world == 1 else self.agreed_stop
 
     def _step(self, batches) -> tuple[float, int, int, bool]:
         """One optimizer step over `accum` micro-batches; returns (summed loss, correct, valid, finite).
@@ -365,18 +410,20 @@ class Trainer:
         with all numbers finite the step is exactly what it was before this check existed."""
         self.step_start.keep()   # before the re-seeding and the first forward pass: what a failure here undoes
         self.stage = IN_STEP
-        torch.manual_seed(step_seed(self.cfg.run.seed, self.progress.step))
+        torch.manual_seed(step_seed(self.cfg.run.seed, self.progress.step, self.group.rank))
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         n_valid = 0
         self.bad_share.begin_step(self.progress.epoch, self.progress.step)
         for i in range(self.accum):
             mb = next(batches)
-            if mb.bad:
-                self.reporter.bad_images(mb.bad)
-            self._check_data_source(mb, clean=i == 0)
-            loss, right = self._forward(mb)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            bad = self._bad_images(mb)
+            self._check_data_source(mb, bad, clean=i == 0)
+            # A group sums the gradients over its ranks once, at the step's last micro-batch.
+            alone = self.net.no_sync() if self.group.world > 1 and i < self.accum - 1 else contextlib.nullcontext()
+            with alone:
+                loss, right = self._forward(mb, self.net)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
             correct += right
             n_valid += int(mb.valid.sum())
@@ -390,7 +437,10 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         if self.faults.nan_loss:   # test-only (worker/faults.py): this step's loss comes out NaN
             self.faults.nan_loss, loss_sum = False, loss_sum * float("nan")
-        total = float(loss_sum)
+        total, right = float(loss_sum), int(correct)
+        if self.group.world > 1:   # the whole effective batch's numbers, and whether any rank was asked to stop
+            total, right, n_valid, stops = self.group.sum([total, right, n_valid, float(self.flags.stop)], self.device)
+            right, n_valid, self.agreed_stop = int(right), int(n_valid), stops > 0
         finite = math.isfinite(total)
         self.stage = UPDATING
         if finite and n_valid and grads:
@@ -409,7 +459,7 @@ class Trainer:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step_update(num_updates=self.progress.step + 1)
-        return total, int(correct), n_valid, finite
+        return total, right, n_valid, finite
 
     def checkpoint_at_failure(self, what: str) -> None:
         """After a caught failure (main.py): write the state of the last completed optimizer step, exactly as the
@@ -443,9 +493,19 @@ class Trainer:
             say(f"step {p.step}: loss not finite, step skipped (no update; {p.nonfinite_in_row} in a row, "
                 f"the run fails at [train] max_nonfinite_steps = {limit})")
 
-    def _check_data_source(self, mb: data.MicroBatch, clean: bool) -> None:
+    def _bad_images(self, mb: data.MicroBatch) -> list[tuple[str, str]]:
+        """The micro-batch's unreadable files, reported; in a group, those of every rank's share of it (gathered
+        only when there are some), so that every rank judges the data source on the same numbers."""
+        bad = mb.bad
+        if self.group.world > 1 and self.group.sum([len(bad)], self.device)[0]:
+            bad = [b for share in self.group.gather(bad) for b in share]
+        if bad:
+            self.reporter.bad_images(bad)
+        return bad
+
+    def _check_data_source(self, mb: data.MicroBatch, bad: list[tuple[str, str]], clean: bool) -> None:
         """Stop before training on blanks when too many images are unreadable: the data source is failing."""
-        fault = self.bad_share.count(len(mb.labels), mb.bad)
+        fault = self.bad_share.count(len(mb.labels) * self.group.world, bad)
         if fault is None:
             return
         self.optimizer.zero_grad(set_to_none=True)
@@ -471,6 +531,12 @@ class Trainer:
         return None if rate is None else round(rate, 2)
 
     def _log(self, w: dict) -> None:
+        if self.group.world > 1:   # each rank's device memory, beside its pid; rank 0 speaks for the group
+            memory = self.group.gather(devicelib.memory_stats(self.device))
+            ranks = self.reporter.fields.get("ranks") or []
+            self.reporter.beat(ranks=[{**r, "memory": m} for r, m in zip(ranks, memory)])
+            if not self.group.main:   # its loss and accuracy are the group's already (reduced in the step)
+                return
         p = self.progress
         epoch_samples = max(self.steps_per_epoch * self.cfg.train.effective_batch_size, 1)
         trained = w["valid"] > 0 or not p.nonfinite_in_row   # every step of the window skipped: no loss to show
@@ -498,8 +564,9 @@ class Trainer:
             self.board.val(record)
             self.reporter.beat(val_acc=scores["val_acc"], val_top5=scores.get("val_top5"),
                                ema_val_acc=scores.get("ema_val_acc"))
-            say(f"epoch {finished}/{self.cfg.train.epochs} validation: {_scores_text(scores, '')}"
-                + (f"; EMA: {_scores_text(scores, 'ema_')}" if "ema_val_acc" in scores else ""))
+            if self.group.main:
+                say(f"epoch {finished}/{self.cfg.train.epochs} validation: {_scores_text(scores, '')}"
+                    + (f"; EMA: {_scores_text(scores, 'ema_')}" if "ema_val_acc" in scores else ""))
         p.epoch, p.cursor = finished, 0
         self.stage = BETWEEN_STEPS
         self.ckpt.snapshot("epoch")
@@ -510,8 +577,8 @@ class Trainer:
         micro-batches (decoded once) where it lives: the same keys prefixed "ema_"."""
         self.reporter.beat(Phase.VALIDATING, force=True)
         dataset = data.MicroBatches(self.val_set, self.recipe, self.cfg.run.seed, self.profile.batch_size, False)
-        batches = data.iterate(dataset, data.eval_keys(len(self.val_set), self.profile.batch_size),
-                               self.workers, self.cfg.run.seed, self.device.type != "cpu")
+        keys = data.eval_keys(len(self.val_set), self.profile.batch_size, self.group.share(self.profile.batch_size))
+        batches = data.iterate(dataset, keys, self.workers, self.cfg.run.seed, self.device.type != "cpu")
         top5 = len(self.train_set.classes) > TOP5_MIN_CLASSES   # with 5 classes or fewer every label is in the top 5
         models = {"": (self.model, self.device)}
         if self.ema is not None:   # always in eval mode (ModelEmaV3 keeps it so)
@@ -529,6 +596,10 @@ class Trainer:
                 self.reporter.beat()
         self.model.train()
         self.reporter.beat(Phase.TRAINING, force=True)
+        if self.group.world > 1:   # each rank validated its share of the images: the sums over all of them
+            flat = self.group.sum([x for prefix in sums for x in sums[prefix]] + [valid], self.device)
+            sums = {prefix: tuple(flat[3 * i:3 * i + 3]) for i, prefix in enumerate(sums)}
+            valid = int(flat[-1])
         n = max(valid, 1)
         out = {}
         for prefix, (loss_sum, correct, correct5) in sums.items():
@@ -550,5 +621,7 @@ class Trainer:
 
     def _stop(self) -> int:
         self.ckpt.stop()
-        say(f"stopped at step {self.progress.step} ({self.flags.stop_reason})")
+        self.group.barrier()   # no rank leaves before rank 0's checkpoint is durable (torchrun would end it)
+        if self.group.main:
+            say(f"stopped at step {self.progress.step} ({self.flags.stop_reason or 'another rank was asked to'})")
         return ExitCode.STOPPED
