@@ -132,9 +132,10 @@ def test_a_group_killed_in_each_of_its_processes_ends_bit_identical(tmp_path, da
     assert wait_for(lambda: not run_processes(run_dir), 30, what="every process of the run gone")
 
 
-def test_no_process_of_a_group_outlives_its_supervisor(tmp_path, dataset, group_reference):
+def test_no_process_of_a_group_outlives_its_supervisor_and_a_stop_stops_every_rank(tmp_path, dataset, group_reference):
     """SIGKILL the supervisor of a training group: the agent tells the ranks, they stop at a checkpoint and every
-    process (agent, ranks, the rendezvous store in the agent) is gone; a new supervisor finishes the run."""
+    process (agent, ranks, the rendezvous store in the agent) is gone. A new supervisor resumes; a stop request
+    (SIGTERM, as `trainctl stop` sends) stops every rank after the same step; a third one finishes the run."""
     run_dir = make_run(tmp_path, "group-orphan", group_config("group-orphan", dataset))
     proc = start_supervisor(run_dir)
     try:
@@ -146,9 +147,22 @@ def test_no_process_of_a_group_outlives_its_supervisor(tmp_path, dataset, group_
         proc.kill()
     stopped = newest_checkpoint(run_dir)
     assert stopped.marker["reason"] == "stop" and stopped.step >= 4   # the ranks stopped at a checkpoint together
+    proc = start_supervisor(run_dir)
+    try:
+        wait_for(lambda: (hb := read_heartbeat(run_dir)) and hb.attempt == 2 and hb.step >= stopped.step + 3, 120,
+                 what="the resumed group training")
+        proc.send_signal(signal.SIGTERM)
+        out = finish(proc)
+    finally:
+        proc.kill()
+    assert read_state(run_dir).state == "stopped", out
+    again = newest_checkpoint(run_dir)
+    assert again.marker["reason"] == "stop" and again.step > stopped.step, out
+    assert events(run_dir, Event.SPAWN)[-1]["step"] == stopped.step
     out = finish(start_supervisor(run_dir))
     assert read_state(run_dir).state == "succeeded", out
-    assert events(run_dir, Event.SPAWN)[-1]["step"] == stopped.step
+    assert events(run_dir, Event.SPAWN)[-1]["step"] == again.step
+    assert not crashes(run_dir), out
     assert_same_weights(run_dir, group_reference)
 
 
