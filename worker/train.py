@@ -26,7 +26,7 @@ from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import CannotContinue, ExitCode, Phase
 from trainctl.contract.runfolder import CHECKPOINT_DIR, SANITY_FILE, Committed
 
-from . import checkpoint, data, export
+from . import checkpoint, data, export, masks
 from . import device as devicelib
 from .boot import Prebuilt, passed_before, record_pass, sanity_key
 from .checkpointing import Bystander, Checkpointing
@@ -193,6 +193,9 @@ class Trainer:
         self.ckpt = Checkpointing(self, background=cfg.checkpoint.async_write) if g.main else Bystander(self)
         self.board = open_board(self, resumed=state is not None, on=g.main)   # [logging] tensorboard; a no-op when off
         self.mean, self.std = pixel_stats(self.recipe, self.device)
+        self.masks_on = bool(cfg.model.drop_path_rate or cfg.model.drop_rate)   # per-sample masks (masks.py)
+        if self.masks_on:
+            masks.install()
         self.mixing = (Mixing(cfg.augment, cfg.run.seed, E, self.recipe.size, len(self.train_set.classes),
                               cfg.train.label_smoothing) if mixing_on(cfg.augment) else None)
         self.train_data = data.MicroBatches(self.train_set, self.recipe, cfg.run.seed, profile.batch_size, True,
@@ -421,7 +424,7 @@ class Trainer:
             self._check_data_source(mb, bad, clean=i == 0)
             # A group sums the gradients over its ranks once, at the step's last micro-batch.
             alone = self.net.no_sync() if self.group.world > 1 and i < self.accum - 1 else contextlib.nullcontext()
-            with alone:
+            with alone, self._masks(i):
                 loss, right = self._forward(mb, self.net)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
@@ -492,6 +495,14 @@ class Trainer:
         if p.nonfinite_in_row < limit:
             say(f"step {p.step}: loss not finite, step skipped (no update; {p.nonfinite_in_row} in a row, "
                 f"the run fails at [train] max_nonfinite_steps = {limit})")
+
+    def _masks(self, i: int):
+        """Drop path and dropout masks for micro-batch i of the step, per sample (masks.py): by the place of its
+        samples in the effective batch, which a group's rank shares as data.train_keys does."""
+        if not self.masks_on:
+            return contextlib.nullcontext()
+        b, g = self.profile.batch_size, self.group
+        return masks.MASKS.drawing(self.cfg.run.seed, self.progress.step, i * b * g.world + g.rank * b, b)
 
     def _bad_images(self, mb: data.MicroBatch) -> list[tuple[str, str]]:
         """The micro-batch's unreadable files, reported; in a group, those of every rank's share of it (gathered
