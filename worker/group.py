@@ -77,12 +77,18 @@ def main(argv=None) -> int:
     # K processes share the cores (the trainer sets torch's threads the same way, unless [train] threads says)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     try:
         torchrun.run(torchrun.parse_args(torchrun_args(args)))
     except ChildFailedError as e:
         ends = {rank: (f.exitcode, f.pid, f.timestamp) for rank, f in e.failures.items()}
         return end_like(args.run_dir, args.attempt, args.nproc, ends)
+    except SignalException as e:   # a stop sent to torchrun's agent itself (the ranks not up yet, or by hand):
+        # torchrun passed it on to the ranks (a running rank stops at a checkpoint), then ended
+        print(f"[trainctl] group of {args.nproc}: {e.sigval.name} to torchrun's agent; stopped", file=sys.stderr,
+              flush=True)
+        return ExitCode.STOPPED
     return ExitCode.OK
 
 
