@@ -30,7 +30,7 @@ from trainctl.supervisor.view import render_status
 from trainctl.worker import checkpoint
 from trainctl.worker.model import build_model, build_optimizer, build_scheduler, scheduled_lr
 from trainctl.worker.preflight import check_config
-from trainctl.worker.train import hits
+from trainctl.worker.validation import hits
 
 RECIPE = {"model": {"drop_path_rate": 0.1, "drop_rate": 0.1}, "train": {"layer_decay": 0.65}}
 

@@ -26,13 +26,13 @@ from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import CannotContinue, ExitCode, Phase
 from trainctl.contract.runfolder import CHECKPOINT_DIR, SANITY_FILE, Committed
 
-from . import checkpoint, data, export, masks
+from . import checkpoint, data, export, masks, validation
 from . import device as devicelib
 from .boot import Prebuilt, passed_before, record_pass, sanity_key
 from .checkpointing import Bystander, Checkpointing
 from .dist import Group
 from .mixup import Mixing, soft_cross_entropy
-from .model import build_ema, build_model, build_optimizer, build_scheduler, ema_device, recipe_for, scheduled_lr
+from .model import build_ema, build_model, build_optimizer, build_scheduler, recipe_for, scheduled_lr
 from .report import Reporter, StepRate, say
 from .snapshot import Progress, StepStart, check_identity, restore
 from .tensorboard_log import open_board
@@ -77,12 +77,6 @@ def diverged_message(t, limit: int) -> str:
             f"set: a run's lr cannot change on resume" + _fp32_hint(t))
 
 
-def _scores_text(scores: dict, prefix: str) -> str:
-    """'top-1 0.750, top-5 0.950, loss 0.6931' from validate's scores (prefix "ema_": the EMA's)."""
-    top5 = f", top-5 {scores[prefix + 'val_top5']:.3f}" if prefix + "val_top5" in scores else ""
-    return f"top-1 {scores[prefix + 'val_acc']:.3f}{top5}, loss {scores[prefix + 'val_loss']:.4f}"
-
-
 def _names(classes, shown: int = 5) -> str:
     return ", ".join(classes[:shown]) + (f", ... +{len(classes) - shown}" if len(classes) > shown else "")
 
@@ -102,15 +96,6 @@ def pixel_stats(recipe, device) -> tuple[torch.Tensor, torch.Tensor]:
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 images → float, normalised in place (no extra full-size temporaries); `mean`, `std` from pixel_stats."""
     return images.float().sub_(mean).div_(std)
-
-
-TOP5_MIN_CLASSES = 5   # top-5 accuracy is reported past this many classes (with 5 or fewer it is always 100%)
-
-
-def hits(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, k: int) -> int:
-    """How many valid samples have their label among their `k` highest logits (k = 1: the argmax, as training counts)."""
-    top = logits.argmax(1, keepdim=True) if k == 1 else logits.topk(k, dim=1).indices
-    return int(((top == labels[:, None]).any(1) & valid).sum())
 
 
 class Trainer:
@@ -258,14 +243,17 @@ class Trainer:
         return {"epoch": p.epoch, "step": p.step, "cursor": p.cursor, "samples_seen": p.samples_seen}
 
     # ---- the parts of a step ------------------------------------------------------------------
-    def _inputs(self, mb: data.MicroBatch) -> torch.Tensor:
-        """uint8 → float on the device, normalised; then timm's random erasing of a training micro-batch ([augment])."""
+    def inputs(self, mb: data.MicroBatch, device: torch.device | None = None) -> torch.Tensor:
+        """uint8 → float on the rung's device (or `device`: an EMA kept on the CPU), normalised; then timm's random
+        erasing of a training micro-batch ([augment])."""
+        if device is not None and device != self.device:
+            return normalize(mb.images.to(device), *pixel_stats(self.recipe, device))
         return data.erase(normalize(mb.images.to(self.device, non_blocking=True), self.mean, self.std), mb.erased)
 
     def _forward(self, mb: data.MicroBatch, net: torch.nn.Module):
         """Summed loss over the valid samples, and the count of correct predictions, through `net` (the model, or
         its DDP wrapper in a training step of a group)."""
-        x = self._inputs(mb)
+        x = self.inputs(mb)
         y = mb.labels.to(self.device)
         valid = mb.valid.to(self.device)
         targets = self._mix(mb, x, y) if self.mixing is not None else None   # mixes x in place
@@ -281,7 +269,7 @@ class Trainer:
         partner = mb.partner
         plan = self.mixing.plan(mb.epoch, mb.step)
         positions = list(range(mb.first_position, mb.first_position + len(y)))
-        lam = self.mixing.mix(plan, positions, x, self._inputs(partner), partner.valid)
+        lam = self.mixing.mix(plan, positions, x, self.inputs(partner), partner.valid)
         return self.mixing.targets(y, partner.labels.to(self.device), lam)
 
     def sanity_check(self) -> None:
@@ -567,7 +555,7 @@ class Trainer:
         self.stage = EPOCH_END
         finished = p.epoch + 1
         if self.val_set is not None:
-            scores = self.validate()
+            scores = validation.validate(self)
             self.history.append({"epoch": finished, "step": p.step, **scores})
             record = {"kind": "val", "epoch": finished, "step": p.step,
                       **{k: v if math.isfinite(v) else None for k, v in scores.items()}}   # JSON has no NaN
@@ -576,59 +564,11 @@ class Trainer:
             self.reporter.beat(val_acc=scores["val_acc"], val_top5=scores.get("val_top5"),
                                ema_val_acc=scores.get("ema_val_acc"))
             if self.group.main:
-                say(f"epoch {finished}/{self.cfg.train.epochs} validation: {_scores_text(scores, '')}"
-                    + (f"; EMA: {_scores_text(scores, 'ema_')}" if "ema_val_acc" in scores else ""))
+                say(f"epoch {finished}/{self.cfg.train.epochs} validation: {validation.scores_text(scores, '')}"
+                    + (f"; EMA: {validation.scores_text(scores, 'ema_')}" if "ema_val_acc" in scores else ""))
         p.epoch, p.cursor = finished, 0
         self.stage = BETWEEN_STEPS
         self.ckpt.snapshot("epoch")
-
-    def validate(self) -> dict:
-        """Top-1 accuracy, mean loss and, past TOP5_MIN_CLASSES classes, top-5 accuracy on the validation images
-        (bad images excluded): {"val_acc", "val_loss"[, "val_top5"]}. With [ema] on, the EMA's too, on the same
-        micro-batches (decoded once) where it lives: the same keys prefixed "ema_"."""
-        self.reporter.beat(Phase.VALIDATING, force=True)
-        dataset = data.MicroBatches(self.val_set, self.recipe, self.cfg.run.seed, self.profile.batch_size, False)
-        keys = data.eval_keys(len(self.val_set), self.profile.batch_size, self.group.share(self.profile.batch_size))
-        batches = data.iterate(dataset, keys, self.workers, self.cfg.run.seed, self.device.type != "cpu")
-        top5 = len(self.train_set.classes) > TOP5_MIN_CLASSES   # with 5 classes or fewer every label is in the top 5
-        models = {"": (self.model, self.device)}
-        if self.ema is not None:   # always in eval mode (ModelEmaV3 keeps it so)
-            models["ema_"] = (self.ema.module, ema_device(self.ema))
-        sums = {prefix: (0.0, 0, 0) for prefix in models}   # summed loss, top-1 hits, top-5 hits
-        valid = 0
-        self.model.eval()
-        with torch.no_grad():
-            for mb in batches:
-                self.reporter.bad_images(mb.bad)
-                for prefix, (model, device) in models.items():
-                    scores = self._evaluate(mb, 5 if top5 else 0, model, device)
-                    sums[prefix] = tuple(a + b for a, b in zip(sums[prefix], scores))
-                valid += int(mb.valid.sum())
-                self.reporter.beat()
-        self.model.train()
-        self.reporter.beat(Phase.TRAINING, force=True)
-        if self.group.world > 1:   # each rank validated its share of the images: the sums over all of them
-            flat = self.group.sum([x for prefix in sums for x in sums[prefix]] + [valid], self.device)
-            sums = {prefix: tuple(flat[3 * i:3 * i + 3]) for i, prefix in enumerate(sums)}
-            valid = int(flat[-1])
-        n = max(valid, 1)
-        out = {}
-        for prefix, (loss_sum, correct, correct5) in sums.items():
-            out.update({f"{prefix}val_acc": correct / n, f"{prefix}val_loss": loss_sum / n,
-                        **({f"{prefix}val_top5": correct5 / n} if top5 else {})})
-        return out
-
-    def _evaluate(self, mb: data.MicroBatch, k: int, model: torch.nn.Module, device: torch.device
-                  ) -> tuple[float, int, int]:
-        """A validation micro-batch through `model` on `device`: summed loss, top-1 and top-k hits (0 when k = 0)
-        over its valid samples. Plain labels whatever the training recipe: validation is never augmented nor mixed."""
-        y, valid = mb.labels.to(device), mb.valid.to(device)
-        x = (self._inputs(mb) if device == self.device   # an EMA kept on the CPU is evaluated there
-             else normalize(mb.images.to(device), *pixel_stats(self.recipe, device)))
-        with devicelib.autocast(self.profile, device):
-            logits = model(x)
-        losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=self.cfg.train.label_smoothing)
-        return float((losses * valid).sum()), hits(logits, y, valid, 1), hits(logits, y, valid, k) if k else 0
 
     def _stop(self) -> int:
         self.ckpt.stop()
