@@ -1,11 +1,14 @@
 """Shared bench helpers: photo-like JPEGs, tiny supervised runs, peak RSS of a child, machine facts."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +49,24 @@ def frozen_run(path: Path, text: str) -> Path:
     cfg.run_dir.mkdir(parents=True)
     fsio.atomic_write(cfg.run_dir / "config.toml", configlib.to_toml(cfg))
     return cfg.run_dir
+
+
+def run_supervised(run_dir: Path) -> tuple[float, float]:
+    """Run `run_dir`'s supervisor to its end, its output discarded; (start, end) on this process's time.time().
+    Raises RuntimeError with the worker log's tail unless the run SUCCEEDED."""
+    from trainctl.contract.lifecycle import State
+    from trainctl.contract.runfolder import LOG_DIR, WORKER_LOG
+    from trainctl.supervisor.runstate import read_state
+    started = time.time()
+    rc = subprocess.run([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    ended = time.time()
+    state = read_state(run_dir)
+    if rc or state is None or state.state != State.SUCCEEDED:
+        log = run_dir / LOG_DIR / WORKER_LOG
+        raise RuntimeError(f"trainctl exited {rc}, state {state and state.state}:\n"
+                           f"{log.read_text()[-3000:] if log.exists() else ''}")
+    return started, ended
 
 
 def subset(folder: Path, count: int) -> Path:
@@ -151,3 +172,25 @@ def run_child(args: list[str], env: dict | None = None, timeout: float = 3600) -
         out = log.read().decode(errors="replace")
     scale = 1 if sys.platform == "darwin" else 1024   # ru_maxrss: bytes on macOS, KiB on Linux
     return proc.returncode, out, usage.ru_maxrss * scale
+
+
+@contextlib.contextmanager
+def timm_train_run(wrapper: str, train_py: Path, flags: list[str], scratch, record_env: str, keep: bool,
+                   what: str = ""):
+    """timm's train.py run through `wrapper` (Python code taking train.py's path first, then its flags, and writing
+    a JSON record to $`record_env`) in a scratch folder of its own. Yields (folder, record, started, ended) on the
+    bench's clock; raises with the log's tail if train.py fails; the folder goes afterwards unless `keep`."""
+    work = Path(tempfile.mkdtemp(prefix="timm-", dir=scratch))
+    cmd = [sys.executable, "-c", wrapper, str(train_py), *flags, "--output", str(work), "--experiment", "run"]
+    try:
+        with open(work / "train.log", "wb") as log:
+            started = time.time()
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work,
+                                env={**os.environ, record_env: str(work / "record.json")}).returncode
+            ended = time.time()
+        if rc:
+            raise RuntimeError(f"timm train.py exited {rc}{what}:\n{(work / 'train.log').read_text()[-3000:]}")
+        yield work, json.loads((work / "record.json").read_text()), started, ended
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)

@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import fcntl
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -48,7 +47,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, photos, rotated  # noqa: E402
+from common import machine, photos, rotated, timm_train_run  # noqa: E402
 from timeline import Moment, moments, render, segments  # noqa: E402
 
 SKIP = 4   # warm-up steps left out of images/s: 2 loader processes x a prefetch of 2 batches each
@@ -136,22 +135,9 @@ def timm_flags(args, data: Path, val: bool) -> list[str]:
 
 def timm_run(args, data: Path, val: bool) -> Run:
     """One run of timm's train.py through HOOK, in a scratch folder of its own (its output and log)."""
-    work = Path(tempfile.mkdtemp(prefix="timm-peer-", dir=args.scratch))
-    cmd = [sys.executable, "-c", HOOK, str(args.timm_train), *timm_flags(args, data, val),
-           "--output", str(work), "--experiment", "run"]
-    try:
-        with open(work / "train.log", "wb") as log:
-            started = time.time()
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work,
-                                env={**os.environ, "TIMM_PEER_STEPS": str(work / "steps.json")}).returncode
-            ended = time.time()
-        if rc:
-            raise RuntimeError(f"timm train.py exited {rc}:\n{(work / 'train.log').read_text()[-3000:]}")
-        record = json.loads((work / "steps.json").read_text())
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    return Run(TOOLS[0], started, ended, tuple(record["steps"]), record.get("imported"))
+    with timm_train_run(HOOK, args.timm_train, timm_flags(args, data, val), args.scratch, "TIMM_PEER_STEPS",
+                        args.keep) as (_, record, started, ended):
+        return Run(TOOLS[0], started, ended, tuple(record["steps"]), record.get("imported"))
 
 
 def trainctl_config(args, data: Path, val: bool, root: Path) -> str:
@@ -170,22 +156,12 @@ def trainctl_config(args, data: Path, val: bool, root: Path) -> str:
 
 def trainctl_run(args, data: Path, val: bool) -> Run:
     """One supervised run on a frozen config; its step times and timeline read back from the run folder."""
-    from common import frozen_run
-    from trainctl.contract.lifecycle import State
-    from trainctl.contract.runfolder import LOG_DIR, WORKER_LOG, read_metrics
-    from trainctl.supervisor.runstate import read_state
+    from common import frozen_run, run_supervised
+    from trainctl.contract.runfolder import read_metrics
     root = Path(tempfile.mkdtemp(prefix="trainctl-peer-", dir=args.scratch))
     try:
         run_dir = frozen_run(root / "run.toml", trainctl_config(args, data, val, root))
-        started = time.time()
-        rc = subprocess.run([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-        ended = time.time()
-        state = read_state(run_dir)
-        if rc or state is None or state.state != State.SUCCEEDED:
-            log = run_dir / LOG_DIR / WORKER_LOG
-            raise RuntimeError(f"trainctl exited {rc}, state {state and state.state}:\n"
-                               f"{log.read_text()[-3000:] if log.exists() else ''}")
+        started, ended = run_supervised(run_dir)
         steps = tuple(m["time"] for m in read_metrics(run_dir) if m.get("kind") == "train")
         items = tuple(moments(run_dir, started, ended))
         imported = next((m.time for m in items if m.name.startswith("imports done")), None)
