@@ -82,7 +82,8 @@ def _names(classes, shown: int = 5) -> str:
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """The global torch generator's seed for a step (dropout, drop path); each rank of a group its own."""
+    """The global torch generator's seed for a step (any draw the model makes from it; drop path and dropout, when on,
+    draw per sample instead: masks.py); each rank of a group its own."""
     words = [seed, step, 0x57E9] + ([rank] if rank else [])   # rank 0: the seed a single worker has always used
     return int(np.random.SeedSequence(words).generate_state(1)[0])
 
@@ -278,8 +279,9 @@ class Trainer:
         key = sanity_key(self.cfg, self.rung_index, self.device)
         if (before := self.group.broadcast(passed_before(self.run_dir, key))) is not None:   # rank 0's word for all
             self._timing("sanity_done")
-            say(f"sanity check skipped: it passed on rung {self.rung_index + 1} ({self.device}) with this config "
-                f"at step {before.get('step')} ({SANITY_FILE}); another rung or a resume --config runs it again")
+            if self.group.main:
+                say(f"sanity check skipped: it passed on rung {self.rung_index + 1} ({self.device}) with this config "
+                    f"at step {before.get('step')} ({SANITY_FILE}); another rung or a resume --config runs it again")
             return
         self.reporter.beat(Phase.SANITY, force=True)
         p = self.progress
