@@ -56,16 +56,11 @@ class WorkerProcess:
         """Signal the worker process itself (its loader children follow it); SIGCONT goes to its whole group,
         since a SIGSTOP (Ctrl-Z, `kill -STOP -PGID`) may have stopped its loader processes too."""
         if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if sig == signal.SIGCONT:
-                    os.killpg(self.pid, sig)
-                else:
-                    os.kill(self.pid, sig)
+            _send(self.pid, sig)
 
     def kill_group(self) -> None:
         """SIGKILL everything in the worker's process group (leftover loader processes included)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+        _kill_group(self.pid)
 
     def wait(self, timeout: float) -> int | None:
         try:
@@ -121,17 +116,28 @@ class GroupProcess(WorkerProcess):
         if not ranks or sig == signal.SIGCONT:   # booting (no rank yet): torchrun's agent takes a stop itself
             super().signal(sig)
         for p in ranks:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if sig == signal.SIGCONT:
-                    os.killpg(p.pid, sig)
-                else:
-                    os.kill(p.pid, sig)
+            _send(p.pid, sig)
 
     def kill_group(self) -> None:
         super().kill_group()
         for pid in self.rank_pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+            _kill_group(pid)
+
+
+def _send(pid: int, sig: int) -> None:
+    """`sig` to process `pid`; SIGCONT to its whole group, since a SIGSTOP (Ctrl-Z, `kill -STOP -PGID`) may have
+    stopped its loader processes too."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if sig == signal.SIGCONT:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process of group `pgid` (one that is gone already: nothing to do)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _log_header(run_dir: Path, what: str) -> None:
@@ -191,7 +197,6 @@ def settle(found: list[psutil.Process], grace: float) -> list[tuple[int, bool]]:
         return []
     _, alive = psutil.wait_procs(found, timeout=grace)
     for p in alive:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, signal.SIGKILL)
+        _kill_group(p.pid)
     psutil.wait_procs(alive, timeout=10)
     return [(p.pid, p in alive) for p in found]

@@ -55,10 +55,6 @@ class Group:
         check_group(profile, device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
 
-    def stop(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
     # ---- collectives (each a no-op for a group of one) ------------------------------------------------------
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         """Element-wise sums over the ranks, in float64 (exact for counts; losses as summed by the backend)."""
