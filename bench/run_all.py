@@ -1,6 +1,6 @@
 """Every benchmark in one run, then one table of results against their targets.
 
-    python bench/run_all.py            # the settings bench/RESULTS.md reports (~45 min on 2 cores)
+    python bench/run_all.py            # the settings bench/RESULTS.md reports (~50 min on 2 cores)
     python bench/run_all.py --quick    # fewer repeats, shorter goodput runs (~12 min): a smoke test
 
 Each benchmark also runs alone: python bench/<name>.py --help.
@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoint  # noqa: E402
 import data_path  # noqa: E402
 import goodput  # noqa: E402
+import group_throughput  # noqa: E402
 import peak_rss  # noqa: E402
 import recovery  # noqa: E402
 import supervisor_cost  # noqa: E402
@@ -42,6 +43,10 @@ def main(argv=None) -> int:
     row("training: supervised vs plain timm loop", f"{t['supervised_vs_plain']:.2f}x", ">= 1.0x", t["supervised_vs_plain"] >= 1.0)
     row("training: supervised vs worker direct", f"{t['supervised_vs_direct']:.3f}x", ">= 0.98x",
         t["supervised_vs_direct"] >= 0.98)
+    k = group_throughput.main(["--repeats", "1" if q else "3"])
+    row("group rung: 2 Gloo processes vs 1 process, same cores", f"{k['group_vs_one']:.2f}x", "(reported)", True)
+    row("group rung: supervised vs the same torchrun command", f"{k['supervised_vs_torchrun']:.3f}x", ">= 0.98x",
+        k["supervised_vs_torchrun"] >= 0.98)
     c = checkpoint.main(["--repeats", "1" if q else "5"])
     row("checkpoint: blocked vs sync save", f"{c['blocked_ratio']:.1%}", "<= 10%", c["blocked_ratio"] <= 0.10)
     row("checkpoint: commit vs disk fsync speed (writer alone)", f"{c['alone_commit_share_of_disk']:.0%}", ">= 50%",

@@ -64,8 +64,12 @@ def images_per_second(times: list[float], args) -> float:
     return (len(times) - args.skip - 1) * args.batch / (times[-1] - times[args.skip])
 
 
-def trainctl_run(args, folder: Path, supervised: bool, deterministic: bool = True) -> float:
+def trainctl_run(args, folder: Path, how: str = "supervised", deterministic: bool = True, nproc: int = 1) -> float:
+    """One trainctl run over `folder`, started `how`: "supervised" (the supervisor), "direct" (the worker alone) or
+    "torchrun" (the command a group rung runs, without trainctl's agent or supervisor); with `nproc` processes,
+    each takes batch / nproc images and threads / nproc threads. Returns steady-state images/s."""
     from trainctl.supervisor.demo_data import small_config  # not at the top: the plain loop's process runs this file
+    from trainctl.worker import group
     root = Path(tempfile.mkdtemp(prefix="trainctl-tput-"))
     epochs = math.ceil(args.steps / (args.photos // args.batch))   # as many as `steps` needs
     run_dir = frozen_run(root / "run.toml", small_config(
@@ -73,13 +77,16 @@ def trainctl_run(args, folder: Path, supervised: bool, deterministic: bool = Tru
         run={"runs_dir": str(root / "runs")},
         model={"name": args.model, "img_size": None},
         data={"crop_scale": None},
-        train={"epochs": epochs, "effective_batch_size": args.batch, "threads": args.threads, "log_every_steps": 1,
-               "deterministic": deterministic},
+        train={"epochs": epochs, "effective_batch_size": args.batch, "threads": max(1, args.threads // nproc),
+               "log_every_steps": 1, "deterministic": deterministic},
         checkpoint={"every_steps": 0, "every_seconds": 0},
         supervisor={"keep_awake": False},
-        profiles=[{"device": args.device, "batch_size": args.batch, "num_workers": args.workers}]))
-    cmd = ([sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)] if supervised else
-           [sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir)])
+        profiles=[{"device": args.device, "batch_size": args.batch // nproc, "num_workers": args.workers,
+                   "nproc_per_node": nproc}]))
+    cmd = {"supervised": [sys.executable, "-m", "trainctl.supervisor", "--run-dir", str(run_dir)],
+           "direct": [sys.executable, "-m", "trainctl.worker", "--run-dir", str(run_dir)],
+           "torchrun": [sys.executable, "-m", "torch.distributed.run", *group.torchrun_args(
+               argparse.Namespace(nproc=nproc, run_dir=run_dir, rung=1, attempt=1))]}[how]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return images_per_second([x["time"] for x in lines if x.get("kind") == "train"], args)
@@ -114,10 +121,10 @@ def main(argv=None) -> dict:
         return float(out.strip().splitlines()[-1])
 
     variants = {"plain timm loop": plain,
-                "trainctl worker, direct": lambda: trainctl_run(args, folder, False),
-                "trainctl supervised": lambda: trainctl_run(args, folder, True)}
+                "trainctl worker, direct": lambda: trainctl_run(args, folder, "direct"),
+                "trainctl supervised": lambda: trainctl_run(args, folder, "supervised")}
     if args.device != "cpu":   # exact resume's deterministic kernels cost nothing on the CPU, something on a GPU
-        variants["supervised, deterministic=false"] = lambda: trainctl_run(args, folder, True, deterministic=False)
+        variants["supervised, deterministic=false"] = lambda: trainctl_run(args, folder, "supervised", deterministic=False)
     runs = alternated(variants, args.repeats, "images/s")
     result = {k: statistics.median(v) for k, v in runs.items()}
     print(f"training throughput, {args.model}, batch {args.batch}, {args.threads} threads, {args.workers} loader "

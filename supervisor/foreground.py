@@ -61,7 +61,8 @@ def _with_panel(run_dir: Path, rung_index: int | None, fresh_budget: bool, conso
             return render_status(_live_status(run_dir))
         except Exception as e:   # noqa: BLE001 — an error here would end rich's refresh thread, and the display with it
             return Text(f"(status not shown: {type(e).__name__}: {e}; the run goes on — see trainctl status)")
-    with Live(get_renderable=frame, console=console, refresh_per_second=1, transient=True):
+    with Live(get_renderable=frame, console=console, refresh_per_second=1, transient=True) as live:
+        live.refresh()   # the first frame now, not a second later (rich draws none at start with get_renderable)
         code = serve(run_dir, rung_index, fresh_budget, echo=say)
     if not out.gone:
         console.print(render_status(gather(run_dir)))

@@ -99,7 +99,7 @@ def test_a_terminal_that_hangs_up_does_not_end_the_run(tmp_path, dataset, env):
     os.close(slave)
     try:
         shown = b""
-        while b"attempt 1: worker pid" not in shown:
+        while b"attempt 1: worker pid" not in shown or b"STARTING" not in shown:   # a frame, and the attempt began
             ready, _, _ = select.select([master], [], [], 120)
             assert ready, shown
             shown += os.read(master, 65536)
