@@ -70,10 +70,11 @@ def run_supervised(run_dir: Path) -> tuple[float, float]:
 
 
 def subset(folder: Path, count: int) -> Path:
-    """A new folder of links to the first `count` photos in `folder` (a cache may hold more)."""
+    """A new folder of links to the first `count` photos in `folder` (a cache may hold more): by index, so every
+    class has its share (sorted by folder, a small subset of a large cache was one class, and refused)."""
     import tempfile
     out = Path(tempfile.mkdtemp(prefix="trainctl-photos-"))
-    for f in sorted(folder.rglob("*.jpg"))[:count]:
+    for f in sorted(folder.rglob("*.jpg"), key=lambda f: f.name)[:count]:
         (out / f.parent.name).mkdir(exist_ok=True)
         (out / f.parent.name / f.name).symlink_to(f)
     return out
