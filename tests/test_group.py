@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -212,3 +213,16 @@ def test_an_oom_in_one_rank_steps_down_to_one_process_with_the_same_effective_ba
     assert (hb.batch_size, hb.grad_accum, hb.effective_batch_size) == (4, 4, 16)
     # 5 steps on one process after 31 on two: the same updates up to float summation order
     assert max_weight_difference(run_dir / "model.safetensors", group_reference / "model.safetensors") < 1e-5
+
+
+def test_every_ranks_unreadable_validation_images_are_listed(tmp_path, dataset):
+    """Each rank validates its share of the images; rank 0 writes bad_images.json for all of them."""
+    train, val = (shutil.copytree(d, tmp_path / "data" / d.name) for d in dataset)
+    broken = sorted(p for p in (val / sorted(os.listdir(val))[-1]).iterdir())   # a whole class: both ranks' shares
+    for path in broken:
+        path.write_bytes(b"not an image")
+    run_dir = make_run(tmp_path, "group-bad", config_text("group-bad", (train, val), train={"epochs": 1}, profiles=[GROUP, ONE]))
+    out = finish(start_supervisor(run_dir))
+    assert read_state(run_dir).state == "succeeded", out
+    listed = json.loads((run_dir / "bad_images.json").read_text())["files"]
+    assert sorted(listed) == [str(p) for p in broken], listed

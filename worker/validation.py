@@ -40,11 +40,12 @@ def validate(t) -> dict:
     if t.ema is not None:   # always in eval mode (ModelEmaV3 keeps it so)
         models["ema_"] = (t.ema.module, ema_device(t.ema))
     sums = {prefix: (0.0, 0, 0) for prefix in models}   # summed loss, top-1 hits, top-5 hits
-    valid = 0
+    valid, bad = 0, []
     t.model.eval()
     with torch.no_grad():
         for mb in batches:
             t.reporter.bad_images(mb.bad)
+            bad += mb.bad
             for prefix, (model, device) in models.items():
                 scores = _evaluate(t, mb, 5 if top5 else 0, model, device)
                 sums[prefix] = tuple(a + b for a, b in zip(sums[prefix], scores))
@@ -56,6 +57,7 @@ def validate(t) -> dict:
         flat = t.group.sum([x for prefix in sums for x in sums[prefix]] + [valid], t.device)
         sums = {prefix: tuple(flat[3 * i:3 * i + 3]) for i, prefix in enumerate(sums)}
         valid = int(flat[-1])
+        t.reporter.bad_images([b for share in t.group.gather(bad) for b in share])   # rank 0 lists every rank's
     n = max(valid, 1)
     out = {}
     for prefix, (loss_sum, correct, correct5) in sums.items():
