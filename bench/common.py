@@ -27,8 +27,9 @@ TINY = {
 
 
 def tiny_run(root: Path, name: str, checkpoint: dict | None = None, supervisor: dict | None = None,
-             device: str = "cpu", per_class: int = 24) -> Path:
-    """A run folder with its frozen config over a small synthetic dataset (4 classes x `per_class` images)."""
+             device: str = "cpu", per_class: int = 24, nproc: int = 1) -> Path:
+    """A run folder with its frozen config over a small synthetic dataset (4 classes x `per_class` images); its rung
+    takes 8 images per micro-batch, split over `nproc` processes."""
     from trainctl.supervisor.demo_data import make_dataset, small_config
     root = Path(root)
     data = "data" if per_class == 24 else f"data-{per_class}"
@@ -36,7 +37,8 @@ def tiny_run(root: Path, name: str, checkpoint: dict | None = None, supervisor: 
         make_dataset(root / data, per_class_train=per_class, per_class_val=0, size=40, seed=1)
     return frozen_run(root / f"{name}.toml", small_config(
         name, f"{data}/train", **TINY, checkpoint=checkpoint or {},
-        supervisor={"keep_awake": False, **(supervisor or {})}, profiles=[{"device": device, "batch_size": 8}]))
+        supervisor={"keep_awake": False, **(supervisor or {})},
+        profiles=[{"device": device, "batch_size": 8 // nproc, "nproc_per_node": nproc}]))
 
 
 def frozen_run(path: Path, text: str) -> Path:

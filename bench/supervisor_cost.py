@@ -3,7 +3,7 @@
 A tiny model trains under a real supervisor for a while; the supervisor's CPU time and RSS are read
 with psutil from outside, after the worker is up (the one-off start-up is reported separately).
 
-    python bench/supervisor_cost.py [--seconds 120] [--poll 1.0]
+    python bench/supervisor_cost.py [--seconds 120] [--poll 1.0] [--nproc 1]   # --nproc 2: a group rung (torchrun)
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=120)
     p.add_argument("--poll", type=float, default=1.0)
+    p.add_argument("--nproc", type=int, default=1, choices=(1, 2, 4, 8), help="processes of the rung")
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="trainctl-cost-"))
-    run_dir = tiny_run(root, "cost", checkpoint={"every_steps": 50}, supervisor={"poll_seconds": args.poll})
+    run_dir = tiny_run(root, "cost", checkpoint={"every_steps": 50}, supervisor={"poll_seconds": args.poll},
+                       nproc=args.nproc)
     sup = start_supervisor(run_dir)
     proc = psutil.Process(sup.pid)
     try:
@@ -53,7 +55,8 @@ def main(argv=None) -> dict:
     cpu = (end.user + end.system) - (startup.user + startup.system)
     result = {"cpu_share": cpu / wall, "rss": max(rss), "peak_rss": peak,
               "startup_cpu": startup.user + startup.system}
-    print(f"supervisor cost over {wall:.0f} s of training, poll every {args.poll:g} s ({machine()}):")
+    rung = f", a group of {args.nproc} processes" if args.nproc > 1 else ""
+    print(f"supervisor cost over {wall:.0f} s of training{rung}, poll every {args.poll:g} s ({machine()}):")
     print(f"  CPU {result['cpu_share']:.3%} of one core (target <= 1%); RSS {result['rss'] / 2**20:.1f} MiB, "
           f"peak {result['peak_rss'] / 2**20:.1f} MiB (target <= 60 MB); start-up CPU {result['startup_cpu']:.2f} s")
     return result

@@ -13,7 +13,7 @@ from trainctl.contract.folders import scan
 from trainctl.worker import data
 from trainctl.worker.images import Recipe, load_eval
 from trainctl.worker.model import build_model, recipe_for
-from trainctl.worker.train import normalize, pixel_stats
+from trainctl.worker.data import normalize, pixel_stats
 
 from conftest import config_text, photo
 

@@ -238,3 +238,14 @@ def likely_cause(root, files) -> str:
     if reasons == {"file disappeared"}:
         return f"files vanished from {root} while training (moved or deleted); e.g. {shown}"
     return f"the files in {root} cannot be read (a failing disk or mount, permissions, or corrupt data); e.g. {shown}"
+
+
+def pixel_stats(recipe, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's mean and std in uint8 pixel units, shaped (1, 3, 1, 1) to broadcast over a batch."""
+    return (torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(recipe.std, device=device).view(1, 3, 1, 1) * 255)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images → float, normalised in place (no extra full-size temporaries); `mean`, `std` from pixel_stats."""
+    return images.float().sub_(mean).div_(std)

@@ -12,7 +12,6 @@ import contextlib
 import gc
 import itertools
 import math
-import os
 import time
 from pathlib import Path
 
@@ -20,22 +19,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainctl.contract import fsio, manifest, split
-from trainctl.contract.config import Config, ConfigError, identity, mixing_on
+from trainctl.contract.config import Config
 from trainctl.contract.names import shell_run
 from trainctl.contract.protocol import CannotContinue, ExitCode, Phase
-from trainctl.contract.runfolder import CHECKPOINT_DIR, SANITY_FILE, Committed
+from trainctl.contract.runfolder import CHECKPOINT_DIR
 
-from . import checkpoint, data, export, masks, validation
+from . import data, export, masks, sanity, setup, validation
 from . import device as devicelib
-from .boot import Prebuilt, passed_before, record_pass, sanity_key
-from .checkpointing import Bystander, Checkpointing
+from .boot import Prebuilt
 from .dist import Group
 from .mixup import Mixing, soft_cross_entropy
-from .model import build_ema, build_model, build_optimizer, build_scheduler, recipe_for, scheduled_lr
+from .model import scheduled_lr
 from .report import Reporter, StepRate, say
-from .snapshot import Progress, StepStart, check_identity, restore
-from .tensorboard_log import open_board
+from .sanity import diverged_message
+from .snapshot import Progress, StepStart
 
 
 # Where the training state stands, for the checkpoint at failure (Trainer.checkpoint_at_failure).
@@ -45,58 +42,11 @@ UPDATING = "in the optimizer update"           # the weights are changing: no ex
 EPOCH_END = "in the end-of-epoch validation"   # the epoch's checkpoint holds the validation's result: none yet
 
 
-class SanityCheckFailed(RuntimeError):
-    """The pre-training forward/backward did not give a finite loss and finite gradients."""
-
-
-def diverged_at_start(t, loss: float, weights_ok: bool) -> str:
-    """Why trainer `t` refuses to train a model whose loss is already not finite before its first step."""
-    where = f"the newest checkpoint (step {t.progress.step})" if t.progress.step else "the starting weights"
-    what = ("holds weights that are not finite" if not weights_ok else
-            f"gives a loss of {loss} on its next batch" if not math.isfinite(loss) else "gives gradients that are not finite")
-    return (f"{where} {what}: the run had diverged; no model exported. Fix: start a new run (another [run] name) "
-            f"with a lower [train] lr or with [train] grad_clip set" + _fp32_hint(t))
-
-
-def _fp32_hint(t) -> str:
-    """Reduced precision can overflow where fp32 does not: the ladder may change on resume."""
-    if t.profile.precision == "fp32":
-        return ""
-    return (f"; or put precision = \"fp32\" in [[profiles]] and trainctl resume "
-            f"{shell_run(t.run_dir)} --config FILE")
-
-
-def diverged_message(t, limit: int) -> str:
-    """Why trainer `t` gives up on a loss that stays non-finite, and what a person can do."""
-    p = t.progress
-    first = p.step - p.nonfinite_in_row + 1
-    before = f"; the last finite loss was {t.last_finite[1]:.4g} at step {t.last_finite[0]}" if t.last_finite else ""
-    return (f"the loss is not finite since step {first} ({p.nonfinite_in_row} steps in a row, "
-            f"[train] max_nonfinite_steps = {limit}){before}; no model exported. Fix: start a new run (another "
-            f"[run] name) with a lower [train] lr (this run's is {t.cfg.train.lr:g}) or with [train] grad_clip "
-            f"set: a run's lr cannot change on resume" + _fp32_hint(t))
-
-
-def _names(classes, shown: int = 5) -> str:
-    return ", ".join(classes[:shown]) + (f", ... +{len(classes) - shown}" if len(classes) > shown else "")
-
-
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """The global torch generator's seed for a step (any draw the model makes from it; drop path and dropout, when on,
     draw per sample instead: masks.py); each rank of a group its own."""
     words = [seed, step, 0x57E9] + ([rank] if rank else [])   # rank 0: the seed a single worker has always used
     return int(np.random.SeedSequence(words).generate_state(1)[0])
-
-
-def pixel_stats(recipe, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recipe's mean and std in uint8 pixel units, shaped (1, 3, 1, 1) to broadcast over a batch."""
-    return (torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255,
-            torch.tensor(recipe.std, device=device).view(1, 3, 1, 1) * 255)
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 images → float, normalised in place (no extra full-size temporaries); `mean`, `std` from pixel_stats."""
-    return images.float().sub_(mean).div_(std)
 
 
 class Trainer:
@@ -119,127 +69,13 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg, profile = self.cfg, self.profile
-        self.device = devicelib.resolve(profile)
-        g = self.group
-        if g.world > 1 and self.device.type == "cuda":   # one GPU per rank
-            self.device = torch.device("cuda", g.local_rank)
-            torch.cuda.set_device(self.device)
-        devicelib.prepare(profile, self.device)
-        g.start(profile, self.device)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        elif g.world > 1 and self.device.type == "cpu":   # K processes share the cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // g.world))
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        self.reporter.beat(Phase.LOADING, force=True)
-        self.train_set, self.val_set = split.train_and_val(cfg, say)   # val_dir, a held-out share (val_split), or none
-        E = cfg.train.effective_batch_size
-        self.accum = cfg.grad_accum(self.rung_index)
-        self.steps_per_epoch = len(self.train_set) // E
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"[data] train_dir has {len(self.train_set)} images, fewer than one "
-                              f"[train] effective_batch_size ({E}). Fix: add images or lower effective_batch_size.")
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.manifest = manifest.build(self.train_set)   # each file's path, class, size, mtime
-        self.identity = {**identity(cfg), **manifest.identity(self.train_set, self.manifest)}
-        self.verified = checkpoint.Verified(max_bytes=self._checkpoint_bound())
-        state, found, skipped = self._load_checkpoint()
-        self._timing("checkpoint_loaded")
-        for name, why in skipped:
-            say(f"skipping checkpoint {name}: {why}")
-        if state is not None:
-            check_identity(manifest.settings_only(state["identity"]), manifest.settings_only(self.identity),
-                           self.run_dir)
-            manifest.check(state["identity"], self.manifest, self.train_set, self.run_dir)   # changed data: refused
-        if g.main and (problem := manifest.keep(self.run_dir, self.manifest, self.train_set.root)):
-            say(problem)
-        torch.manual_seed(cfg.run.seed)   # the same initial weights on every fresh start
-        # A resume may take the standby's model: built the same way, and the checkpoint replaces its weights and the
-        # RNG states its build used. A fresh start builds from the seed after GO, exactly as without a standby.
-        model = self._prebuilt_model() if state is not None else None
-        self.prebuilt = None   # an unused one frees its memory before the build
-        self.model = (model if model is not None
-                      else build_model(cfg, len(self.train_set.classes), load_weights=state is None))
-        self.recipe = recipe_for(cfg, self.model)
-        self.ema = build_ema(cfg, self.model, self.device)   # copied while the model is on the CPU
-        self.model.to(self.device)
-        self.net = g.wrap(self.model, self.device)   # what a training step calls: DDP in a group, else the model
-        self._timing("model_built")
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps,
-                                         round(cfg.train.warmup_epochs * self.steps_per_epoch))
-        self.scaler = devicelib.grad_scaler(profile, self.device)
-        if state is not None:
-            restore(self, state)
-            if g.main:
-                say(f"resumed from {found.path.name}: epoch {self.progress.epoch + 1}, step {self.progress.step}, "
-                    f"sample {self.progress.cursor} of the epoch")
-        self.ckpt = Checkpointing(self, background=cfg.checkpoint.async_write) if g.main else Bystander(self)
-        self.board = open_board(self, resumed=state is not None, on=g.main)   # [logging] tensorboard; a no-op when off
-        self.mean, self.std = pixel_stats(self.recipe, self.device)
-        self.masks_on = bool(cfg.model.drop_path_rate or cfg.model.drop_rate)   # per-sample masks (masks.py)
-        if self.masks_on:
-            masks.install()
-        self.mixing = (Mixing(cfg.augment, cfg.run.seed, E, self.recipe.size, len(self.train_set.classes),
-                              cfg.train.label_smoothing) if mixing_on(cfg.augment) else None)
-        self.train_data = data.MicroBatches(self.train_set, self.recipe, cfg.run.seed, profile.batch_size, True,
-                                            cfg.augment, pairing=E if self.mixing else None)
-        self.bad_share = data.BadShare(cfg.data.max_bad_share_step, cfg.data.max_bad_share_epoch,
-                                       cfg.train.effective_batch_size)
-        self.workers = devicelib.loader_workers(profile, self.device)
-        ranks = g.gather({"rank": g.rank, "pid": os.getpid(), "device": str(self.device),
-                          "port": int(os.environ.get("MASTER_PORT", 0))}) if g.world > 1 else []   # the rendezvous
-        self.reporter.beat(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-                           epochs=cfg.train.epochs, device=str(self.device), batch_size=profile.batch_size,
-                           grad_accum=self.accum, effective_batch_size=cfg.train.effective_batch_size,
-                           skipped_checkpoints=skipped, ranks=ranks, force=True,
-                           **self._position())
+        setup.build(self)
 
-    def _load_checkpoint(self):
-        """The newest checkpoint that verifies: (state, its Committed, skipped). In a group rank 0 chooses (and sets
-        failures aside) and every other rank loads the very file it chose."""
-        if not self.group.main:
-            name = self.group.broadcast(None)
-            if name is None:
-                return None, None, []
-            path = self.ckpt_dir / name
-            return torch.load(path, map_location="cpu", weights_only=True), Committed(-1, path, {}), []
-        for name in fsio.remove_stale_temps(self.ckpt_dir):   # we hold the worker lock: nobody writes these
-            say(f"removed {name}, the remains of a checkpoint write that was interrupted")
-        # Only what verifies is trusted: failures are set aside (checkpoints/corrupt/); when checkpoints existed
-        # and none verifies, load_latest raises CannotContinue instead of starting over from step 0.
-        try:
-            state, found, skipped = checkpoint.load_latest(self.ckpt_dir, self.verified)
-        except BaseException:
-            self.group.broadcast(None)   # the others must not wait for a choice that will not come
-            raise
-        self.group.broadcast(found.path.name if found else None)
-        return state, found, skipped
-
-    def _prebuilt_model(self) -> torch.nn.Module | None:
-        """The standby's model if it is what this boot would build, else None."""
-        p = self.prebuilt
-        return p.model if p is not None and p.fits(self.cfg, len(self.train_set.classes)) else None
-
-    def _checkpoint_bound(self) -> int | None:
-        """The most a checkpoint of this run can weigh (checkpoint.size_bound), from the model built on the meta
-        device (no memory, nothing read; before any checkpoint is); None if a model cannot be built there."""
-        if (model := self._prebuilt_model()) is None:   # else the same shapes, already built
-            try:
-                with torch.device("meta"):
-                    model = build_model(self.cfg, len(self.train_set.classes), load_weights=False)
-            except Exception:   # noqa: BLE001 — the real build below reports real errors; sizes are then checked unbounded
-                return None
-        state = model.state_dict()
-        return checkpoint.size_bound(state, extra=state if self.cfg.ema.enabled else None)   # the EMA's copy of it
-
-    def _timing(self, event: str) -> None:
+    def timing(self, event: str) -> None:
         """Wall-clock moments of this process's start-up (bench/recovery.py splits recovery time with them)."""
         self.reporter.fields.setdefault("timings", {})[event] = time.time()
 
-    def _position(self) -> dict:
+    def position(self) -> dict:
         p = self.progress
         return {"epoch": p.epoch, "step": p.step, "cursor": p.cursor, "samples_seen": p.samples_seen}
 
@@ -248,10 +84,10 @@ class Trainer:
         """uint8 → float on the rung's device (or `device`: an EMA kept on the CPU), normalised; then timm's random
         erasing of a training micro-batch ([augment])."""
         if device is not None and device != self.device:
-            return normalize(mb.images.to(device), *pixel_stats(self.recipe, device))
-        return data.erase(normalize(mb.images.to(self.device, non_blocking=True), self.mean, self.std), mb.erased)
+            return data.normalize(mb.images.to(device), *data.pixel_stats(self.recipe, device))
+        return data.erase(data.normalize(mb.images.to(self.device, non_blocking=True), self.mean, self.std), mb.erased)
 
-    def _forward(self, mb: data.MicroBatch, net: torch.nn.Module):
+    def forward(self, mb: data.MicroBatch, net: torch.nn.Module):
         """Summed loss over the valid samples, and the count of correct predictions, through `net` (the model, or
         its DDP wrapper in a training step of a group)."""
         x = self.inputs(mb)
@@ -274,62 +110,19 @@ class Trainer:
         return self.mixing.targets(y, partner.labels.to(self.device), lam)
 
     def sanity_check(self) -> None:
-        """One forward/backward on a real batch before training: finite loss and gradients. Once per run and rung:
-        a later boot of the rung with the same config, device and software skips it (SANITY_FILE)."""
-        key = sanity_key(self.cfg, self.rung_index, self.device)
-        if (before := self.group.broadcast(passed_before(self.run_dir, key))) is not None:   # rank 0's word for all
-            self._timing("sanity_done")
-            if self.group.main:
-                say(f"sanity check skipped: it passed on rung {self.rung_index + 1} ({self.device}) with this config "
-                    f"at step {before.get('step')} ({SANITY_FILE}); another rung or a resume --config runs it again")
-            return
-        self.reporter.beat(Phase.SANITY, force=True)
-        p = self.progress
-        mb = self._first_batch()
-        self.reporter.bad_images(mb.bad)
-        n_valid = int(mb.valid.sum())
-        self.model.eval()   # eval: no running-stat updates, no RNG draws — training state stays untouched
-        try:
-            loss, _ = self._forward(mb, self.model)   # each rank its own batch: no collective
-            loss.backward()
-            grads_ok = all(torch.isfinite(q.grad).all() for q in self.model.parameters() if q.grad is not None)
-        finally:
-            self.model.zero_grad(set_to_none=True)
-            self.model.train()
-        value = loss.item() / max(n_valid, 1)
-        if not math.isfinite(value) or not grads_ok:
-            weights_ok = all(bool(torch.isfinite(q).all()) for q in self.model.parameters())
-            if p.step > 0 or not weights_ok:
-                # Not a fault a restart fixes: the checkpoint's model (or the one we start from) has diverged.
-                raise CannotContinue("diverged", diverged_at_start(self, value, weights_ok))
-            raise SanityCheckFailed(f"pre-training sanity check failed at step {p.step}: loss {value}, "
-                                    f"gradients {'finite' if grads_ok else 'not finite'}")
-        try:
-            if self.group.main:
-                record_pass(self.run_dir, key, p.step)
-        except OSError as e:   # a full disk: nothing lost but the skip, the next boot checks again
-            say(f"could not record the sanity check in {SANITY_FILE} ({e.strerror or e}); the next boot runs it again")
-        self._timing("sanity_done")
-        params = sum(q.numel() for q in self.model.parameters())
-        if self.group.main:
-            group = f" x {self.group.world} processes" if self.group.world > 1 else ""
-            say(f"sanity check passed: loss {value:.4f} | seed {self.cfg.run.seed} | device {self.device} | "
-                f"model {self.cfg.model.name} ({params / 1e6:.2f}M params) | {len(self.train_set)} images, "
-                f"{len(self.train_set.classes)} classes ({_names(self.train_set.classes)}) | "
-                f"batch {self.profile.batch_size}{group} x accum {self.accum} "
-                f"= {self.cfg.train.effective_batch_size} | {self.total_steps} steps")
+        sanity.check(self)   # a method: bench/recipe_memory.py marks it
 
     # ---- the loop --------------------------------------------------------------------------------
     def start_loading(self) -> None:
         """Start the loader at the checkpoint's cursor, before the sanity check: its processes start and decode
         while the check runs, and the check takes the loader's first micro-batch (decoded once, not twice)."""
         cfg, p, E = self.cfg, self.progress, self.cfg.train.effective_batch_size
-        self._timing("fit_start")
+        self.timing("fit_start")
         keys = data.train_keys(p.epoch, p.cursor, cfg.train.epochs, self.steps_per_epoch, E, self.profile.batch_size,
                                self.group.share(self.profile.batch_size))
         self.batches = data.iterate(self.train_data, keys, self.workers, cfg.run.seed, self.device.type != "cpu")
 
-    def _first_batch(self) -> data.MicroBatch:
+    def first_batch(self) -> data.MicroBatch:
         """The loader's next micro-batch, kept for the training step that would have taken it."""
         mb = next(self.batches)
         self.batches = itertools.chain([mb], self.batches)
@@ -349,7 +142,7 @@ class Trainer:
 
     def _fit(self, batches) -> int:
         cfg, p, E = self.cfg, self.progress, self.cfg.train.effective_batch_size
-        self.reporter.beat(Phase.TRAINING, force=True, **self._position())
+        self.reporter.beat(Phase.TRAINING, force=True, **self.position())
         self.step_start = StepStart(self.model, self.device)
         window = {"loss": 0.0, "correct": 0, "valid": 0}
         while p.epoch < cfg.train.epochs:
@@ -363,7 +156,7 @@ class Trainer:
             p.step, p.cursor, p.samples_seen = p.step + 1, p.cursor + E, p.samples_seen + E
             self.stage = BETWEEN_STEPS
             if "first_step" not in self.reporter.fields.get("timings", {}):
-                self._timing("first_step")
+                self.timing("first_step")
             self._count_finite(finite, loss / max(n_valid, 1))
             if finite:   # a skipped step's NaN would make the whole window's mean NaN
                 window.update(loss=window["loss"] + loss, correct=window["correct"] + correct,
@@ -372,7 +165,7 @@ class Trainer:
             self.reporter.beat(loss=loss / max(n_valid, 1) if finite else None, lr=self._lr(),
                                images_per_sec=self._images_per_sec(), nonfinite_steps=p.nonfinite_steps,
                                force=True, memory=devicelib.memory_stats(self.device),
-                               checkpoint_write_seconds=round(self.ckpt.writer.write_seconds, 3), **self._position())
+                               checkpoint_write_seconds=round(self.ckpt.writer.write_seconds, 3), **self.position())
             if p.nonfinite_in_row >= cfg.train.max_nonfinite_steps:   # restarting cannot help: a person must look
                 raise CannotContinue("diverged", diverged_message(self, cfg.train.max_nonfinite_steps))
             if p.step % cfg.train.log_every_steps == 0:
@@ -385,10 +178,10 @@ class Trainer:
             else:
                 self.ckpt.after_step()
         self.ckpt.finish()
-        self._timing("export_start")
+        self.timing("export_start")
         if self.group.main:
             export.write(self)
-        self._timing("exported")
+        self.timing("exported")
         return ExitCode.OK
 
     def _stopping(self) -> bool:
@@ -415,7 +208,7 @@ class Trainer:
             # A group sums the gradients over its ranks once, at the step's last micro-batch.
             alone = self.net.no_sync() if self.group.world > 1 and i < self.accum - 1 else contextlib.nullcontext()
             with alone, self._masks(i):
-                loss, right = self._forward(mb, self.net)
+                loss, right = self.forward(mb, self.net)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
             correct += right
