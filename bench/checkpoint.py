@@ -41,6 +41,7 @@ from common import OUT, machine  # noqa: E402
 
 from trainctl.contract.config import Profile  # noqa: E402
 from trainctl.worker import checkpoint as checkpointlib  # noqa: E402
+from trainctl.worker import ckptfile  # noqa: E402
 from trainctl.worker.ckptwriter import Writer  # noqa: E402
 from trainctl.worker.snapshot import Progress, capture, shares_training_memory  # noqa: E402
 
@@ -129,7 +130,7 @@ def one_pass(state: dict) -> None:
         for at in range(0, len(data), len(buffer)):
             piece = data[at:at + len(buffer)]
             buffer[:len(piece)] = piece
-            crc = checkpointlib.crc32(buffer[:len(piece)], crc)
+            crc = ckptfile.crc32(buffer[:len(piece)], crc)
 
 
 def floor(t, args, beside: bool) -> dict:
@@ -169,8 +170,8 @@ def writeback_sweep(t, folder: Path, size: int, repeats: int) -> dict:
     for r in range(repeats):
         speeds.append(disk_speed(folder, max(256, size // 2**20)))
         for mib in choices:
-            checkpointlib.ChecksumWriter.DIRECT = False   # early writeback matters to page-cache writes only
-            checkpointlib.ChecksumWriter.WRITEBACK_BYTES = mib << 20
+            ckptfile.ChecksumWriter.DIRECT = False   # early writeback matters to page-cache writes only
+            ckptfile.ChecksumWriter.WRITEBACK_BYTES = mib << 20
             started = time.perf_counter()
             checkpointlib.save(folder, r, capture(t), 1, {})
             times[mib].append(time.perf_counter() - started)
@@ -223,12 +224,12 @@ def main(argv=None) -> dict:
     steps += [r["next_step"] for name in ("plain torch.save + fsync", "trainctl sync", "background writer alone",
                                           "floor: copy + CRC-32") for r in runs[name]]
     disk, step = statistics.median(speeds), statistics.median(steps)
-    result = {"state_bytes": size, "disk_bytes_per_s": disk, "step_seconds": step, "crc32": checkpointlib.CRC32_BY,
-              "direct": checkpointlib.ChecksumWriter.DIRECT}
+    result = {"state_bytes": size, "disk_bytes_per_s": disk, "step_seconds": step, "crc32": ckptfile.CRC32_BY,
+              "direct": ckptfile.ChecksumWriter.DIRECT}
     print(f"checkpoint of {args.model} + AdamW state on {args.device}: {size / 2**30:.2f} GiB ({machine()}), "
           f"median of {args.repeats}; a step = {args.accum} x batch {args.batch}, {step:.2f} s with no write in flight "
           f"(median of {len(steps)}); disk fsync'd write (dd conv=fsync): {disk / 2**20:.0f} MiB/s; CRC-32 by "
-          f"{checkpointlib.CRC32_BY}, O_DIRECT {'on' if checkpointlib.ChecksumWriter.DIRECT else 'off'}")
+          f"{ckptfile.CRC32_BY}, O_DIRECT {'on' if ckptfile.ChecksumWriter.DIRECT else 'off'}")
     base = statistics.median(r["blocked"] for r in runs["plain torch.save + fsync"])
     for name, rs in runs.items():
         m = {k: statistics.median(r[k] for r in rs) for k in ("blocked", "durable", "next_step")}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from trainctl.contract.config import Profile
 from trainctl.contract.runfolder import checkpoint_path, committed_checkpoints, marker_path
-from trainctl.worker import checkpoint
+from trainctl.worker import checkpoint, ckptfile
 from trainctl.worker.snapshot import Progress, capture, restore
 
 
@@ -97,14 +97,14 @@ def o_direct_works(folder) -> bool:
 
 @pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "page_cache"])
 def test_a_new_checkpoint_commits_loads_weights_only_and_restores_bit_identically(tmp_path, monkeypatch, direct):
-    monkeypatch.setattr(checkpoint.ChecksumWriter, "DIRECT", direct)
+    monkeypatch.setattr(ckptfile.ChecksumWriter, "DIRECT", direct)
     a = trained()
     state = capture(a)
     done = checkpoint.save(tmp_path, a.progress.step, state, keep_last=3, info={"epoch": 0})
 
     data = done.path.read_bytes()
     marker = json.loads(marker_path(done.path).read_text())
-    assert marker["size"] == len(data) > 2 * checkpoint.ChecksumWriter.BUFFER_BYTES
+    assert marker["size"] == len(data) > 2 * ckptfile.ChecksumWriter.BUFFER_BYTES
     assert marker["crc32"] == f"{zlib.crc32(data):08x}"                 # the standard CRC-32, whoever computed it
     assert data == torch_save_bytes(state, record_crc=False)           # torch.save's own bytes, only moved differently
     torch.load(done.path, map_location="cpu", weights_only=True)       # the format any torch reads safely
@@ -190,6 +190,6 @@ def test_a_filesystem_that_takes_the_flag_but_refuses_direct_writes_gets_page_ca
     state = capture(trained())
     done = checkpoint.save(tmp_path, 1, state, keep_last=1, info={})
     monkeypatch.undo()
-    assert refused == [checkpoint.ChecksumWriter.BUFFER_BYTES]   # tried once, then never again
+    assert refused == [ckptfile.ChecksumWriter.BUFFER_BYTES]   # tried once, then never again
     assert done.path.read_bytes() == torch_save_bytes(state, record_crc=False)
     assert checkpoint.verify(done) is None

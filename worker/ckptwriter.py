@@ -14,7 +14,7 @@ The writer thread runs at training's CPU priority. A lower one (nice +10 on its 
 measured on a 2-core machine and left out: the write committed 2–4x later (2.3 s instead of 0.95 s for
 0.96 GiB; it mostly waits for the disk, and at a low priority also for a core after each wait) and the
 step beside it was no faster (bench/checkpoint.py). What the write costs training is its CPU time, which
-`checkpoint.ChecksumWriter` keeps near one pass over the state's bytes.
+`ckptfile.ChecksumWriter` keeps near one pass over the state's bytes.
 """
 from __future__ import annotations
 
