@@ -17,7 +17,8 @@ from pathlib import Path
 from rich.markup import escape
 
 from trainctl.contract import config_rules
-from trainctl.contract.config import SupervisorSection, load, resume_changes
+from trainctl.contract.config import SupervisorSection, load
+from trainctl.contract.fixed import resume_changes
 from trainctl.contract.lifecycle import State, is_final
 from trainctl.contract.names import check_new_run, shell_run
 from trainctl.contract.protocol import ExitCode

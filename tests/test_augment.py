@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from timm.data import auto_augment as timm_auto_augment
 
 from trainctl.contract import config as configlib
+from trainctl.contract import fixed
 from trainctl.contract import manifest
 from trainctl.contract.config import AugmentSection, ConfigError
 from trainctl.contract.folders import scan
@@ -141,9 +142,9 @@ def test_defaults_are_off_and_the_settings_are_part_of_the_identity_only_when_on
     plain, recipe = load(tmp_path, dataset), load(tmp_path, dataset, **RECIPE)
     assert plain.augment == AugmentSection() and not augment.is_on(plain.augment)
     keys = {"auto_augment", "color_jitter", "re_prob", "re_mode", "re_count"}
-    assert not keys & configlib.identity(plain).keys()   # a checkpoint from before [augment] still resumes
-    assert {k: configlib.identity(recipe)[k] for k in keys} == {**RECIPE, "re_mode": "pixel", "re_count": 1}
-    assert configlib.resume_changes(recipe, plain) == [
+    assert not keys & fixed.identity(plain).keys()   # a checkpoint from before [augment] still resumes
+    assert {k: fixed.identity(recipe)[k] for k in keys} == {**RECIPE, "re_mode": "pixel", "re_count": 1}
+    assert fixed.resume_changes(recipe, plain) == [
         "[augment] auto_augment: 'rand-m9-mstd0.5-inc1' → ''", "[augment] color_jitter: 0.4 → 0.0",
         "[augment] re_prob: 0.25 → 0.0", "[augment] re_mode: 'pixel' → None", "[augment] re_count: 1 → None"]
     frozen = tmp_path / "frozen.toml"
@@ -316,4 +317,4 @@ def test_a_run_with_augmentation_killed_and_resumed_ends_bit_identical(tmp_path,
     state, _, _ = checkpoint.load_latest(killed / "checkpoints", checkpoint.Verified())
     changed = dataclasses.replace(configlib.load(killed / "config.toml"), augment=section(re_prob=0.5))
     with pytest.raises(ConfigError, match="re_prob: checkpoint 0.25 vs now 0.5"):
-        check_identity(manifest.settings_only(state["identity"]), configlib.identity(changed), killed)
+        check_identity(manifest.settings_only(state["identity"]), fixed.identity(changed), killed)

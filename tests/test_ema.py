@@ -16,6 +16,7 @@ from conftest import assert_same_weights, config_text, make_run, max_weight_diff
 from rich.console import Console
 
 from trainctl.contract import config as configlib
+from trainctl.contract import fixed
 from trainctl.contract import tomlout
 from trainctl.contract.config import ConfigError
 from trainctl.contract.protocol import ExitCode, read_heartbeat
@@ -72,18 +73,18 @@ def test_off_by_default_and_the_frozen_copy_keeps_the_settings(tmp_path, dataset
 def test_the_settings_are_in_the_identity_only_when_on_and_turning_ema_on_is_refused(tmp_path, dataset):
     plain, on = load(tmp_path, dataset), load(tmp_path, dataset, ema=EMA)
     # Off: the identity of a checkpoint written before [ema] existed, so such a checkpoint still resumes.
-    assert not {"ema", "ema_decay", "ema_warmup"} & configlib.identity(plain).keys()
-    assert {k: configlib.identity(on)[k] for k in ("ema", "ema_decay", "ema_warmup")} == \
+    assert not {"ema", "ema_decay", "ema_warmup"} & fixed.identity(plain).keys()
+    assert {k: fixed.identity(on)[k] for k in ("ema", "ema_decay", "ema_warmup")} == \
         {"ema": True, "ema_decay": DECAY, "ema_warmup": True}
     # `trainctl resume --config` (the supervisor, before a worker starts) and the worker's own check both refuse.
-    assert configlib.resume_changes(plain, on) == ["[ema] enabled: False → True", f"[ema] decay: None → {DECAY}",
+    assert fixed.resume_changes(plain, on) == ["[ema] enabled: False → True", f"[ema] decay: None → {DECAY}",
                                                    "[ema] warmup: None → True"]
     with pytest.raises(ConfigError) as err:
-        check_identity(configlib.identity(plain), configlib.identity(on), tmp_path)
+        check_identity(fixed.identity(plain), fixed.identity(on), tmp_path)
     assert "ema: checkpoint null vs now true" in str(err.value) and "start a new run" in str(err.value)
     # The device may change on resume (like the rung's): it is not part of what the checkpoints fix.
     same = load(tmp_path, dataset, ema={**EMA, "device": "same"})
-    assert configlib.resume_changes(on, same) == [] and configlib.identity(on) == configlib.identity(same)
+    assert fixed.resume_changes(on, same) == [] and fixed.identity(on) == fixed.identity(same)
     # A checkpoint without EMA weights, whatever its identity says, is never resumed into an EMA run.
     with pytest.raises(ConfigError, match=r"holds no EMA weights but \[ema\] enabled = true"):
         restore_ema(types.SimpleNamespace(ema=object()), {"model": {}})

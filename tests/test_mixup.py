@@ -10,6 +10,7 @@ import torch
 from conftest import assert_same_weights, config_text, make_run, max_weight_difference, run_worker
 from timm.data.mixup import Mixup
 
+from trainctl.contract import fixed
 from trainctl.contract.protocol import ExitCode
 from trainctl.worker.mixup import Mixing, soft_cross_entropy
 
@@ -189,7 +190,7 @@ def test_bad_mixing_values_are_one_line_naming_the_key(tmp_path, dataset, augmen
 def test_mixing_is_part_of_the_identity_only_when_on(tmp_path, dataset):
     from trainctl.contract import config as configlib
     off, on = load(tmp_path, dataset), load(tmp_path, dataset, mixup_alpha=0.8, cutmix_alpha=1.0)
-    assert "mixup_alpha" not in configlib.identity(off)
-    assert configlib.identity(on)["mixup_alpha"] == 0.8 and configlib.identity(on)["mixup_mode"] == "batch"
-    assert configlib.resume_changes(on, off)[0].startswith("[augment] mixup_alpha: 0.8 → None")
+    assert "mixup_alpha" not in fixed.identity(off)
+    assert fixed.identity(on)["mixup_alpha"] == 0.8 and fixed.identity(on)["mixup_mode"] == "batch"
+    assert fixed.resume_changes(on, off)[0].startswith("[augment] mixup_alpha: 0.8 → None")
     assert not configlib.mixing_on(off.augment) and configlib.mixing_on(on.augment)

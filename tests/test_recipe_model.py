@@ -20,6 +20,7 @@ from conftest import assert_same_weights, config_text, make_run, run_worker, wei
 from rich.console import Console
 
 from trainctl.contract import config as configlib
+from trainctl.contract import fixed
 from trainctl.contract.config import ConfigError
 from trainctl.contract.protocol import WORKER_ENV, ExitCode
 from trainctl.contract.runfolder import METRICS_FILE, REPORT_FILE, REPORT_JSON, newest_checkpoint
@@ -68,13 +69,13 @@ def test_defaults_are_off_and_the_frozen_copy_keeps_set_values(tmp_path, dataset
 def test_the_settings_are_fixed_on_resume_and_part_of_the_identity_only_when_on(tmp_path, dataset):
     plain, recipe = load(tmp_path, dataset), load(tmp_path, dataset, **RECIPE)
     # Off: the identity of a checkpoint written before these keys existed, so such a checkpoint still resumes.
-    assert not {"drop_path_rate", "drop_rate", "layer_decay"} & configlib.identity(plain).keys()
-    assert {k: configlib.identity(recipe)[k] for k in ("drop_path_rate", "drop_rate", "layer_decay")} == \
+    assert not {"drop_path_rate", "drop_rate", "layer_decay"} & fixed.identity(plain).keys()
+    assert {k: fixed.identity(recipe)[k] for k in ("drop_path_rate", "drop_rate", "layer_decay")} == \
         {"drop_path_rate": 0.1, "drop_rate": 0.1, "layer_decay": 0.65}
-    assert configlib.resume_changes(recipe, plain) == ["[model] drop_path_rate: 0.1 → 0.0", "[model] drop_rate: 0.1 → 0.0",
+    assert fixed.resume_changes(recipe, plain) == ["[model] drop_path_rate: 0.1 → 0.0", "[model] drop_rate: 0.1 → 0.0",
                                                        "[train] layer_decay: 0.65 → None"]
     other = load(tmp_path, dataset, train={"layer_decay": 0.75})
-    assert configlib.resume_changes(other, plain) == ["[train] layer_decay: 0.75 → None"]
+    assert fixed.resume_changes(other, plain) == ["[train] layer_decay: 0.75 → None"]
 
 
 # ---- the model ---------------------------------------------------------------------------------------------------

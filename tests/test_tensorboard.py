@@ -11,7 +11,8 @@ import pytest
 from conftest import assert_same_weights, config_text, events, make_run
 
 from trainctl.contract import config as configlib
-from trainctl.contract.config import ConfigError, identity, resume_changes
+from trainctl.contract.config import ConfigError
+from trainctl.contract.fixed import identity, resume_changes
 from trainctl.contract.lifecycle import Event
 from trainctl.contract.protocol import ExitCode
 from trainctl.contract.runfolder import METRICS_FILE, TENSORBOARD_DIR, error_json_path

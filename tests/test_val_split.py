@@ -11,6 +11,7 @@ import pytest
 from conftest import config_text, make_run, run_worker
 
 from trainctl.contract import config as configlib
+from trainctl.contract import fixed
 from trainctl.contract import folders, fsio, manifest, split
 from trainctl.contract.config import ConfigError
 from trainctl.contract.folders import Folder
@@ -112,9 +113,9 @@ def test_val_split_with_val_dir_is_refused_naming_both_keys(tmp_path, dataset):
 
 def test_resume_with_another_val_split_is_refused_by_the_cli_check(tmp_path, dataset):
     frozen = load(tmp_path, dataset, val_dir=None, val_split=0.25)
-    assert configlib.resume_changes(frozen, load(tmp_path, dataset, val_dir=None, val_split=0.5)) == \
+    assert fixed.resume_changes(frozen, load(tmp_path, dataset, val_dir=None, val_split=0.5)) == \
         ["[data] val_split: 0.25 → 0.5"]
-    assert configlib.resume_changes(frozen, load(tmp_path, dataset, val_dir=None, val_split=0.25)) == []
+    assert fixed.resume_changes(frozen, load(tmp_path, dataset, val_dir=None, val_split=0.25)) == []
 
 
 def test_train_and_val_and_a_steps_files_leave_the_held_out_images_out(tmp_path, dataset):

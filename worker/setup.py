@@ -7,7 +7,8 @@ import os
 import torch
 
 from trainctl.contract import fsio, manifest, split
-from trainctl.contract.config import ConfigError, identity, mixing_on
+from trainctl.contract.config import ConfigError, mixing_on
+from trainctl.contract.fixed import identity
 from trainctl.contract.protocol import Phase
 from trainctl.contract.runfolder import Committed
 
