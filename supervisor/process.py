@@ -30,7 +30,8 @@ class WorkerProcess:
         _log_header(run_dir, f"attempt {attempt}, rung {rung_index + 1} ({describe})")
         args = ["--rung", str(rung_index + 1), "--attempt", str(attempt)]
         if nproc > 1:
-            return GroupProcess(_popen(run_dir, [*args, "--nproc", str(nproc)], subprocess.DEVNULL, "trainctl.worker.group"))
+            return GroupProcess(_popen(run_dir, [*args, "--nproc", str(nproc)], subprocess.DEVNULL, "trainctl.worker.group"),
+                                nproc=nproc)
         return cls(_popen(run_dir, args, subprocess.DEVNULL))
 
     @classmethod
@@ -94,8 +95,9 @@ class GroupProcess(WorkerProcess):
     of its own. Signals go to the ranks (a stop, a checkpoint request, the hang watchdog's SIGABRT for every rank's
     stacks); a kill reaches the agent's group and every rank's."""
 
-    def __init__(self, popen: subprocess.Popen, run_dir: Path | None = None):
+    def __init__(self, popen: subprocess.Popen, run_dir: Path | None = None, *, nproc: int):
         super().__init__(popen, run_dir)
+        self.nproc = nproc   # ranks to expect (torchrun restarts none: once all are seen, no more scans)
         self.rank_pids: set[int] = set()   # remembered: a rank outlives a SIGKILLed agent by a moment
 
     def ranks(self) -> list[psutil.Process]:
@@ -107,7 +109,7 @@ class GroupProcess(WorkerProcess):
         return alive
 
     def poll(self) -> int | None:
-        if self.popen.returncode is None:
+        if self.popen.returncode is None and len(self.rank_pids) < self.nproc:   # a scan of the process table
             self.ranks()
         return super().poll()
 
