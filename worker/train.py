@@ -69,6 +69,7 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Device, group, data, the newest checkpoint that verifies, model and optimizer (setup.py)."""
         setup.build(self)
 
     def timing(self, event: str) -> None:
@@ -110,7 +111,9 @@ class Trainer:
         return self.mixing.targets(y, partner.labels.to(self.device), lam)
 
     def sanity_check(self) -> None:
-        sanity.check(self)   # a method: bench/recipe_memory.py marks it
+        """One forward/backward on a real batch before the first step (sanity.py); a method: bench/recipe_memory.py
+        marks it."""
+        sanity.check(self)
 
     # ---- the loop --------------------------------------------------------------------------------
     def start_loading(self) -> None:
