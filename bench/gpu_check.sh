@@ -5,7 +5,7 @@
 #
 #     bash bench/gpu_check.sh [LOG_DIR] [STEPS]   # ~8 min on one H200; logs to LOG_DIR (default bench/out/gpu);
 #                                                 # STEPS: only these, comma-separated (oom_ladder, checkpoint,
-#                                                 # recovery, determinism, throughput)
+#                                                 # recovery, determinism, throughput, group)
 #
 # Each step has its own time limit, so one that hangs does not take the others' results with it. The limits add
 # up to 13 min: where one command may run 10 min at most, run `oom_ladder,checkpoint,recovery`, then
@@ -40,3 +40,9 @@ step determinism 150 python3 bench/determinism_cost.py --device cuda --model res
 # 80 steps, the first 16 (8 loaders' prefetch) left out, over 640 photos cycled as epochs. On the H200 of
 # 2026-11-27 only a 24-step version ran (0.95x); this longer one has not run on a GPU yet.
 step throughput 300 python3 bench/throughput.py --device cuda --model resnet50 --batch 64 --steps 80 --skip 16 --photos 640 --workers 8 --repeats 2
+# A group rung over every GPU (issue 19) where there are two or more: K GPUs vs one, supervised vs torchrun
+# directly. Not yet run on a GPU (the machine lent so far had one).
+gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
+if (( gpus >= 2 )); then
+    step group 300 python3 bench/group_throughput.py --device cuda --nproc "$gpus" --model resnet50 --batch $((32 * gpus)) --steps 40 --photos 640 --repeats 2
+fi

@@ -2,7 +2,7 @@
 the same effective batch, and what trainctl's supervision costs a group vs the same torchrun command run directly.
 
     python bench/group_throughput.py [--nproc 2] [--model mobilenetv3_small_100] [--batch 16] [--steps 25]
-                                     [--threads 2] [--repeats 3] [--skip 3]
+                                     [--threads 2] [--repeats 3] [--skip 3] [--device cpu] [--photos N]
 
 Variants, alternated and repeated (steady-state images/s from the step timestamps rank 0 writes, the first
 `--skip` steps left out; the same photos, model and effective batch `--batch` in all):
@@ -11,6 +11,8 @@ Variants, alternated and repeated (steady-state images/s from the step timestamp
 - K processes, torchrun directly: `python -m torch.distributed.run` with the arguments trainctl's agent passes it
   (worker/group.torchrun_args), no supervisor, no trainctl agent.
 On a CPU the K processes share the same cores: the ratio says what splitting them costs there, not what K GPUs give.
+With `--device cuda` (a machine with K GPUs or more; not yet run on one) each process trains on a GPU of its own
+over NCCL: the ratio is then K GPUs vs one.
 """
 from __future__ import annotations
 
@@ -34,11 +36,13 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch threads in all (K processes share them)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip", type=int, default=SKIP, help="first steps left out")
+    p.add_argument("--photos", type=int, default=0, help="photos cycled through (default: steps x batch, one epoch)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu: Gloo; cuda: one GPU per process")
     args = p.parse_args(argv)
     if args.batch % args.nproc:
         p.error(f"--batch {args.batch} is not divisible by --nproc {args.nproc}")
-    args.device, args.workers = "cpu", 0
-    args.photos = args.steps * args.batch
+    args.workers = 0
+    args.photos = args.photos or args.steps * args.batch
     started = time.monotonic()
     folder = subset(photos(OUT / "photos", args.photos), args.photos)
     print(f"  photos ready after {time.monotonic() - started:.0f} s", flush=True)
@@ -48,7 +52,8 @@ def main(argv=None) -> dict:
                        group: lambda: trainctl_run(args, folder, "supervised", nproc=k),
                        direct: lambda: trainctl_run(args, folder, "torchrun", nproc=k)}, args.repeats, "images/s")
     result = {name: statistics.median(v) for name, v in runs.items()}
-    print(f"group throughput, {args.model}, effective batch {args.batch}, {args.threads} threads in all, cpu/gloo, "
+    print(f"group throughput, {args.model}, effective batch {args.batch}, {args.threads} threads in all, "
+          f"{'cpu/gloo' if args.device == 'cpu' else 'cuda/nccl'}, "
           f"photos ({machine()}), median of {args.repeats}:")
     for name, v in result.items():
         print(f"  {name:36s} {v:7.1f} images/s   (each repeat: {', '.join(f'{x:.1f}' for x in runs[name])})")
