@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trainctl.contract import config as c
-from trainctl.contract import config_rules
+from trainctl.contract import config_rules, fixed
 from trainctl.supervisor.demo_data import small_config
 
 # The tests' config: the demo's small run with a two-rung ladder, relative data and runs paths, and
@@ -164,7 +164,7 @@ def test_resume_changes_name_each_setting_the_checkpoints_fix(tmp_path):
     frozen = load_text(tmp_path, GOOD)
     allowed = load_text(tmp_path, good(checkpoint={"keep_last": 5}, supervisor={"hang_timeout_seconds": 99},
                                        train={"log_every_steps": 1}, profiles=[{"device": "cpu", "batch_size": 2}]))
-    assert c.resume_changes(frozen, allowed) == []
+    assert fixed.resume_changes(frozen, allowed) == []
     changed = load_text(tmp_path, good(train={"epochs": 2, "lr": 0.01, "warmup_lr": 0.5}, run={"seed": 3}))
-    assert c.resume_changes(frozen, changed) == ["[run] seed: 42 → 3", "[train] epochs: 3 → 2",
+    assert fixed.resume_changes(frozen, changed) == ["[run] seed: 42 → 3", "[train] epochs: 3 → 2",
                                                  "[train] lr: 0.001 → 0.01", "[train] warmup_lr: 1e-05 → 0.5"]
