@@ -143,7 +143,7 @@ def recent_metrics(run_dir: Path, keep: int = 40) -> dict:
     recent = {"loss": [finite(train[s].get("loss")) for s in steps], "acc": [finite(train[s].get("acc")) for s in steps],
               "val_acc": [finite(val[e].get("val_acc")) for e in sorted(val)]}
     top5 = [finite(val[e]["val_top5"]) for e in sorted(val) if "val_top5" in val[e]]
-    if top5:   # measured only past 5 classes (worker/train.py): otherwise absent, never shown as 100%
+    if top5:   # measured only past 5 classes (worker/validation.py): otherwise absent, never shown as 100%
         recent["val_top5"] = top5
     ema = [finite(val[e]["ema_val_acc"]) for e in sorted(val) if "ema_val_acc" in val[e]]
     if ema:   # [ema] enabled

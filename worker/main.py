@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         watch_parent(int(os.environ[ENV_SUPERVISOR_PID]), flags)
     faults = Faults(run_dir, rung_index, group.rank)
     faults.hit("boot")
-    # Rank 0 holds it for a group: the others load only the checkpoint it chooses (Trainer._load_checkpoint).
+    # Rank 0 holds it for a group: the others load only the checkpoint it chooses (setup.load_checkpoint).
     lock = filelock.FileLock(run_dir / WORKER_LOCK) if group.main else contextlib.nullcontext()
     try:   # an orphaned worker of a dead supervisor may still be checkpointing: give it time
         lock.acquire(timeout=ORPHAN_GRACE_SECONDS + 15) if group.main else None
