@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,16 @@ def alternated(variants: dict, repeats: int, unit: str = "") -> dict[str, list]:
             if unit:
                 print(f"  repeat {repeat + 1}: {name} {runs[name][-1]:.1f} {unit}", flush=True)
     return runs
+
+
+def medians(runs: dict[str, list], title: str, unit: str = "images/s") -> dict[str, float]:
+    """Each variant's median of `alternated`'s runs, printed under `title` with every repeat beside it."""
+    result = {name: statistics.median(v) for name, v in runs.items()}
+    print(title)
+    width = max(map(len, runs)) + 2
+    for name, v in result.items():
+        print(f"  {name:{width}s} {v:7.1f} {unit}   (each repeat: {', '.join(f'{x:.1f}' for x in runs[name])})")
+    return result
 
 
 def machine() -> str:

@@ -17,13 +17,12 @@ over NCCL: the ratio is then K GPUs vs one.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, alternated, machine, photos, subset  # noqa: E402
+from common import OUT, alternated, machine, medians, photos, subset  # noqa: E402
 from throughput import SKIP, trainctl_run  # noqa: E402
 
 
@@ -51,12 +50,9 @@ def main(argv=None) -> dict:
     runs = alternated({one: lambda: trainctl_run(args, folder, "supervised"),
                        group: lambda: trainctl_run(args, folder, "supervised", nproc=k),
                        direct: lambda: trainctl_run(args, folder, "torchrun", nproc=k)}, args.repeats, "images/s")
-    result = {name: statistics.median(v) for name, v in runs.items()}
-    print(f"group throughput, {args.model}, effective batch {args.batch}, {args.threads} threads in all, "
-          f"{'cpu/gloo' if args.device == 'cpu' else 'cuda/nccl'}, "
-          f"photos ({machine()}), median of {args.repeats}:")
-    for name, v in result.items():
-        print(f"  {name:36s} {v:7.1f} images/s   (each repeat: {', '.join(f'{x:.1f}' for x in runs[name])})")
+    result = medians(runs, f"group throughput, {args.model}, effective batch {args.batch}, {args.threads} threads in "
+                           f"all, {'cpu/gloo' if args.device == 'cpu' else 'cuda/nccl'}, photos ({machine()}), "
+                           f"median of {args.repeats}:")
     result["group_vs_one"] = result[group] / result[one]
     result["supervised_vs_torchrun"] = result[group] / result[direct]
     print(f"  {k} processes / 1 process: {result['group_vs_one']:.2f}x (reported: the same cores, split); "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, alternated, frozen_run, machine, photos, subset  # noqa: E402
+from common import OUT, alternated, frozen_run, machine, medians, photos, subset  # noqa: E402
 
 SKIP = 3   # warm-up steps left out of the measurement (--skip; with loader processes: their prefetch too)
 
@@ -126,12 +125,9 @@ def main(argv=None) -> dict:
     if args.device != "cpu":   # exact resume's deterministic kernels cost nothing on the CPU, something on a GPU
         variants["supervised, deterministic=false"] = lambda: trainctl_run(args, folder, "supervised", deterministic=False)
     runs = alternated(variants, args.repeats, "images/s")
-    result = {k: statistics.median(v) for k, v in runs.items()}
-    print(f"training throughput, {args.model}, batch {args.batch}, {args.threads} threads, {args.workers} loader "
-          f"processes, device {args.device}, photos ({machine()}), "
-          f"median of {args.repeats}:")
-    for k, v in result.items():
-        print(f"  {k:32s} {v:7.1f} images/s   (each repeat: {', '.join(f'{x:.1f}' for x in runs[k])})")
+    result = medians(runs, f"training throughput, {args.model}, batch {args.batch}, {args.threads} threads, "
+                           f"{args.workers} loader processes, device {args.device}, photos ({machine()}), "
+                           f"median of {args.repeats}:")
     result["supervised_vs_plain"] = result["trainctl supervised"] / result["plain timm loop"]
     result["supervised_vs_direct"] = result["trainctl supervised"] / result["trainctl worker, direct"]
     print(f"  supervised / plain timm loop: {result['supervised_vs_plain']:.2f}x (target >= 1.0); "
